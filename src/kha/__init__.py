@@ -1,0 +1,7 @@
+"""kha: Knocking-Heads Attention (Zhou et al., 2025) in PyTorch."""
+
+from .attention import Attention, AttentionConfig, KVCache
+from .knock import fold_knocks
+
+__all__ = ["Attention", "AttentionConfig", "KVCache", "fold_knocks"]
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""The ``kha`` command: ``kha flops`` (eq. 10-12 accounting) and ``kha demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .attention import AttentionConfig
+from .flops import attention_params, knock_params, layer_flops
+
+
+def _fmt_g(flops: int) -> str:
+    return f"{flops / 1e9:,.3f} G"
+
+
+def flops_table(cfg: AttentionConfig, seq_len: int, d_ff: int | None, knocks: list[tuple[str, object]]) -> str:
+    base = layer_flops(cfg, seq_len, d_ff)
+    lines = [
+        f"Per-layer FLOPs, paper convention (eq. 10-12): L={seq_len} d={cfg.d_model} "
+        f"heads={cfg.n_heads} kv_heads={cfg.n_kv_heads} head_dim={cfg.head_dim} "
+        f"d_ff={d_ff or 3 * cfg.d_model}",
+        f"  attention (eq. 10)   {_fmt_g(base.attention):>14}   params {attention_params(cfg):,}",
+        f"  FFN (SwiGLU)         {_fmt_g(base.ffn):>14}",
+        f"  layer (eq. 11)       {_fmt_g(base.layer):>14}",
+        "",
+        f"  {'knock':<8} {'targets':<8} {'params':>10} {'FLOPs (eq. 12)':>16} {'% of layer':>11} "
+        f"{'% of attention':>15}",
+    ]
+    for knock, targets in knocks:
+        kcfg = AttentionConfig(
+            d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            knock=knock, knock_targets=targets,
+        )
+        f = layer_flops(kcfg, seq_len, d_ff)
+        lines.append(
+            f"  {knock:<8} {','.join(kcfg.knock_targets):<8} {knock_params(kcfg):>10,} {_fmt_g(f.knock):>16} "
+            f"{100 * f.knock_share_of_layer:>10.3f}% {100 * f.knock_share_of_attention:>14.3f}%"
+        )
+    return "\n".join(lines)
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    cfg = AttentionConfig(
+        d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
+        knock=args.knock or "none", knock_targets=args.targets,
+    )
+    if args.json:
+        f = layer_flops(cfg, args.seq_len, args.d_ff)
+        out = {
+            "attention": f.attention, "ffn": f.ffn, "layer": f.layer, "knock": f.knock,
+            "knock_share_of_layer": f.knock_share_of_layer,
+            "knock_share_of_attention": f.knock_share_of_attention,
+            "attention_params": attention_params(cfg), "knock_params": knock_params(cfg),
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    knocks = [(args.knock, args.targets)] if args.knock else [("linear", None), ("mlp", None), ("gate", None)]
+    print(flops_table(cfg, args.seq_len, args.d_ff, knocks))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kha", description="Knocking-Heads Attention tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="per-layer FLOPs and parameters of knocks (paper eq. 10-12)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence L (default: 2048)")
+    p.add_argument("--d-model", type=int, default=1024, help="hidden size d (default: 1024)")
+    p.add_argument("--n-heads", type=int, default=32, help="query heads n (default: 32)")
+    p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads (default: n-heads, MHA)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default: d-model / n-heads)")
+    p.add_argument("--d-ff", type=int, default=None, help="FFN size (default: 3 * d-model)")
+    p.add_argument("--knock", choices=["linear", "mlp", "gate"], default=None,
+                   help="one knock type (default: show all three with the paper's targets)")
+    p.add_argument("--targets", default=None, help="knock targets, e.g. qkv or v (default: paper's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("demo", help="FLOPs table plus identity-at-init and folding checks on CPU")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"kha {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Parameter and FLOP accounting for attention layers with knocks (paper section 3.4, eq. 10-12).
+
+Convention, as in the paper: every matmul counts 2 FLOPs per multiply-add, once. The paper calls these
+"training FLOPs"; a forward + backward pass is 3x each figure, which leaves every ratio unchanged
+(``LayerFlops.training`` gives that). Attention scores count the full ``L x L`` matrix (eq. 10), and the
+element-wise work of the MLP and gate knocks (sigmoid, products) is not counted, as in eq. 12.
+
+With ``d_k = d/n`` and ``d_ff = 3d`` this reproduces the paper exactly: attention ``8Ld^2 + 4L^2d``,
+layer ``26Ld^2 + 4L^2d``, knocks ``6Ld^2/n`` for both KHA-Linear on Q, K, V and KHA-MLP on V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import AttentionConfig
+from .knock import MATRICES_PER_KNOCK
+
+
+def heads_of(cfg: AttentionConfig, target: str) -> int:
+    """How many heads a knock on ``target`` transforms (KV heads for k and v, before any repeat)."""
+    return cfg.n_heads if target == "q" else cfg.n_kv_heads
+
+
+def knock_params(cfg: AttentionConfig) -> int:
+    """Parameters the knocks add to one layer: ``head_dim^2`` per matrix, per target."""
+    return MATRICES_PER_KNOCK[cfg.knock] * len(cfg.knock_targets) * cfg.head_dim**2
+
+
+def attention_params(cfg: AttentionConfig) -> int:
+    """Parameters of one baseline attention layer (projections, biases, QK-norm), knocks excluded."""
+    hd, d = cfg.head_dim, cfg.d_model
+    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    params = d * (q_out + 2 * kv_out) + q_out * d
+    if cfg.qkv_bias:
+        params += q_out + 2 * kv_out
+    if cfg.qk_norm:
+        params += 2 * hd
+    return params
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs of one decoder layer over one sequence of ``seq_len`` tokens (paper convention)."""
+
+    qkv: int
+    scores: int
+    output: int
+    ffn: int
+    knock: int
+
+    @property
+    def attention(self) -> int:
+        """Eq. 10: Q/K/V projections + scores and attention-value products + output projection."""
+        return self.qkv + self.scores + self.output
+
+    @property
+    def layer(self) -> int:
+        """Eq. 11: the baseline layer (attention + FFN), the denominator of the paper's 0.55 %."""
+        return self.attention + self.ffn
+
+    @property
+    def knock_share_of_layer(self) -> float:
+        return self.knock / self.layer
+
+    @property
+    def knock_share_of_attention(self) -> float:
+        return self.knock / self.attention
+
+    def training(self) -> int:
+        """Forward + backward FLOPs of the knocked layer (3x the one-pass count)."""
+        return 3 * (self.layer + self.knock)
+
+
+def layer_flops(cfg: AttentionConfig, seq_len: int, d_ff: int | None = None) -> LayerFlops:
+    """Per-layer FLOPs for attention ``cfg`` (any MHA/GQA/MQA, any knock) with a SwiGLU FFN.
+
+    ``d_ff`` defaults to ``3 * d_model`` as in the paper's eq. 11.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    d, hd, n = cfg.d_model, cfg.head_dim, cfg.n_heads
+    d_ff = 3 * d if d_ff is None else d_ff
+    per_matrix = MATRICES_PER_KNOCK[cfg.knock]
+    return LayerFlops(
+        qkv=2 * seq_len * d * (n + 2 * cfg.n_kv_heads) * hd,
+        scores=4 * n * seq_len**2 * hd,
+        output=2 * seq_len * n * hd * d,
+        ffn=3 * 2 * seq_len * d * d_ff,
+        knock=sum(2 * seq_len * heads_of(cfg, t) * hd**2 * per_matrix for t in cfg.knock_targets),
+    )
+
+
+def paper_example() -> dict[str, LayerFlops]:
+    """The paper's section 3.4 example (L=2048, d=1024, n=32) for KHA-Linear (QKV) and KHA-MLP (V)."""
+    return {
+        knock: layer_flops(AttentionConfig(d_model=1024, n_heads=32, knock=knock), seq_len=2048)
+        for knock in ("linear", "mlp")
+    }

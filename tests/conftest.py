@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from kha import Attention, AttentionConfig
+
+# name -> (n_heads, n_kv_heads); d_model 48 and head_dim 16 keep head_dim independent of d_model / n_heads.
+HEAD_LAYOUTS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
+KNOCK_SETTINGS = [
+    (knock, targets)
+    for knock in ("linear", "mlp", "gate")
+    for targets in ("q", "k", "v", "qk", "qkv")
+]
+
+
+def attention_config(layout: str, **kwargs) -> AttentionConfig:
+    n_heads, n_kv = HEAD_LAYOUTS[layout]
+    return AttentionConfig(d_model=48, n_heads=n_heads, n_kv_heads=n_kv, head_dim=16, **kwargs)
+
+
+def knocked_twin(base: Attention, knock: str, targets) -> Attention:
+    """A knocked module carrying ``base``'s weights (only the knock parameters are its own)."""
+    cfg = base.cfg
+    twin = Attention(AttentionConfig(
+        d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        qk_norm=cfg.qk_norm, rope=cfg.rope, qkv_bias=cfg.qkv_bias, knock=knock, knock_targets=targets,
+    ))
+    result = twin.load_state_dict(base.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(key.startswith("knocks.") for key in result.missing_keys)
+    return twin
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Move every parameter (norm weights and knocks included) away from its initial value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q "torch>=2.6"; \
 	else \
 		echo "no GPU: installing the CPU build torch==$(TORCH_CPU_VERSION)"; \
-		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+		index=""; \
+		if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; \
+		then index="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
+		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" $$index; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
@@ -25,7 +28,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/kha demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q

@@ -21,6 +21,8 @@ from torch import nn
 from .knock import fold_into_linear, make_knocks, parse_targets
 
 ATTENTION_IMPLS = ("sdpa", "eager")
+# "gqa" covers MHA (n_kv_heads == n_heads), GQA and MQA (n_kv_heads == 1).
+ATTENTION_VARIANTS = ("gqa",)
 
 
 def _check_positive(name: str, value) -> None:
@@ -33,6 +35,7 @@ class AttentionConfig:
     """Shape and options of one attention layer.
 
     ``n_kv_heads`` defaults to ``n_heads`` (MHA); ``1`` is MQA; anything dividing ``n_heads`` is GQA.
+    ``variant`` picks the attention family (see :func:`kha.variants.build_attention`).
     ``head_dim`` defaults to ``d_model // n_heads`` and may be set independently (Qwen3 uses 128).
     ``knock_targets`` defaults to the paper's choice for the knock type: q, k, v for ``linear``; v for
     ``mlp`` and ``gate``. It accepts ``"qkv"``, ``"v"``, ``("q", "v")`` and so on.
@@ -41,6 +44,7 @@ class AttentionConfig:
     d_model: int
     n_heads: int
     n_kv_heads: int | None = None
+    variant: str = "gqa"
     head_dim: int | None = None
     knock: str = "none"
     knock_targets: tuple[str, ...] | str | None = None
@@ -51,6 +55,10 @@ class AttentionConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.variant not in ATTENTION_VARIANTS:
+            raise ValueError(
+                f"unknown attention variant {self.variant!r}; valid are {', '.join(ATTENTION_VARIANTS)}"
+            )
         _check_positive("d_model", self.d_model)
         _check_positive("n_heads", self.n_heads)
         if self.n_kv_heads is None:

@@ -1,4 +1,4 @@
-"""The ``kha`` command: ``kha flops`` (eq. 10-12 accounting) and ``kha demo``."""
+"""The ``kha`` command: ``kha flops`` (eq. 10-12 accounting), ``kha params`` (presets), ``kha demo``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,29 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n < 1e8 else f"{n / 1e9:.3f}B"
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .config import PRESETS, get_preset
+    from .model import count_parameters
+
+    names = [args.name] if args.name else list(PRESETS)
+    rows = {name: count_parameters(get_preset(name, args.knock, args.targets)) for name in names}
+    if args.json:
+        print(json.dumps(rows[args.name] if args.name else rows, indent=2))
+        return 0
+    print(f"{'preset':<15} {'total':>9} {'paper':>7} {'activated':>10} {'paper':>7}  source")
+    for name, counts in rows.items():
+        p = PRESETS[name]
+        paper_total = "" if p.paper_total is None else f"{p.paper_total}B"
+        paper_act = "" if p.paper_activated is None else f"{p.paper_activated}B"
+        print(f"{name:<15} {_count(counts['total']):>9} {paper_total:>7} {_count(counts['activated']):>10} "
+              f"{paper_act:>7}  {p.source}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -82,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, help="knock targets, e.g. qkv or v (default: paper's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("params", help="total and activated parameters of a preset (all presets if none named)")
+    p.add_argument("name", nargs="?", default=None, help="preset name (see `kha params`)")
+    p.add_argument("--knock", choices=["none", "linear", "mlp", "gate"], default=None, help="knock on top")
+    p.add_argument("--targets", default=None, help="knock targets, e.g. qkv or v (default: paper's)")
+    p.add_argument("--json", action="store_true", help="JSON: {total, activated} (a map of them for all)")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("demo", help="FLOPs table plus identity-at-init and folding checks on CPU")
     p.set_defaults(func=cmd_demo)

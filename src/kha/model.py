@@ -1,0 +1,234 @@
+"""The decoder LM the paper trains (section 4.1): Qwen3-style blocks with dense SwiGLU or MoE FFNs.
+
+- ``SwiGLU``: ``down(silu(gate(x)) * up(x))``.
+- ``Router`` + ``MoE``: dropless top-k routing with auxiliary-loss-free balancing (Wang et al., 2024;
+  DeepSeek-V3): a per-expert bias is added to the router scores only to *choose* experts, gates come
+  from the unbiased scores, and after every optimizer step the bias moves by ``rate * sign(mean - load)``
+  from that step's token counts (all-reduced across ranks when distributed). Router math is fp32.
+- ``Block``: pre-RMSNorm attention and FFN with residuals.
+- ``DecoderLM``: embeddings (tied to the LM head by default), blocks, final norm, LM head; ``forward``
+  returns logits and, given targets, the mean cross-entropy; ``generate`` decodes with the KV cache.
+
+Model code holds no parallelism: FSDP and friends are applied from outside.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import RMSNorm
+from .config import ModelConfig, MoEConfig
+from .variants import build_attention
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses ``top_k`` experts per token; keeps the balancing bias and this step's token counts."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+        # Part of the training state (checkpointed), but not a parameter: no gradient, no weight decay.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``(N, d)`` -> expert indices ``(N, k)`` and gates ``(N, k)`` (fp32, summing to 1)."""
+        logits = x.float() @ self.weight.float().t()
+        scores = torch.sigmoid(logits) if self.cfg.score == "sigmoid" else torch.softmax(logits, dim=-1)
+        chosen = torch.topk(scores + self.expert_bias, self.cfg.top_k, dim=-1).indices
+        gates = scores.gather(-1, chosen)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.cfg.n_experts)
+        return chosen, gates
+
+    @torch.no_grad()
+    def update_bias(self) -> dict[str, float]:
+        """Sign-rule bias step from the counts since the last call; returns and clears the load metrics."""
+        counts = self.tokens_per_expert
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        mean = counts.mean()
+        metrics = {"max_over_mean": (counts.max() / mean).item() if mean > 0 else float("nan"),
+                   "tokens": counts.sum().item()}
+        if mean > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(mean - counts)
+        counts.zero_()
+        return metrics
+
+
+def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
+    """SwiGLU of each expert on its contiguous slice of ``x`` (rows sorted by expert).
+
+    The one place that loops over experts: a grouped matmul can replace this function whole.
+    """
+    outs = []
+    for e, chunk in enumerate(torch.split(x, counts)):
+        if chunk.shape[0]:
+            outs.append((F.silu(chunk @ w_gate[e]) * (chunk @ w_up[e])) @ w_down[e])
+    return torch.cat(outs) if outs else x.new_zeros(0, w_down.shape[-1])
+
+
+class MoE(nn.Module):
+    """Dropless top-k mixture of SwiGLU experts; expert weights stacked as ``(E, in, out)``."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(d_model, cfg)
+        self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, d_model, cfg.d_expert))
+        self.w_up = nn.Parameter(torch.empty(cfg.n_experts, d_model, cfg.d_expert))
+        self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        chosen, gates = self.router(flat)
+        assignment = chosen.flatten()
+        order = torch.argsort(assignment, stable=True)
+        token = order // self.cfg.top_k
+        counts = torch.bincount(assignment, minlength=self.cfg.n_experts).tolist()
+        y = run_experts(flat[token], counts, self.w_gate, self.w_up, self.w_down)
+        y = y * gates.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(flat).index_add_(0, token, y).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg.attention)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.moe else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, positions=None, attention_mask=None, cache=None, impl=None) -> torch.Tensor:
+        kw = {} if impl is None else {"impl": impl}  # TEMP
+        x = x + self.attn(self.attn_norm(x), positions=positions, attention_mask=attention_mask, cache=cache, **kw)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+
+
+class DecoderLM(nn.Module):
+    """Qwen3-style decoder LM with knocking-heads attention (any variant, any knock) in every block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every projection, expert and embedding; zero biases.
+
+        Knocks keep their identity/zero init and norms their ones: neither is touched here, and since
+        knocks draw no random numbers, the same seed gives the same base weights with or without them.
+        """
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, MoE):
+                for w in (module.w_gate, module.w_up, module.w_down, module.router.weight):
+                    nn.init.normal_(w, std=std)
+
+    def forward(self, input_ids, targets=None, positions=None, attention_mask=None, caches=None,
+                impl=None) -> LMOutput:
+        """``input_ids`` ``(B, T)``; ``targets`` ``(B, T)`` with -100 to ignore; ``caches`` from
+        :meth:`new_caches` for incremental decoding; other arguments as in :class:`kha.Attention`."""
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, attention_mask, None if caches is None else caches[i], impl)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss)
+
+    def new_caches(self) -> list:
+        """One empty KV cache per layer, of the kind each layer's attention variant needs."""
+        from .attention import KVCache  # TEMP
+        return [KVCache() for layer in self.layers]
+
+    def update_moe_biases(self) -> list[dict[str, float]]:
+        """Call once after every optimizer step: loss-free balancing update; per-layer load metrics."""
+        return [layer.ffn.router.update_bias() for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``input_ids`` (``(B, T)``, no padding) by ``max_new_tokens`` tokens.
+
+        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``, restricted to
+        the ``top_k`` most likely tokens when given.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.cfg.vocab_size}, got {top_k}")
+        caches = self.new_caches()
+        tokens = [input_ids]
+        logits = self(input_ids, caches=caches).logits[:, -1]
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            tokens.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self(nxt, caches=caches).logits[:, -1]
+        return torch.cat(tokens, dim=1)
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Total and activated (per token) parameters, counted on a model built on the meta device.
+
+    Tied embeddings count once. Activated = total minus the experts a token does not use.
+    """
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if cfg.moe:
+        per_expert = 3 * cfg.d_model * cfg.moe.d_expert
+        inactive = cfg.n_layers * (cfg.moe.n_experts - cfg.moe.top_k) * per_expert
+    return {"total": total, "activated": total - inactive}

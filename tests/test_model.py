@@ -252,3 +252,27 @@ def test_cli_params(capsys):
     assert "dense-0.6b" in text and "0.61" in text
     assert main(["params", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+VARIANTS = {"gta": {}, "mla": dict(kv_lora_rank=16, rope_head_dim=4), "gla": dict(kv_lora_rank=16, rope_head_dim=4),
+            "talking": {}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_attention_variant_in_the_lm(variant):
+    """Same seed -> same base weights; linear knocks at init change nothing; cached == full; fold == unfolded."""
+    torch.manual_seed(3)
+    base = DecoderLM(small_config(moe=SMALL_MOE, variant=variant, **VARIANTS[variant]))
+    torch.manual_seed(3)
+    kha = DecoderLM(small_config(moe=SMALL_MOE, variant=variant, knock="linear", **VARIANTS[variant]))
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(kha(ids).logits, base(ids).logits, **EXACT)
+        perturb(kha, scale=0.05)
+        kha.eval()
+        full = kha(ids).logits
+        caches = kha.new_caches()
+        steps = [kha(ids[:, i:i + 1], caches=caches).logits for i in range(9)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, **FP32)
+        fold_knocks(kha)
+        torch.testing.assert_close(kha(ids).logits, full, **FP32)

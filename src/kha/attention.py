@@ -1,4 +1,4 @@
-"""Causal self-attention with knocking heads: MHA, GQA and MQA.
+"""Causal self-attention with knocking heads: MHA, GQA and MQA, and the pieces every variant shares.
 
 Per layer: head projections -> knocks (shared across heads, on the KV heads before any repeat) ->
 QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The order follows the paper
@@ -7,6 +7,9 @@ QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The ord
 Two interchangeable attention kernels: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
 GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it) and ``"eager"``
 (an explicit softmax reference used by the tests).
+
+:class:`AttentionBase` holds what every variant (``kha.variants``) shares: input checks, masks, positions,
+kernel choice, the output projection and folding; a variant only says how it makes Q, K, V and its cache.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ from torch import nn
 from .knock import fold_into_linear, make_knocks, parse_targets
 
 ATTENTION_IMPLS = ("sdpa", "eager")
-# "gqa" covers MHA (n_kv_heads == n_heads), GQA and MQA (n_kv_heads == 1).
-ATTENTION_VARIANTS = ("gqa",)
+# "gqa" covers MHA (n_kv_heads == n_heads), GQA and MQA (n_kv_heads == 1); the others live in kha.variants:
+# grouped-tied (GTA), multi-head latent (MLA), grouped latent (GLA) and talking-heads attention.
+ATTENTION_VARIANTS = ("gqa", "gta", "mla", "gla", "talking")
+LATENT_VARIANTS = ("mla", "gla")
 
 
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [g for g in range(1, n + 1) if n % g == 0]
 
 
 @dataclass
@@ -39,6 +48,11 @@ class AttentionConfig:
     ``head_dim`` defaults to ``d_model // n_heads`` and may be set independently (Qwen3 uses 128).
     ``knock_targets`` defaults to the paper's choice for the knock type: q, k, v for ``linear``; v for
     ``mlp`` and ``gate``. It accepts ``"qkv"``, ``"v"``, ``("q", "v")`` and so on.
+
+    MLA / GLA only: ``kv_lora_rank`` (the cached latent's width, all groups together), ``q_lora_rank``
+    (None = queries projected directly from the input), ``rope_head_dim`` (the decoupled RoPE part of
+    each query and of the shared RoPE key); GLA only: ``latent_groups``. Fields of other variants are
+    neither used nor validated.
     """
 
     d_model: int
@@ -53,6 +67,10 @@ class AttentionConfig:
     rope_theta: float = 1_000_000.0
     qkv_bias: bool = False
     norm_eps: float = 1e-6
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None
+    rope_head_dim: int = 64
+    latent_groups: int = 2
 
     def __post_init__(self) -> None:
         if self.variant not in ATTENTION_VARIANTS:
@@ -65,10 +83,9 @@ class AttentionConfig:
             self.n_kv_heads = self.n_heads
         _check_positive("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
-            divisors = [g for g in range(1, self.n_heads + 1) if self.n_heads % g == 0]
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; "
-                f"valid n_kv_heads are {divisors}"
+                f"valid n_kv_heads are {_divisors(self.n_heads)}"
             )
         if self.head_dim is None:
             if self.d_model % self.n_heads:
@@ -78,19 +95,63 @@ class AttentionConfig:
                 )
             self.head_dim = self.d_model // self.n_heads
         _check_positive("head_dim", self.head_dim)
-        if self.rope and self.head_dim % 2:
+        if self.rope and not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        self.knock_targets = parse_targets(self.knock, self.knock_targets)
+        if self.variant in LATENT_VARIANTS:
+            self._check_latent()
+        elif self.variant == "gta":
+            if self.head_dim % (4 if self.rope else 2):
+                raise ValueError(
+                    f"GTA splits each head in a non-RoPE and a RoPE half and RoPE rotates pairs within the "
+                    f"half, so head_dim must be divisible by {4 if self.rope else 2}; got head_dim={self.head_dim}"
+                )
+        elif self.rope and self.head_dim % 2:
             raise ValueError(
                 f"RoPE rotates feature pairs, so head_dim must be even; got head_dim={self.head_dim} "
                 "(use an even head_dim or rope=False)"
             )
-        if self.rope and not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
-        self.knock_targets = parse_targets(self.knock, self.knock_targets)
+
+    def _check_latent(self) -> None:
+        name = self.variant.upper()
+        if self.knock not in ("none", "linear"):
+            raise ValueError(
+                f"{name} supports knock='linear' or 'none' only, got knock={self.knock!r}: {name} never "
+                "materialises per-head K/V at inference (it caches the latent, paper section 4.2.3), so only "
+                "a linear knock, which folds into the up-projections, keeps latent caching"
+            )
+        if self.qkv_bias:
+            raise ValueError(f"{name} has no projection biases (as DeepSeek-V2); set qkv_bias=False")
+        _check_positive("kv_lora_rank", self.kv_lora_rank)
+        if self.q_lora_rank is not None:
+            _check_positive("q_lora_rank (or None)", self.q_lora_rank)
+        _check_positive("rope_head_dim", self.rope_head_dim)
+        if self.rope and self.rope_head_dim % 2:
+            raise ValueError(
+                f"RoPE rotates feature pairs, so rope_head_dim must be even; got rope_head_dim={self.rope_head_dim}"
+            )
+        if self.variant == "gla":
+            _check_positive("latent_groups", self.latent_groups)
+            if self.kv_lora_rank % self.latent_groups or self.n_kv_heads % self.latent_groups:
+                valid = [g for g in _divisors(self.kv_lora_rank) if self.n_kv_heads % g == 0]
+                raise ValueError(
+                    f"latent_groups={self.latent_groups} must divide both kv_lora_rank={self.kv_lora_rank} "
+                    f"and n_kv_heads={self.n_kv_heads}; valid latent_groups are {valid}"
+                )
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def n_latents(self) -> int:
+        """Latent groups of MLA (1) and GLA (``latent_groups``); 0 for variants without a latent."""
+        return {"mla": 1, "gla": self.latent_groups}.get(self.variant, 0)
+
+    def knock_dim(self, target: str) -> int:
+        """Width of the features a knock on ``target`` transforms: ``head_dim``, except GTA's RoPE key."""
+        return self.head_dim // 2 if self.variant == "gta" and target == "k" else self.head_dim
 
 
 class RMSNorm(nn.Module):
@@ -127,28 +188,37 @@ class RotaryEmbedding(nn.Module):
         return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class KVCache:
+class SequenceCache:
+    """Named tensors that grow along the sequence dimension ``seq_dim``; subclasses name the fields."""
+
+    fields: tuple[str, ...] = ()
+    seq_dim = 2
+
+    def __init__(self) -> None:
+        for name in self.fields:
+            setattr(self, name, None)
+
+    @property
+    def length(self) -> int:
+        first = getattr(self, self.fields[0])
+        return 0 if first is None else first.shape[self.seq_dim]
+
+    def update(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append the new positions of every field (in ``fields`` order); return the whole fields."""
+        for name, new in zip(self.fields, tensors, strict=True):
+            old = getattr(self, name)
+            setattr(self, name, new if old is None else torch.cat((old, new), dim=self.seq_dim))
+        return tuple(getattr(self, name) for name in self.fields)
+
+
+class KVCache(SequenceCache):
     """Per-layer cache of keys (after knock, QK-norm and RoPE) and values (after knock).
 
     Shapes ``(B, n_kv_heads, S, head_dim)``: the knocks act on the KV heads before any repeat, so the
     cache is exactly the baseline's size.
     """
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+    fields = ("k", "v")
 
 
 def build_mask(
@@ -170,19 +240,29 @@ def build_mask(
     return allowed
 
 
+def attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled scores ``(B, H, T, S)`` in fp32, K repeated to the query heads. ``q``: ``(B, H, T, D)``."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+
+
+def mask_logits(scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    if is_causal:
+        mask = build_mask(scores.shape[-2], scores.shape[-1] - scores.shape[-2], None, scores.device)
+    return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs`` (``(B, H, T, S)``) times V repeated to the query heads."""
+    v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+    return probs.to(v.dtype) @ v
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
     """Reference attention: explicit K/V repeat, scores, fp32 softmax. ``q``: ``(B, H, T, D)``."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    if is_causal:
-        mask = build_mask(q.shape[2], k.shape[2] - q.shape[2], None, q.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+    return weighted_values(torch.softmax(mask_logits(attention_logits(q, k), mask, is_causal), dim=-1), v)
 
 
 def sdpa_attention(
@@ -207,13 +287,88 @@ def resolve_positions(
     return positions
 
 
-class Attention(nn.Module):
-    """Causal self-attention (MHA / GQA / MQA) with optional knocking-heads transforms.
+class AttentionBase(nn.Module):
+    """What every attention variant shares; subclasses build ``o_proj`` and ``knocks`` and implement
+    ``qkv`` (Q, K, V as ``(B, heads, T or S, dim)``, extending the cache) and ``knock_projections``.
 
-    ``forward(x, positions=None, attention_mask=None, cache=None, impl="sdpa")``:
+    ``forward(x, positions=None, attention_mask=None, cache=None, impl=None)``:
     ``x`` is ``(B, T, d_model)``; ``positions`` (``(T,)`` or ``(B, T)``) feed RoPE and default to
     ``cache.length + arange(T)``; ``attention_mask`` (``(B, past + T)``, 1 = real token) hides padding;
-    ``cache`` is a :class:`KVCache` that is extended in place for incremental decoding.
+    ``cache`` (from :meth:`new_cache`) is extended in place for incremental decoding; ``impl`` is
+    ``"sdpa"`` or ``"eager"``, None meaning the variant's best kernel (``default_impl``).
+    """
+
+    cache_class: type[SequenceCache] = KVCache
+    default_impl = "sdpa"
+    cfg: AttentionConfig
+    o_proj: nn.Linear
+    knocks: nn.ModuleDict
+
+    def new_cache(self) -> SequenceCache:
+        """An empty cache of the kind this variant stores (callers need not know the variant)."""
+        return self.cache_class()
+
+    def _knock(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        return self.knocks[target](x) if target in self.knocks else x
+
+    def resolve_impl(self, impl: str | None) -> str:
+        impl = self.default_impl if impl is None else impl
+        if impl not in _KERNELS:
+            raise ValueError(f"unknown attention impl {impl!r}; valid are {', '.join(ATTENTION_IMPLS)}")
+        return impl
+
+    def qkv(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: SequenceCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, mask: torch.Tensor | None, is_causal: bool, impl: str) -> torch.Tensor:
+        return _KERNELS[impl](q, k, v, mask, is_causal)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: SequenceCache | None = None,
+        impl: str | None = None,
+    ) -> torch.Tensor:
+        impl = self.resolve_impl(impl)
+        if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"expected input of shape (batch, seq, {self.cfg.d_model}), got {tuple(x.shape)}")
+        b, t, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (b, past + t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {past + t}) "
+                "(batch, cached + new tokens)"
+            )
+        q, k, v = self.qkv(x, resolve_positions(positions, b, t, past, x.device), cache)
+        mask, is_causal = None, False
+        if attention_mask is not None or (past > 0 and t > 1):
+            mask = build_mask(t, past, attention_mask, x.device)
+        else:
+            is_causal = past == 0 and t > 1
+        out = self.attend(q, k, v, mask, is_causal, impl)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def knock_projections(self, target: str) -> list[nn.Linear]:
+        """The projections whose output the knock on ``target`` transforms (where it folds)."""
+        raise NotImplementedError
+
+    def fold_knocks(self) -> None:
+        """Absorb every linear knock into its projections (eq. 8) and drop it; see :func:`kha.fold_knocks`."""
+        for target in list(self.knocks):
+            for proj in self.knock_projections(target):
+                fold_into_linear(proj, self.knocks[target], self.cfg.knock_dim(target))
+            del self.knocks[target]
+        self.cfg = replace(self.cfg, knock="none", knock_targets=None)
+
+
+class Attention(AttentionBase):
+    """Causal self-attention (MHA / GQA / MQA) with optional knocking-heads transforms.
+
+    The forward signature and arguments are :class:`AttentionBase`'s; the cache is a :class:`KVCache`.
     """
 
     def __init__(self, cfg: AttentionConfig):
@@ -228,9 +383,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(hd, cfg.rope_theta) if cfg.rope else None
-
-    def _knock(self, target: str, x: torch.Tensor) -> torch.Tensor:
-        return self.knocks[target](x) if target in self.knocks else x
 
     def project(
         self, x: torch.Tensor, positions: torch.Tensor
@@ -247,39 +399,11 @@ class Attention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        impl: str = "sdpa",
-    ) -> torch.Tensor:
-        if impl not in _KERNELS:
-            raise ValueError(f"unknown attention impl {impl!r}; valid are {', '.join(ATTENTION_IMPLS)}")
-        if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"expected input of shape (batch, seq, {self.cfg.d_model}), got {tuple(x.shape)}")
-        b, t, _ = x.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (b, past + t):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {past + t}) "
-                "(batch, cached + new tokens)"
-            )
-        q, k, v = self.project(x, resolve_positions(positions, b, t, past, x.device))
+    def qkv(self, x, positions, cache):
+        q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.update(k, v)
-        mask, is_causal = None, False
-        if attention_mask is not None or (past > 0 and t > 1):
-            mask = build_mask(t, past, attention_mask, x.device)
-        else:
-            is_causal = past == 0 and t > 1
-        out = _KERNELS[impl](q, k, v, mask, is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return q, k, v
 
-    def fold_knocks(self) -> None:
-        """Absorb every linear knock into its projection (eq. 8) and drop it; see :func:`kha.fold_knocks`."""
-        for target in list(self.knocks):
-            fold_into_linear(getattr(self, f"{target}_proj"), self.knocks[target], self.cfg.head_dim)
-            del self.knocks[target]
-        self.cfg = replace(self.cfg, knock="none", knock_targets=None)
+    def knock_projections(self, target: str) -> list[nn.Linear]:
+        return [getattr(self, f"{target}_proj")]

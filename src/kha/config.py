@@ -123,6 +123,14 @@ PRESETS: dict[str, Preset] = {
     "mqa-a0.8b": Preset(_moe(**_A08, attention=_attn(1536, 32, 1)), "Table 3", None, 0.859),
     "gqa8x16-a0.8b": Preset(_moe(**_A08, attention=_attn(1536, 16, 8)), "Table 3", None, 0.795),
     "mha16-a0.8b": Preset(_moe(**_A08, attention=_attn(1536, 16, 16)), "Table 3", None, 0.852),
+    "gta-a0.8b": Preset(_moe(**_A08, attention=_attn(1536, 32, 4, variant="gta")), "Table 3 (cache 4x128+64)",
+                        None, 0.868),
+    # Table 3 prints MLA with 8 query / 4 KV heads, which at this shape gives 0.72B, not the reported 0.97B;
+    # the paper gives no MLA ranks. Kept: the reported count and cache (latent 512 + RoPE key 64), with
+    # standard MLA (32 query heads, as many up-projected K/V heads) and a 1024 query rank.
+    "mla-a0.8b": Preset(_moe(**_A08, attention=_attn(1536, 32, 32, variant="mla", kv_lora_rank=512,
+                                                     rope_head_dim=64, q_lora_rank=1024)),
+                        "Table 3 (cache 512+64)", None, 0.970),
     # tiny CPU models with the same ratios (1-10M parameters, an 8k BPE vocabulary)
     "tiny": Preset(ModelConfig(attention=_tiny_attn(), n_layers=4, d_ff=384, vocab_size=8192, max_seq_len=512),
                    "tiny dense, 1/8 of dense-0.6b's width"),

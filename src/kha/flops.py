@@ -18,24 +18,49 @@ from .knock import MATRICES_PER_KNOCK
 
 
 def heads_of(cfg: AttentionConfig, target: str) -> int:
-    """How many heads a knock on ``target`` transforms (KV heads for k and v, before any repeat)."""
-    return cfg.n_heads if target == "q" else cfg.n_kv_heads
+    """How many heads a knock on ``target`` transforms (KV heads for k and v, before any repeat).
+
+    GTA's ``k`` knock acts on its single shared RoPE key.
+    """
+    if target == "q":
+        return cfg.n_heads
+    return 1 if cfg.variant == "gta" and target == "k" else cfg.n_kv_heads
 
 
 def knock_params(cfg: AttentionConfig) -> int:
-    """Parameters the knocks add to one layer: ``head_dim^2`` per matrix, per target."""
-    return MATRICES_PER_KNOCK[cfg.knock] * len(cfg.knock_targets) * cfg.head_dim**2
+    """Parameters the knocks add to one layer: ``knock_dim^2`` per matrix, per target."""
+    return MATRICES_PER_KNOCK[cfg.knock] * sum(cfg.knock_dim(t) ** 2 for t in cfg.knock_targets)
+
+
+def input_projections(cfg: AttentionConfig) -> list[tuple[int, int]]:
+    """``(in, out)`` features of every projection between the layer input and Q, K, V."""
+    d, hd, n, nkv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    if cfg.variant in ("gqa", "talking"):
+        return [(d, n * hd), (d, nkv * hd), (d, nkv * hd)]
+    if cfg.variant == "gta":  # queries, tied states, the shared RoPE key
+        return [(d, n * hd), (d, nkv * hd), (d, hd // 2)]
+    # MLA / GLA: optional query latent, query parts, KV latent, RoPE key, per-group K and V up-projections
+    rd, groups = cfg.rope_head_dim, cfg.n_latents
+    q_in = d if cfg.q_lora_rank is None else cfg.q_lora_rank
+    q = [(q_in, n * hd), (q_in, n * rd)] + ([] if cfg.q_lora_rank is None else [(d, cfg.q_lora_rank)])
+    up = (cfg.kv_lora_rank // groups, nkv // groups * hd)
+    return q + [(d, cfg.kv_lora_rank), (d, rd)] + [up] * (2 * groups)
 
 
 def attention_params(cfg: AttentionConfig) -> int:
-    """Parameters of one baseline attention layer (projections, biases, QK-norm), knocks excluded."""
-    hd, d = cfg.head_dim, cfg.d_model
-    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    params = d * (q_out + 2 * kv_out) + q_out * d
-    if cfg.qkv_bias:
-        params += q_out + 2 * kv_out
+    """Parameters of one baseline attention layer of any variant (projections, biases, norms, talking-heads
+    mixing), knocks excluded."""
+    projections = input_projections(cfg)
+    params = sum(i * o for i, o in projections) + cfg.n_heads * cfg.head_dim * cfg.d_model
+    if cfg.qkv_bias:  # MLA/GLA refuse biases
+        params += sum(o for _, o in projections)
     if cfg.qk_norm:
-        params += 2 * hd
+        if cfg.n_latents:
+            params += cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
+        else:
+            params += 2 * cfg.head_dim  # GTA: query head + two key halves
+    if cfg.variant == "talking":
+        params += 2 * cfg.n_heads**2
     return params
 
 
@@ -73,21 +98,28 @@ class LayerFlops:
 
 
 def layer_flops(cfg: AttentionConfig, seq_len: int, d_ff: int | None = None) -> LayerFlops:
-    """Per-layer FLOPs for attention ``cfg`` (any MHA/GQA/MQA, any knock) with a SwiGLU FFN.
+    """Per-layer FLOPs for attention ``cfg`` (any variant, any knock) with a SwiGLU FFN.
 
-    ``d_ff`` defaults to ``3 * d_model`` as in the paper's eq. 11.
+    ``d_ff`` defaults to ``3 * d_model`` as in the paper's eq. 11. ``qkv`` counts every projection from
+    the input to Q, K, V (MLA/GLA: down- and up-projections, all positions); ``scores`` counts QK^T over
+    the query-key width (``head_dim + rope_head_dim`` for MLA/GLA) and the weights times V, plus the two
+    head-mixing matmuls of talking-heads attention.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     d, hd, n = cfg.d_model, cfg.head_dim, cfg.n_heads
     d_ff = 3 * d if d_ff is None else d_ff
     per_matrix = MATRICES_PER_KNOCK[cfg.knock]
+    qk_dim = hd + (cfg.rope_head_dim if cfg.n_latents else 0)
+    scores = 2 * n * seq_len**2 * (qk_dim + hd)
+    if cfg.variant == "talking":
+        scores += 2 * 2 * seq_len**2 * n**2
     return LayerFlops(
-        qkv=2 * seq_len * d * (n + 2 * cfg.n_kv_heads) * hd,
-        scores=4 * n * seq_len**2 * hd,
+        qkv=2 * seq_len * sum(i * o for i, o in input_projections(cfg)),
+        scores=scores,
         output=2 * seq_len * n * hd * d,
         ffn=3 * 2 * seq_len * d * d_ff,
-        knock=sum(2 * seq_len * heads_of(cfg, t) * hd**2 * per_matrix for t in cfg.knock_targets),
+        knock=sum(2 * seq_len * heads_of(cfg, t) * cfg.knock_dim(t) ** 2 * per_matrix for t in cfg.knock_targets),
     )
 
 

@@ -120,8 +120,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, positions=None, attention_mask=None, cache=None, impl=None) -> torch.Tensor:
-        kw = {} if impl is None else {"impl": impl}  # TEMP
-        x = x + self.attn(self.attn_norm(x), positions=positions, attention_mask=attention_mask, cache=cache, **kw)
+        x = x + self.attn(self.attn_norm(x), positions=positions, attention_mask=attention_mask, cache=cache,
+                          impl=impl)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -180,8 +180,7 @@ class DecoderLM(nn.Module):
 
     def new_caches(self) -> list:
         """One empty KV cache per layer, of the kind each layer's attention variant needs."""
-        from .attention import KVCache  # TEMP
-        return [KVCache() for layer in self.layers]
+        return [layer.attn.new_cache() for layer in self.layers]
 
     def update_moe_biases(self) -> list[dict[str, float]]:
         """Call once after every optimizer step: loss-free balancing update; per-layer load metrics."""

@@ -7,6 +7,7 @@ import json
 import sys
 
 from .attention import AttentionConfig
+from .data.cli import add_data_parser
 from .flops import attention_params, knock_params, layer_flops
 
 
@@ -83,6 +84,20 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train.config import parse_train_args
+    from .train.loop import NonFiniteLossError
+
+    cfg = parse_train_args(args.rest)
+    try:
+        train(cfg)
+    except NonFiniteLossError as err:
+        print(f"kha train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -113,13 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON: {total, activated} (a map of them for all)")
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("train", add_help=False, help="train a model: kha train --config FILE_OR_PRESET --out DIR")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="FLOPs table plus identity-at-init and folding checks on CPU")
     p.set_defaults(func=cmd_demo)
+    add_data_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.rest = extra  # every flag after `train` belongs to the training config
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ValueError as err:

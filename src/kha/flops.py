@@ -129,3 +129,33 @@ def paper_example() -> dict[str, LayerFlops]:
         knock: layer_flops(AttentionConfig(d_model=1024, n_heads=32, knock=knock), seq_len=2048)
         for knock in ("linear", "mlp")
     }
+
+
+def model_flops_per_token(cfg, seq_len: int) -> int:
+    """Training FLOPs per token of a :class:`kha.config.ModelConfig` (forward + backward).
+
+    ``6 x`` the activated parameters that take part in matmuls (the tied LM head included, the embedding
+    lookup not), plus attention scores and attention-value products over the full ``seq_len`` window
+    (``3 x 4 x n_heads x head_dim x seq_len`` per layer, the paper's eq. 10 convention).
+    """
+    from .model import count_parameters
+
+    params = count_parameters(cfg)["activated"]
+    if not cfg.tie_embeddings:
+        params -= cfg.vocab_size * cfg.d_model
+    attn = cfg.attention
+    return 6 * params + 12 * cfg.n_layers * attn.n_heads * attn.head_dim * seq_len
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s).
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of a known CUDA GPU (None when unknown), for MFU."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)

@@ -89,10 +89,14 @@ def test_shipped_tiny_config_loads():
     assert cfg.preset == "tiny"
 
 
-def test_model_flops_per_token_matches_6n_plus_attention():
+@pytest.mark.parametrize("knock,targets", [("none", None), ("linear", "qkv"), ("mlp", "v")])
+def test_model_flops_per_token_is_6n_plus_attention_plus_knocks(knock, targets):
     from kha.flops import model_flops_per_token
     from kha.model import count_parameters
 
-    cfg = get_preset("dense-0.6b")
-    n = count_parameters(cfg)["activated"]
-    assert model_flops_per_token(cfg, 4096) == 6 * n + 12 * 24 * 32 * 128 * 4096
+    cfg = get_preset("dense-0.6b", knock=knock, knock_targets=targets)
+    n = count_parameters(get_preset("dense-0.6b"))["activated"]  # the baseline's parameters
+    heads = {"none": 0, "linear": 32 + 4 + 4, "mlp": 3 * 4}[knock]  # head-matrix products per layer
+    # per token, per layer: scores + AV 4*32*128*T, knocks 2*128^2 per head-matrix; all x3 for training
+    expected = 6 * n + 3 * 24 * (4 * 32 * 128 * 4096 + 2 * 128**2 * heads)
+    assert model_flops_per_token(cfg, 4096) == expected

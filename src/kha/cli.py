@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(out=args.out, data=args.data, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", add_help=False, help="train a model: kha train --config FILE_OR_PRESET --out DIR")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="FLOPs table plus identity-at-init and folding checks on CPU")
+    p = sub.add_parser("demo", help="FLOPs, identity-at-init and folding checks, then baseline vs KHA-MLP training")
+    p.add_argument("--out", default="runs/demo", help="where the two runs and the plot go (default: runs/demo)")
+    p.add_argument("--data", default="data/shakespeare", help="prepared corpus dir (default: data/shakespeare)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: 200 on CPU, 2000 on GPU)")
     p.set_defaults(func=cmd_demo)
     add_data_parser(sub)
     return parser

@@ -83,9 +83,10 @@ def train_pair(out: Path, data: Path, steps: int | None) -> None:
     gpu = torch.cuda.is_available()
     print(f"\nPreparing the Shakespeare corpus in {data} ...", flush=True)
     prepare(["shakespeare"], data)
+    steps = steps or (2000 if gpu else 200)
     base = dict(preset="tiny", data=str(data), seq_len=256 if gpu else 128, batch_size=64 if gpu else 16,
-                steps=steps or (3000 if gpu else 600), lr=3e-3, eval_every=100, eval_batches=20,
-                ckpt_every=200, seed=0)
+                steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=10,
+                ckpt_every=max(1, steps // 2), seed=0)
     runs = {"baseline (GQA 32q/4kv)": TrainConfig(out=str(out / "baseline"), **base),
             "KHA-MLP on V": TrainConfig(out=str(out / "kha-mlp-v"), knock="mlp", **base)}
     results = {}

@@ -132,19 +132,20 @@ def paper_example() -> dict[str, LayerFlops]:
 
 
 def model_flops_per_token(cfg, seq_len: int) -> int:
-    """Training FLOPs per token of a :class:`kha.config.ModelConfig` (forward + backward).
+    """Training FLOPs per token of a :class:`kha.config.ModelConfig` (forward + backward, 3x one pass).
 
     ``6 x`` the activated parameters that take part in matmuls (the tied LM head included, the embedding
-    lookup not), plus attention scores and attention-value products over the full ``seq_len`` window
-    (``3 x 4 x n_heads x head_dim x seq_len`` per layer, the paper's eq. 10 convention).
+    lookup not; knocks excluded), plus per layer the knocks (applied once per head, eq. 12) and the
+    attention scores and attention-value products over the full ``seq_len`` window (eq. 10 convention).
     """
     from .model import count_parameters
 
-    params = count_parameters(cfg)["activated"]
+    attn = cfg.attention
+    params = count_parameters(cfg)["activated"] - cfg.n_layers * knock_params(attn)
     if not cfg.tie_embeddings:
         params -= cfg.vocab_size * cfg.d_model
-    attn = cfg.attention
-    return 6 * params + 12 * cfg.n_layers * attn.n_heads * attn.head_dim * seq_len
+    per_layer = layer_flops(attn, seq_len)
+    return 6 * params + 3 * cfg.n_layers * (per_layer.knock + per_layer.scores) // seq_len
 
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s).

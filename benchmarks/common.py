@@ -1,0 +1,349 @@
+"""Shared benchmark machinery: options, machine/version banner, interleaved timing, ratios, tables, JSON.
+
+Every script in ``benchmarks/`` measures *ratios against a baseline taken in the same run*: the cases are
+timed round-robin (baseline, case 1, case 2, baseline, ...) after a warm-up, so machine noise hits all of
+them alike, and each case's ratio is the median over rounds of its time divided by the baseline's time in
+the same round. Peak memory is measured on CUDA only (``torch.cuda.max_memory_allocated`` during the timed
+call, minus what was allocated when the call began); on CPU it is reported as n/a.
+
+``--dtype bf16`` means ``torch.autocast(..., dtype=torch.bfloat16)`` over fp32 weights, as kha's training
+loop does on GPUs (fp32 on CUDA allows TF32 matmuls); ``--compile`` wraps the modules in ``torch.compile``
+(default options, recompile limit raised so that no case falls back to eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kha.attention import AttentionConfig
+from kha.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# key -> (label, knock, targets): the knock settings the benchmarks compare; "baseline" has no knock.
+KNOCKS = {
+    "baseline": ("baseline", "none", None),
+    "linear-qkv": ("KHA-Linear qkv", "linear", "qkv"),
+    "linear-v": ("KHA-Linear v", "linear", "v"),
+    "mlp-v": ("KHA-MLP v", "mlp", "v"),
+    "gate-v": ("gate v", "gate", "v"),
+}
+
+
+def small_lm_config(knock: str = "none", targets=None) -> ModelConfig:
+    """The small dense LM of the CPU runs: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU 1536,
+    vocabulary 8192 (32.5M parameters, tied embeddings)."""
+    attn = AttentionConfig(d_model=512, n_heads=32, n_kv_heads=4, head_dim=64, knock=knock, knock_targets=targets)
+    return ModelConfig(attention=attn, n_layers=6, d_ff=1536, vocab_size=8192, max_seq_len=8192)
+
+
+def describe(cfg: ModelConfig) -> str:
+    a = cfg.attention
+    return (f"{cfg.n_layers} layers, d_model {a.d_model}, {a.n_heads} query / {a.n_kv_heads} KV heads of "
+            f"{a.head_dim}, SwiGLU {cfg.d_ff}, vocabulary {cfg.vocab_size:,}, "
+            f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings")
+
+
+def n_params(module: nn.Module) -> int:
+    """Parameters, tied weights counted once."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def adamw(module: nn.Module) -> torch.optim.AdamW:
+    """AdamW with the paper's hyper-parameters (one group; the LR value does not change the cost)."""
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+# ---------------------------------------------------------------- options and environment
+
+
+def parser(description: str, repeats: int = 10) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = autocast to bfloat16 over fp32 weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile the modules")
+    p.add_argument("--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; --quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per case first (default 3; --quick: 2)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test, not a measurement")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.set_defaults(default_repeats=repeats)
+    return p
+
+
+@dataclass
+class Env:
+    """Device, precision and the knobs every script shares, resolved from the options."""
+
+    device: torch.device
+    dtype: str
+    compile: bool
+    repeats: int
+    warmup: int
+    quick: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16" else nullcontext()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def maybe_compile(self, module):
+        return compile_module(module) if self.compile else module
+
+
+def compile_module(module):
+    """``torch.compile`` with dynamo's recompile limit raised: the cases share code objects (one
+    ``Attention.forward`` for every knock setting and shape, a growing KV cache), and at the default limit
+    of 8 the later cases would silently fall back to eager. Hitting the raised limit is an error."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        setattr(config, name, max(getattr(config, name), 256))
+    config.fail_on_recompile_limit_hit = True
+    return torch.compile(module)
+
+
+def setup(args: argparse.Namespace) -> Env:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for, but torch sees no CUDA device (torch "
+                 f"{torch.__version__}); use --device cpu")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else args.default_repeats)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    if repeats < 1 or warmup < 0:
+        sys.exit("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores, as in training
+    return Env(torch.device(args.device), args.dtype, args.compile, repeats, warmup, args.quick)
+
+
+# ---------------------------------------------------------------- machine and versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
+    """What produced the numbers: CPU, cores, threads, GPU, versions, commit, load."""
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(env.device) if env.cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if env.cuda else None,
+        "kha_commit": _git_commit(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": str(env.device),
+        "dtype": "bf16 autocast" if env.dtype == "bf16" else "fp32",
+        "compile": env.compile,
+        "repeats": env.repeats,
+        "warmup": env.warmup,
+        "quick": env.quick,
+    }
+    for name in modules:
+        info[name] = importlib.import_module(name).__version__
+    return info
+
+
+def print_banner(title: str, info: dict) -> None:
+    print(f"# {title}\n")
+    gpu = f"{info['gpu']} (CUDA {info['cuda']})" if info["gpu"] else "none"
+    print(f"- machine: {info['cpu']}; {info['cores']} cores ({info['cores_usable']} usable), "
+          f"torch threads {info['torch_threads']}; GPU: {gpu}")
+    versions = ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "transformers") if k in info)
+    print(f"- versions: {versions}; kha commit {info['kha_commit']}")
+    print(f"- run: device {info['device']}, {info['dtype']}, compile {'on' if info['compile'] else 'off'}, "
+          f"per case {info['warmup']} warm-up call(s) then {info['repeats']} timed round(s), cases interleaved; "
+          f"1-min load average before starting {info['load_avg_1m']:.2f} (near 0 on a quiet machine)")
+    if info.get("quick"):
+        print("- QUICK SMOKE RUN: tiny shapes, few repeats; these numbers mean nothing")
+    print(flush=True)
+
+
+# ---------------------------------------------------------------- timing
+
+
+@dataclass
+class Case:
+    """One thing to time: ``run()`` is timed; ``setup()`` (untimed) runs before every call of ``run()``."""
+
+    name: str
+    run: Callable[[], object]
+    setup: Callable[[], object] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    times: list[float]
+    peak_bytes: int | None = None
+
+
+def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor],
+                  opt: torch.optim.Optimizer, env: Env, context=nullcontext) -> Case:
+    """A training step: ``forward()`` under autocast, ``loss(output).backward()``, ``opt.step()``, grads freed;
+    all inside ``context()`` (e.g. an SDPA backend choice)."""
+
+    def step():
+        with context():
+            with env.autocast():
+                out = forward()
+            loss(out).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return Case(name, step)
+
+
+def lm_loss(targets: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next-token cross-entropy of ``(B, T, vocab)`` logits, in fp32, against ``targets`` ``(B, T)``."""
+    return lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _call(case: Case, env: Env) -> tuple[float, int | None]:
+    if case.setup is not None:
+        case.setup()
+    env.sync()
+    if env.cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+        before = torch.cuda.memory_allocated(env.device)
+    t0 = time.perf_counter()
+    case.run()
+    env.sync()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(env.device) - before if env.cuda else None
+    return elapsed, peak
+
+
+def measure(cases: list[Case], env: Env, label: str = "") -> dict[str, Timing]:
+    """Warm every case up, then time them round-robin ``env.repeats`` times."""
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names must be unique, got {names}")
+    t0 = time.perf_counter()
+    for case in cases:
+        for _ in range(env.warmup):
+            _call(case, env)
+    timings = {c.name: Timing([]) for c in cases}
+    for _ in range(env.repeats):
+        for case in cases:
+            elapsed, peak = _call(case, env)
+            timing = timings[case.name]
+            timing.times.append(elapsed)
+            if peak is not None:
+                timing.peak_bytes = max(timing.peak_bytes or 0, peak)
+    print(f"[{label or 'cases'}: {len(cases)} cases timed in {time.perf_counter() - t0:.1f} s]", file=sys.stderr,
+          flush=True)
+    return timings
+
+
+def summarize(timings: dict[str, Timing], baseline: str, scale: float = 1.0) -> dict[str, dict]:
+    """Per case: median, quartiles, min, max of ``time * scale`` (seconds), peak MiB and the paired ratio
+    to ``baseline`` (median and quartiles over rounds of case time / baseline time in the same round)."""
+    base = timings[baseline].times
+    out = {}
+    for name, t in timings.items():
+        values = [x * scale for x in t.times]
+        q1, med, q3 = _quartiles(values)
+        r1, ratio, r3 = _quartiles([a / b for a, b in zip(t.times, base, strict=True)])
+        out[name] = {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(values), "max_s": max(values),
+                     "n": len(values), "times_s": values, "ratio": ratio, "ratio_q1": r1, "ratio_q3": r3,
+                     "peak_mib": None if t.peak_bytes is None else t.peak_bytes / 2**20}
+    return out
+
+
+# ---------------------------------------------------------------- formatting and output
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def fmt_time(stats: dict) -> str:
+    """``median [q1, q3]`` in ms."""
+    return f"{_ms(stats['median_s'])} [{_ms(stats['q1_s'])}, {_ms(stats['q3_s'])}]"
+
+
+def fmt_ratio(stats: dict) -> str:
+    return f"{stats['ratio']:.3f} [{stats['ratio_q1']:.3f}, {stats['ratio_q3']:.3f}]"
+
+
+def fmt_mib(stats: dict) -> str:
+    return "n/a (CPU)" if stats["peak_mib"] is None else f"{stats['peak_mib']:.0f}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f} %"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+TIME_NOTE = ("Times: median [first quartile, third quartile] over the timed rounds. Ratio: median [quartiles] "
+             "over rounds of case time / baseline time in the same round. Peak MiB: CUDA memory allocated "
+             "during the timed call above what was allocated when it began (n/a on CPU).")
+
+
+def finish(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
+    """Print the closing note and write ``--json`` if asked."""
+    print(f"\n{TIME_NOTE}")
+    if args.json is not None:
+        payload = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   "results": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")

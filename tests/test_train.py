@@ -1,6 +1,5 @@
 """End-to-end training: determinism, SIGKILL + resume, FSDP on 2 gloo processes, stopping on NaN."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kha.data.loader import read_manifest
 from kha.model import DecoderLM
 from kha.train import TrainConfig, train
 from kha.train.callbacks import read_metrics
@@ -57,16 +57,12 @@ def test_same_seed_same_run_and_outputs(data_dir, tmp_path):
     assert all({"step", "loss", "lr", "tokens", "grad_norm"} <= set(r) for r in records)
     assert [r["tokens"] for r in records] == [4 * 32 * s for s in range(1, 7)]
     assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
-    # final weights as safetensors load into a fresh model and reproduce the run's validation loss inputs
-    cfg = build_model_config(small_run(data_dir, tmp_path / "a", knock="mlp"), a_vocab(tmp_path / "a"))
-    model = DecoderLM(cfg)
+    # final weights as safetensors load into a fresh model of the run's config
+    vocab = read_manifest(data_dir)["tokenizer"]["vocab_size"]
+    model = DecoderLM(build_model_config(small_run(data_dir, tmp_path / "a", knock="mlp"), vocab))
     missing, unexpected = model.load_state_dict(load_file(tmp_path / "a" / "model.safetensors"), strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied to embed.weight, stored once
     assert not torch.equal(model.layers[0].attn.knocks["v"].w_gate, torch.zeros(16, 16))  # knocks trained
-
-
-def a_vocab(run_dir) -> int:
-    return json.loads((Path(run_dir) / "model_config.json").read_text())["vocab_size"]
 
 
 def test_knocked_and_baseline_runs_start_from_the_same_weights(data_dir, tmp_path):

@@ -8,7 +8,9 @@ import sys
 
 from .attention import AttentionConfig
 from .data.cli import add_data_parser
+from .experiments import add_experiment_parsers
 from .flops import attention_params, knock_params, layer_flops
+from .hf_cli import add_hf_parsers
 
 
 def _fmt_g(flops: int) -> str:
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: 200 on CPU, 2000 on GPU)")
     p.set_defaults(func=cmd_demo)
     add_data_parser(sub)
+    add_experiment_parsers(sub)
+    add_hf_parsers(sub)
     return parser
 
 

@@ -1,1 +1,2 @@
-"""Looking at results: loss-curve plots (and, as experiments grow, tables and knock heatmaps)."""
+"""Looking at results: tables with paired statistics (``tables``), loss curves and grid plots (``plots``),
+learned knock matrices and their movement from the init (``knocks``)."""

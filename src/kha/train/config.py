@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Annotated, Any
 
-from ..config import PRESETS
+import tyro
+
+from ..config import PRESETS, ModelConfig, MoEConfig, get_preset
 from ..knock import KNOCK_TYPES, parse_targets
 
 
@@ -29,6 +32,10 @@ class TrainConfig:
     """Knock type on top of the preset: none, linear, mlp, gate."""
     knock_targets: str | None = None
     """Knock targets, e.g. qkv or v (default: the paper's for the knock type)."""
+    model_overrides: Annotated[dict[str, Any] | None, tyro.conf.Suppress] = None
+    """Changes to the preset's model, nested like ``kha.config.ModelConfig``, applied before the knock:
+    e.g. ``{"attention": {"n_kv_heads": 8}, "n_layers": 6}``. Set in a TOML config (an inline table) or by
+    ``kha ablate``; not a command-line flag."""
     data: str = "data/shakespeare"
     """A directory written by ``kha data prepare``."""
     seq_len: int = 128
@@ -77,6 +84,9 @@ class TrainConfig:
         if self.knock not in KNOCK_TYPES:
             raise ValueError(f"unknown knock {self.knock!r}; valid are {', '.join(KNOCK_TYPES)}")
         parse_targets(self.knock, self.knock_targets)
+        if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a dict of ModelConfig fields, got {self.model_overrides!r}")
+        base_model_config(self)  # unknown override keys, bad shapes or a knock the variant refuses fail here
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; valid are auto, cpu, cuda")
         for name in ("lr", "grad_clip", "spike_threshold"):
@@ -90,6 +100,33 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def apply_overrides(cfg, overrides: dict):
+    """A copy of config dataclass ``cfg`` with the fields named in ``overrides`` replaced; a dict value for a
+    nested config (``attention``, ``moe``) changes only the fields it names (``moe``: a dict makes an MoE
+    model of a dense preset, ``None`` a dense one of an MoE preset)."""
+    valid = {f.name for f in fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ValueError(f"unknown model override {key!r} for {type(cfg).__name__}; "
+                             f"valid are {', '.join(sorted(valid))}")
+        current = getattr(cfg, key)
+        if isinstance(value, dict) and is_dataclass(current):
+            value = apply_overrides(current, value)
+        elif isinstance(value, dict) and key == "moe":
+            value = MoEConfig(**value)
+        changes[key] = value
+    return replace(cfg, **changes)
+
+
+def base_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The run's model before the tokenizer sets its vocabulary: preset -> ``model_overrides`` -> knock."""
+    model_cfg = get_preset(cfg.preset)
+    if cfg.model_overrides:
+        model_cfg = apply_overrides(model_cfg, cfg.model_overrides)
+    return model_cfg.with_knock(cfg.knock, cfg.knock_targets)
 
 
 def load_config(source: str) -> TrainConfig:
@@ -112,8 +149,6 @@ def load_config(source: str) -> TrainConfig:
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
     """``--config FILE_OR_PRESET`` picks the starting values; every other flag overrides one field."""
-    import tyro
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)

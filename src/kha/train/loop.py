@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import get_preset
 from ..data.loader import TokenBatches, read_manifest
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, base_model_config
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, lr_at
 
@@ -33,7 +32,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
-    model_cfg = get_preset(cfg.preset, cfg.knock, cfg.knock_targets)
+    model_cfg = base_model_config(cfg)
     return replace(model_cfg, vocab_size=vocab_size, max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
 
 

@@ -1,0 +1,354 @@
+"""Tables with honest statistics for an ablation grid (``kha report DIR`` / ``kha ablate ... --report``).
+
+- :func:`t_quantile`: Student's t quantile, exact for integer degrees of freedom (the closed-form t CDF
+  of Abramowitz & Stegun 26.7.3-4, inverted by bisection); no scipy needed.
+- :func:`summarize`: n, mean, sample sd and the t-based confidence interval of the mean.
+- :func:`paired_delta`: the same for per-seed differences treatment - baseline (seeds both finished).
+- :func:`load_grid`: a grid directory's ``grid.json`` and, per variant and seed, the final validation loss
+  and the spike count of each run (only finished runs carry a loss).
+- :class:`GridResults`: a grid's results by variant, group and arm; ΔL of each arm against its group's baseline.
+- :func:`grid_report` / :func:`write_report`: ``DIR/report.md``, tables shaped like the paper's Tables 1, 2,
+  3 and 5 (cells ``mean ± sd [95 % CI]``, ΔL paired), spike counts, seeds, and every per-seed loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..train.callbacks import read_metrics
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def _t_two_sided(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` degrees of freedom (A&S 26.7.3 odd, 26.7.4 even), t >= 0."""
+    theta = math.atan2(t, math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 the last power
+        term = total = math.cos(theta) if df > 1 else 0.0
+        for k in range(3, df - 1, 2):
+            term *= (k - 1) / k * c2
+            total += term
+        return 2 / math.pi * (theta + s * total)
+    term = total = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df - 2 the last power
+    for k in range(2, df - 1, 2):
+        term *= (k - 1) / k * c2
+        total += term
+    return s * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with integer ``df`` >= 1 (``t_quantile(0.975, 2)`` = 4.3027)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    target = 2 * p - 1  # P(|T| <= t)
+    lo, hi = 0.0, 1.0
+    while _t_two_sided(hi, df) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_two_sided(mid, df) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Summary:
+    """``n`` values: mean, sample sd (n - 1) and the t confidence interval of the mean (None when n < 2)."""
+
+    n: int
+    mean: float
+    sd: float | None
+    lo: float | None
+    hi: float | None
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo is not None and (self.lo > 0 or self.hi < 0)
+
+
+def summarize(values, level: float = 0.95) -> Summary | None:
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return None
+    mean = sum(values) / n
+    if n < 2:
+        return Summary(1, mean, None, None, None)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return Summary(n, mean, sd, mean - half, mean + half)
+
+
+def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:
+    """Summary of ``treatment[s] - baseline[s]`` over the seeds ``s`` both have."""
+    seeds = sorted(set(treatment) & set(baseline))
+    return summarize([treatment[s] - baseline[s] for s in seeds], level)
+
+
+# ------------------------------------------------------------------------------------------ grid results
+
+
+@dataclass
+class RunResult:
+    seed: int
+    val_loss: float | None
+    """Final validation loss; None while the run is unfinished."""
+    spikes: int
+    steps_done: int
+    steps: int
+
+
+def load_run(path: Path) -> RunResult:
+    cfg = json.loads((path / "train_config.json").read_text())
+    records = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+    done = records[-1]["step"] if records else 0
+    finished = done == cfg["steps"] and "val_loss" in records[-1] and (path / "model.safetensors").exists()
+    return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
+                     sum(1 for r in records if r.get("spike")), done, cfg["steps"])
+
+
+def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
+    """``grid.json`` and ``{variant: {seed: RunResult}}`` for every run directory found."""
+    root = Path(root)
+    meta = json.loads((root / "grid.json").read_text())
+    results = {}
+    for v in meta["variants"]:
+        runs = sorted((root / "runs" / v["name"]).glob("seed_*/train_config.json"))
+        results[v["name"]] = {r.seed: r for r in (load_run(p.parent) for p in runs)}
+    return meta, results
+
+
+def final_losses(runs: dict[int, RunResult]) -> dict[int, float]:
+    return {s: r.val_loss for s, r in runs.items() if r.val_loss is not None}
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def fmt_summary(s: Summary | None, digits: int = 3, signed: bool = False, mark: bool = False) -> str:
+    """``mean ± sd [lo, hi]``; ``*`` after a paired difference whose interval excludes 0."""
+    if s is None:
+        return "—"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    if s.sd is None:
+        return f"{f(s.mean)} (n=1)"
+    star = "*" if mark and s.excludes_zero else ""
+    return f"{f(s.mean)} ± {s.sd:.{digits}f} [{f(s.lo)}, {f(s.hi)}]{star}"
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class GridResults:
+    """A grid directory's results, indexed the way the tables need them."""
+
+    def __init__(self, root: Path, level: float = 0.95):
+        self.root, self.level = Path(root), level
+        self.meta, self.results = load_grid(root)
+        self.variants = self.meta["variants"]
+        self.by_name = {v["name"]: v for v in self.variants}
+        self.groups: dict[str, dict[str, dict]] = {}
+        for v in self.variants:
+            self.groups.setdefault(v["group"], {})[v["arm"]] = v
+
+    def losses(self, name: str) -> dict[int, float]:
+        return final_losses(self.results.get(name, {}))
+
+    def loss(self, name: str | None) -> str:
+        return fmt_summary(summarize(self.losses(name).values(), self.level)) if name else "—"
+
+    def baseline(self, name: str) -> str | None:
+        base = self.groups[self.by_name[name]["group"]].get("baseline")
+        return base["name"] if base and base["name"] != name else None
+
+    def delta_summary(self, name: str) -> Summary | None:
+        base = self.baseline(name)
+        return paired_delta(self.losses(name), self.losses(base), self.level) if base else None
+
+    def delta(self, name: str | None) -> str:
+        return fmt_summary(self.delta_summary(name), 4, signed=True, mark=True) if name else "—"
+
+    def spikes(self, *names: str | None) -> str:
+        return "/".join(str(sum(r.spikes for r in self.results.get(n, {}).values())) if n else "—" for n in names)
+
+    def seeds(self, *names: str | None) -> str:
+        """Seeds finished by every named variant (the pairs behind a ΔL)."""
+        sets = [set(self.losses(n)) for n in names if n]
+        return str(len(set.intersection(*sets))) if sets else "0"
+
+    def arm(self, group: str, arm: str) -> str | None:
+        v = self.groups.get(group, {}).get(arm)
+        return v["name"] if v else None
+
+    def model_config(self, name: str):
+        """The ModelConfig of the variant's first finished run (its ``model_config.json``)."""
+        from ..attention import AttentionConfig
+        from ..config import ModelConfig, MoEConfig
+
+        root = self.root / "runs" / name
+        for path in sorted(root.glob("seed_*/model_config.json")):
+            d = json.loads(path.read_text())
+            d["attention"] = AttentionConfig(**d["attention"])
+            d["moe"] = MoEConfig(**d["moe"]) if d["moe"] else None
+            return ModelConfig(**{k: d[k] for k in (f.name for f in fields(ModelConfig))})
+        return None
+
+
+def cache_per_token(attn) -> str:
+    """Cached numbers per token and layer, as Table 3 prints them (latent + RoPE key for MLA and GTA)."""
+    if attn.variant in ("mla", "gla"):
+        return f"{attn.kv_lora_rank}+{attn.rope_head_dim}"
+    if attn.variant == "gta":
+        return f"{attn.n_kv_heads * attn.head_dim}+{attn.head_dim // 2}"
+    return str(2 * attn.n_kv_heads * attn.head_dim)
+
+
+def _params(cfg) -> tuple[str, str]:
+    from ..model import count_parameters
+
+    if cfg is None:
+        return "—", "—"
+    c = count_parameters(cfg)
+    return f"{c['activated'] / 1e6:.2f}M", f"{c['total'] / 1e6:.2f}M"
+
+
+# ------------------------------------------------------------------------------------------ the tables
+
+
+def table1_md(g: GridResults) -> str:
+    groups = list(g.groups)
+    header = ["Model"] + [f"{next(iter(g.groups[k].values()))['info']['kv_heads']} KV heads" for k in groups]
+    rows = [["Baseline"] + [g.loss(g.arm(k, "baseline")) for k in groups]]
+    for arm in ("KHA-MLP", "KHA-Linear"):
+        rows.append([arm] + [g.loss(g.arm(k, arm)) for k in groups])
+        rows.append(["ΔL (paired)"] + [g.delta(g.arm(k, arm)) for k in groups])
+    rows.append(["spikes (base/MLP/Linear)"] + [g.spikes(*(g.arm(k, a) for a in ("baseline", "KHA-MLP", "KHA-Linear")))
+                                                for k in groups])
+    rows.append(["seeds"] + [g.seeds(*(g.arm(k, a) for a in ("baseline", "KHA-MLP", "KHA-Linear"))) for k in groups])
+    return "### Table 1: number of KV heads (GQA, 32 query heads)\n\n" + _md(header, rows)
+
+
+KNOCK_LABELS = {"none": "-", "linear": "Linear", "mlp": "MLP", "gate": "Gate"}
+
+
+def table2_md(g: GridResults) -> str:
+    rows = []
+    for v in g.variants:
+        targets = v["knock_targets"] or ""
+        marks = ["✓" if t in targets else "-" for t in "qkv"]
+        rows.append([KNOCK_LABELS[v["knock"]], *marks, g.loss(v["name"]),
+                     g.delta(v["name"]), g.spikes(v["name"]), g.seeds(v["name"], g.baseline(v["name"]))])
+    header = ["Type", "Q", "K", "V", "Loss", "ΔL (paired)", "spikes", "seeds"]
+    return "### Table 2: knock type x place\n\n" + _md(header, rows)
+
+
+def table3_md(g: GridResults) -> str:
+    rows = []
+    for group, arms in g.groups.items():
+        base = arms.get("baseline")
+        kha = next((v for a, v in arms.items() if a != "baseline"), None)
+        cfg = g.model_config(base["name"]) if base else None
+        attn = cfg.attention if cfg else None
+        rows.append([(base or kha)["info"].get("model", group), attn.head_dim if attn else "—",
+                     attn.n_kv_heads if attn else "—", attn.n_heads if attn else "—",
+                     cache_per_token(attn) if attn else "—", _params(cfg)[0],
+                     g.loss(base and base["name"]), (f"{kha['arm']}: " if kha else "") + g.loss(kha and kha["name"]),
+                     g.delta(kha and kha["name"]), g.spikes(base and base["name"], kha and kha["name"]),
+                     g.seeds(base and base["name"], kha and kha["name"])])
+    header = ["Model", "Head dim", "# KV heads", "# Query heads", "Cache", "Activated params", "Baseline",
+              "Knocking-Heads", "ΔL (paired)", "spikes (base/KHA)", "seeds"]
+    return "### Table 3: attention variants\n\n" + _md(header, rows)
+
+
+def table5_md(g: GridResults) -> str:
+    rows = []
+    for arms in g.groups.values():
+        names = [arms[a]["name"] if a in arms else None for a in ("baseline", "KHA-MLP", "KHA-Linear")]
+        cfg = g.model_config(names[0]) if names[0] else None
+        activated, total = _params(cfg)
+        if cfg is None:
+            shape = ["—"] * 3
+        else:
+            ffn = f"{cfg.moe.d_expert}x{cfg.moe.top_k}" if cfg.moe else str(cfg.d_ff)
+            shape = [cfg.n_layers, cfg.d_model, ffn]
+        kind = next(iter(arms.values()))["info"].get("type", "")
+        rows.append([kind, activated, total, *shape, g.loss(names[0]), g.loss(names[1]), g.delta(names[1]),
+                     g.loss(names[2]), g.delta(names[2]), g.spikes(*names), g.seeds(*names)])
+    header = ["Type", "Activated params", "Total params", "Layers", "Hidden size", "FFN size", "GQA", "KHA-MLP",
+              "ΔL MLP (paired)", "KHA-Linear", "ΔL Linear (paired)", "spikes (GQA/MLP/Linear)", "seeds"]
+    return "### Table 5: model sizes, MoE and dense\n\n" + _md(header, rows)
+
+
+def generic_md(g: GridResults) -> str:
+    rows = [[v["group"], v["arm"], g.loss(v["name"]), g.delta(v["name"]), g.spikes(v["name"]),
+             g.seeds(v["name"], g.baseline(v["name"]))] for v in g.variants]
+    return _md(["Group", "Arm", "Loss", "ΔL (paired)", "spikes", "seeds"], rows)
+
+
+TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
+
+
+def per_seed_md(g: GridResults) -> str:
+    seeds = sorted({s for runs in g.results.values() for s in runs})
+    rows = []
+    for v in g.variants:
+        runs = g.results.get(v["name"], {})
+        cells = []
+        for s in seeds:
+            r = runs.get(s)
+            cells.append("—" if r is None else f"{r.val_loss:.4f}" if r.val_loss is not None
+                         else f"({r.steps_done}/{r.steps} steps)")
+        rows.append([v["name"], *cells, "/".join(str(runs[s].spikes) if s in runs else "—" for s in seeds)])
+    return _md(["Variant", *[f"seed {s}" for s in seeds], "spikes per seed"], rows)
+
+
+def grid_report(root: Path, level: float = 0.95) -> str:
+    g = GridResults(root, level)
+    meta, results = g.meta, g.results
+    train = meta.get("train", {})
+    n_runs = sum(len(r) for r in results.values())
+    n_done = sum(1 for r in results.values() for x in r.values() if x.val_loss is not None)
+    pct = f"{100 * level:g} %"
+    lines = [
+        f"# {meta['grid']}: final validation loss, paired against the baseline",
+        "",
+        f"Runs: {n_done} finished of {n_runs} found ({len(g.variants)} variants x seeds {meta['seeds']}). "
+        f"Each: preset {train.get('preset')}, {train.get('steps')} steps x {train.get('batch_size')} x "
+        f"{train.get('seq_len')} tokens (x grad_accum {train.get('grad_accum')}), lr {train.get('lr')}, "
+        f"data {train.get('data')}; validation loss over {train.get('eval_batches')} batches.",
+        "",
+        f"Cells: mean ± sd over seeds [{pct} t confidence interval of the mean]. ΔL (paired): per seed, the "
+        "variant's loss minus its baseline's with the same seed (same base weights, same batches); mean ± sd "
+        f"of those differences [{pct} t interval]; `*`: the interval excludes 0. Negative ΔL: KHA is better. "
+        "spikes: loss spikes summed over seeds (see kha.train.callbacks.SpikeDetector). seeds: the number of "
+        "seeds every compared variant finished.",
+        "",
+        TABLES.get(meta["grid"], generic_md)(g),
+        "",
+        "### Every run: final validation loss per seed",
+        "",
+        per_seed_md(g),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(root: Path, level: float = 0.95) -> Path:
+    path = Path(root) / "report.md"
+    path.write_text(grid_report(Path(root), level))
+    return path

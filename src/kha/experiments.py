@@ -1,0 +1,314 @@
+"""``kha ablate``: the paper's ablation grids (Tables 1, 2, 3, 5) as paired, resumable training runs.
+
+- :class:`Variant`: one cell of a paper table -- a knock setting plus changes to the preset's model -- and
+  the group whose baseline it is compared with (``kv4`` in Table 1, ``mla`` in Table 3, ...).
+- :data:`GRIDS` / :func:`grid_variants`: ``table1`` (number of KV heads), ``table2`` (knock type x place),
+  ``table3`` (attention variants), ``table5`` (model sizes, dense and MoE), at the tiny presets' scale.
+- :func:`run_config`: the ``TrainConfig`` of one variant and seed, in ``OUT/runs/VARIANT/seed_S``.
+- :func:`run_grid`: every seed x variant as one ``kha.train.train`` call, seed by seed so that complete
+  pairs come first. A finished run (final step in ``metrics.jsonl`` and ``model.safetensors``) is skipped,
+  an interrupted one resumed from its last checkpoint. Paired design: within a seed every variant gets the
+  same seed, hence the same base weights (knocks draw no random numbers) and the same batch order.
+- :func:`add_experiment_parsers`: ``kha ablate``, ``kha report`` (``kha.analysis.tables``) and ``kha plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .config import get_preset
+from .train.config import TrainConfig
+
+# the arms every group of Tables 1, 3 and 5 compares: (label, knock, targets)
+BASELINE = ("baseline", "none", None)
+KHA_MLP = ("KHA-MLP", "mlp", "v")
+KHA_LINEAR = ("KHA-Linear", "linear", "qkv")
+# fields the grid sets per run; the rest of TrainConfig comes from the command line
+GRID_FIELDS = ("out", "seed", "knock", "knock_targets", "model_overrides", "resume")
+
+
+@dataclass
+class Variant:
+    """One run setting of a grid: ``arm`` of ``group``; ``overrides`` change the preset's ModelConfig."""
+
+    name: str
+    """Directory and row name, e.g. ``kv4-mlp``."""
+    group: str
+    """Every arm is compared, seed by seed, with the ``baseline`` arm of its group."""
+    arm: str
+    knock: str = "none"
+    knock_targets: str | None = None
+    overrides: dict = field(default_factory=dict)
+    preset: str | None = None
+    """The model preset; None: the one given to ``kha ablate`` (``--preset``)."""
+    info: dict = field(default_factory=dict)
+    """Table columns that describe the variant (e.g. Table 3's model name)."""
+
+
+def _slug(arm: str) -> str:
+    return arm.removeprefix("KHA-").lower()
+
+
+def _arms(group: str, arms, overrides: dict, preset: str | None = None, **info) -> list[Variant]:
+    return [Variant(f"{group}-{_slug(arm)}", group, arm, knock, targets, overrides, preset, dict(info))
+            for arm, knock, targets in arms]
+
+
+def table1(preset: str) -> list[Variant]:
+    """GQA with the preset's query heads (32) and 1..32 KV heads: baseline, KHA-MLP (v), KHA-Linear (qkv)."""
+    return [v for kv in (1, 2, 4, 8, 16, 32)
+            for v in _arms(f"kv{kv}", (BASELINE, KHA_MLP, KHA_LINEAR), {"attention": {"n_kv_heads": kv}},
+                           kv_heads=kv)]
+
+
+TABLE2_ROWS = [("none", None), ("linear", "q"), ("linear", "k"), ("linear", "v"), ("linear", "qkv"),
+               ("mlp", "q"), ("mlp", "k"), ("mlp", "v"), ("mlp", "qkv"), ("gate", "v")]
+
+
+def table2(preset: str) -> list[Variant]:
+    """Knock type x place on the preset (GQA 32/4): exactly the paper's Table 2 rows."""
+    return [Variant("baseline" if knock == "none" else f"{knock}-{targets}", "all",
+                    "baseline" if knock == "none" else f"{knock}-{targets}", knock, targets)
+            for knock, targets in TABLE2_ROWS]
+
+
+def table3(preset: str) -> list[Variant]:
+    """Attention variants at the preset's width, as the ``*-a0.8b`` presets are built from ``moe-a0.8b``.
+
+    Head counts as in the paper (32 or 16 query heads) at the preset's head_dim; MLA's ranks scale with
+    head_dim as in ``mla-a0.8b`` (latent 4 x head_dim, RoPE key head_dim / 2, query rank 8 x head_dim:
+    512 / 64 / 1024 at head_dim 128). KHA-MLP everywhere except MLA, which takes KHA-Linear only.
+    """
+    hd = get_preset(preset).attention.head_dim
+    mla = {"variant": "mla", "n_heads": 32, "n_kv_heads": 32, "kv_lora_rank": 4 * hd, "rope_head_dim": hd // 2,
+           "q_lora_rank": 8 * hd}
+    rows = [("mla", "MLA", mla, KHA_LINEAR),
+            ("gta", "GTA", {"variant": "gta", "n_heads": 32, "n_kv_heads": 4}, KHA_MLP),
+            ("mqa", "MQA", {"variant": "gqa", "n_heads": 32, "n_kv_heads": 1}, KHA_MLP),
+            ("gqa8x16", "GQA", {"variant": "gqa", "n_heads": 16, "n_kv_heads": 8}, KHA_MLP),
+            ("gqa4x32", "GQA", {"variant": "gqa", "n_heads": 32, "n_kv_heads": 4}, KHA_MLP),
+            ("mha16", "MHA", {"variant": "gqa", "n_heads": 16, "n_kv_heads": 16}, KHA_MLP)]
+    return [v for group, model, attn, kha in rows for v in _arms(group, (BASELINE, kha), {"attention": attn},
+                                                                  model=model)]
+
+
+# Table 5 at tiny scale. The middle sizes are the tiny presets (the paper's moe-a0.8b / dense-0.6b at 1/8
+# width); widths 96/128/192 for both families. MoE (16 experts, top-4, as tiny-moe): layers 3/4/5 for the
+# paper's 12/18/23, experts 64/96/128 for 768/1152/1536 (the same 2:3:4). Dense: layers 4/4/6 for
+# 24/24/36, FFN 3x the width except 3.8x for the largest (the paper's 9728 / 2560). All GQA 32/4, head_dim 16.
+TABLE5_SIZES = {
+    "moe-s": ("MoE", "tiny-moe", 3, 96, 64),
+    "moe-m": ("MoE", "tiny-moe", 4, 128, 96),
+    "moe-l": ("MoE", "tiny-moe", 5, 192, 128),
+    "dense-s": ("Dense", "tiny", 4, 96, 288),
+    "dense-m": ("Dense", "tiny", 4, 128, 384),
+    "dense-l": ("Dense", "tiny", 6, 192, 736),
+}
+
+
+def table5(preset: str) -> list[Variant]:
+    """Three MoE and three dense sizes (``TABLE5_SIZES``; ``--preset`` is not used): GQA, KHA-MLP, KHA-Linear."""
+    out = []
+    for group, (kind, size_preset, layers, width, ffn) in TABLE5_SIZES.items():
+        overrides = {"n_layers": layers, "attention": {"d_model": width}}
+        overrides.update({"moe": {"d_expert": ffn}, "d_ff": 4 * ffn} if kind == "MoE" else {"d_ff": ffn})
+        out += _arms(group, (BASELINE, KHA_MLP, KHA_LINEAR), overrides, size_preset, type=kind)
+    return out
+
+
+GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5}
+
+
+def grid_variants(grid: str, preset: str = "tiny", only: list[str] | None = None) -> list[Variant]:
+    """The variants of ``grid`` built on ``preset``; ``only`` keeps the named ones (in grid order)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; valid grids are {', '.join(GRIDS)}")
+    variants = GRIDS[grid](preset)
+    if only:
+        names = [v.name for v in variants]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown} in grid {grid}; valid are {', '.join(names)}")
+        variants = [v for v in variants if v.name in only]
+    return variants
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return Path(out) / "runs" / variant / f"seed_{seed}"
+
+
+def run_config(base: TrainConfig, variant: Variant, seed: int, out: Path) -> TrainConfig:
+    return replace(base, out=str(run_dir(out, variant.name, seed)), seed=seed, knock=variant.knock,
+                   knock_targets=variant.knock_targets, model_overrides=variant.overrides or None,
+                   preset=variant.preset or base.preset, resume=False)
+
+
+def run_state(cfg: TrainConfig) -> tuple[str, int]:
+    """``("finished", steps)``, ``("partial", last checkpoint's step)`` or ``("new", 0)``."""
+    from .train.callbacks import read_metrics
+    from .train.checkpoint import latest_checkpoint
+
+    out = Path(cfg.out)
+    metrics = out / "metrics.jsonl"
+    if (out / "model.safetensors").exists() and metrics.exists():
+        records = read_metrics(metrics)
+        if records and records[-1]["step"] == cfg.steps:
+            return "finished", cfg.steps
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is not None:
+        return "partial", json.loads((latest / "meta.json").read_text())["step"]
+    return "new", 0
+
+
+def _check_same_config(cfg: TrainConfig) -> None:
+    path = Path(cfg.out) / "train_config.json"
+    if not path.exists():
+        return
+    old, new = json.loads(path.read_text()), cfg.to_dict()
+    differ = [k for k in new if k not in ("resume", "progress") and old.get(k) != new[k]]
+    if differ:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        raise ValueError(f"{cfg.out} holds a run with another config ({diffs}); use another --out or remove it")
+
+
+def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[int], base: TrainConfig) -> None:
+    """``OUT/grid.json``: the grid's name, variants, seeds (all ever run here) and shared training settings."""
+    path = Path(out) / "grid.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["grid"] != grid:
+            raise ValueError(f"{out} holds grid {old['grid']!r}, not {grid!r}; use another --out")
+        seeds = sorted(set(old["seeds"]) | set(seeds))
+        known = {v["name"] for v in old["variants"]}
+        variants = [Variant(**v) for v in old["variants"]] + [v for v in variants if v.name not in known]
+        order = [v.name for v in grid_variants(grid, base.preset)]
+        variants.sort(key=lambda v: order.index(v.name) if v.name in order else len(order))
+    shared = {k: v for k, v in base.to_dict().items() if k not in GRID_FIELDS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"grid": grid, "seeds": seeds, "train": shared,
+                                "variants": [asdict(v) for v in variants]}, indent=1))
+
+
+def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: list[str] | None = None,
+             log=print) -> list[dict]:
+    """Train every seed x variant of ``grid`` under ``out`` (skip finished runs, resume interrupted ones).
+
+    ``seeds``: a count (seeds 0..n-1) or a list. ``base``: the shared training settings. Returns one
+    ``{"variant", "seed", "state", "out"}`` per run, ``state`` being what was found before running it.
+    A run that stops on a non-finite loss is reported and the grid goes on.
+    """
+    from .train import train
+    from .train.loop import NonFiniteLossError
+
+    base = base or TrainConfig()
+    out = Path(out)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    variants = grid_variants(grid, base.preset, only)
+    jobs = [(v, s) for s in seeds for v in variants]  # seed-major: complete pairs first
+    configs = [run_config(base, v, s, out) for v, s in jobs]
+    for cfg in configs:
+        _check_same_config(cfg)
+    write_grid_file(out, grid, variants, seeds, base)
+    done = []
+    for i, ((variant, seed), cfg) in enumerate(zip(jobs, configs, strict=True), 1):
+        state, step = run_state(cfg)
+        head = f"[{i}/{len(jobs)}] {grid} {variant.name} seed {seed}"
+        done.append({"variant": variant.name, "seed": seed, "state": state, "out": cfg.out})
+        if state == "finished":
+            log(f"{head}: finished, skipped")
+            continue
+        log(f"{head}: resumed from step {step}" if state == "partial" else f"{head}: started")
+        t0 = time.perf_counter()
+        try:
+            record = train(replace(cfg, resume=state == "partial"))
+        except NonFiniteLossError as err:
+            log(f"{head}: FAILED: {err}")
+            done[-1]["state"] = "failed"
+            continue
+        log(f"{head}: done in {time.perf_counter() - t0:.0f} s, val_loss {record.get('val_loss', float('nan')):.4f}")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def _add_train_overrides(p: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    group = p.add_argument_group("training settings shared by every run (TrainConfig fields)")
+    for f in fields(TrainConfig):
+        if f.name in GRID_FIELDS:
+            continue
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"(default: {default})")
+        else:
+            group.add_argument(flag, type=type(default), default=argparse.SUPPRESS,
+                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
+
+
+def _base_config(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)} - set(GRID_FIELDS)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .analysis.tables import write_report
+
+    out = Path(args.out)
+    if not args.report:
+        only = [n.strip() for n in args.only.split(",")] if args.only else None
+        run_grid(args.grid, out, args.seeds, _base_config(args), only)
+    elif not (out / "grid.json").exists():
+        raise ValueError(f"{out} holds no grid (no grid.json); run `kha ablate {args.grid} --out {out}` first")
+    elif json.loads((out / "grid.json").read_text())["grid"] != args.grid:
+        raise ValueError(f"{out} holds another grid than {args.grid}")
+    path = write_report(out)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.tables import write_report
+
+    path = write_report(Path(args.dir), level=args.level)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .analysis.plots import plot_dir
+
+    for path in plot_dir(Path(args.dir), seed=args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_experiment_parsers(sub) -> None:
+    """``kha ablate``, ``kha report`` and ``kha plot``."""
+    p = sub.add_parser("ablate", help="train a paper ablation grid (table1/2/3/5) x seeds, paired and resumable",
+                       description="Train every variant of a paper table x seeds under OUT/runs/VARIANT/seed_S "
+                       "(finished runs are skipped, interrupted ones resumed), then write OUT/report.md.")
+    p.add_argument("grid", choices=list(GRIDS))
+    p.add_argument("--out", required=True, help="grid directory")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: the whole grid)")
+    p.add_argument("--report", action="store_true", help="only write the report of what is there; train nothing")
+    _add_train_overrides(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="tables of a grid: losses, paired deltas with 95 %% CIs, spikes -> report.md")
+    p.add_argument("dir", help="a directory written by kha ablate")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level (default: 0.95)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", help="loss curves, paired deltas and knock heatmaps of a grid or a run -> PNGs")
+    p.add_argument("dir", help="a grid directory (kha ablate) or a run directory (kha train)")
+    p.add_argument("--seed", type=int, default=None, help="seed whose knocks are drawn (default: the first)")
+    p.set_defaults(func=cmd_plot)

@@ -1,0 +1,317 @@
+"""Ablation grids (kha ablate), their statistics and report, and the plots.
+
+Grid definitions against the paper's tables; a 2-variant x 2-seed mini grid that runs, is skipped when
+finished and resumed when interrupted; the report's paired ΔL against a hand computation from the metrics
+files; t quantiles and intervals against known values; knock statistics against direct computations.
+"""
+
+import json
+import math
+import statistics
+import sysconfig
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kha.analysis.knocks import knock_stats, knocks_from_state, load_knocks
+from kha.analysis.plots import plot_dir
+from kha.analysis.tables import grid_report, load_grid, paired_delta, summarize, t_quantile, write_report
+from kha.config import get_preset
+from kha.experiments import grid_variants, run_config, run_grid, write_grid_file
+from kha.model import DecoderLM
+from kha.train import TrainConfig, train
+from kha.train.callbacks import read_metrics
+from kha.train.config import base_model_config, parse_train_args
+from kha.train.loop import build_model_config
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus (stdlib modules as documents, as in test_train.py), a 512-token BPE, memmap shards."""
+    from kha.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = root / "docs"
+    docs.mkdir()
+    for path in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]:
+        (docs / f"{path.parent.name}_{path.stem}.txt").write_text(path.read_text())
+    out = root / "data"
+    prepare([str(docs)], out, vocab_size=512, val_fraction=0.15, seed=0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_t_quantiles_match_tables():
+    # two-sided 95 % critical values of Student's t (any statistics table), and the 90 % one at df 5
+    known = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423, 100: 1.9840}
+    for df, t in known.items():
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4), df
+    assert t_quantile(0.95, 5) == pytest.approx(2.0150, abs=1e-4)
+    assert t_quantile(0.025, 2) == pytest.approx(-4.3027, abs=1e-4)
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.9602, abs=1e-4)  # -> the normal's 1.95996
+
+
+def test_summary_and_paired_delta_by_hand():
+    s = summarize([1, 2, 3, 4, 5])
+    # mean 3, sd sqrt(2.5) = 1.5811, half-width t(0.975, 4) * sd / sqrt(5) = 2.7764 * 0.70711 = 1.9632
+    assert (s.n, s.mean) == (5, 3) and s.sd == pytest.approx(1.58114, abs=1e-5)
+    assert (s.lo, s.hi) == pytest.approx((1.03676, 4.96324), abs=1e-4)
+    base = {0: 2.00, 1: 2.10, 2: 1.95, 7: 3.0}  # seed 7 has no partner: left out
+    kha = {0: 1.98, 1: 2.07, 2: 1.94}
+    d = paired_delta(kha, base)
+    # differences -0.02, -0.03, -0.01: mean -0.02, sd 0.01, half-width 4.3027 * 0.01 / sqrt(3) = 0.024842
+    assert d.n == 3 and d.mean == pytest.approx(-0.02) and d.sd == pytest.approx(0.01)
+    assert (d.lo, d.hi) == pytest.approx((-0.044842, 0.004842), abs=1e-6) and not d.excludes_zero
+    one = summarize([1.5])
+    assert (one.n, one.mean, one.sd, one.lo) == (1, 1.5, None, None)
+    assert summarize([]) is None
+
+
+# ------------------------------------------------------------------------------------------ grids
+
+
+def _model(variant, preset="tiny"):
+    return base_model_config(run_config(TrainConfig(preset=preset), variant, 0, Path("x")))
+
+
+def test_grid_definitions_match_the_papers_tables():
+    t1 = grid_variants("table1")
+    assert len(t1) == 18
+    for v in t1:
+        cfg = _model(v)
+        kv = int(v.group.removeprefix("kv"))
+        assert (cfg.attention.n_heads, cfg.attention.n_kv_heads, cfg.attention.head_dim) == (32, kv, 16)
+        assert (v.arm, cfg.attention.knock, cfg.attention.knock_targets) in {
+            ("baseline", "none", ()), ("KHA-MLP", "mlp", ("v",)), ("KHA-Linear", "linear", ("q", "k", "v"))}
+    assert sorted({int(v.group[2:]) for v in t1}) == [1, 2, 4, 8, 16, 32]
+
+    t2 = grid_variants("table2")
+    assert [v.name for v in t2] == ["baseline", "linear-q", "linear-k", "linear-v", "linear-qkv", "mlp-q", "mlp-k",
+                                    "mlp-v", "mlp-qkv", "gate-v"]
+    settings = [(_model(v).attention.knock, _model(v).attention.knock_targets) for v in t2]
+    assert settings == [("none", ()), ("linear", ("q",)), ("linear", ("k",)), ("linear", ("v",)),
+                        ("linear", ("q", "k", "v")), ("mlp", ("q",)), ("mlp", ("k",)), ("mlp", ("v",)),
+                        ("mlp", ("q", "k", "v")), ("gate", ("v",))]
+    assert all(_model(v).attention.n_kv_heads == 4 for v in t2)
+
+    t3 = {v.name: _model(v).attention for v in grid_variants("table3")}
+    shapes = {n: (a.variant, a.n_heads, a.n_kv_heads, a.head_dim, a.knock) for n, a in t3.items()}
+    assert shapes == {
+        "mla-baseline": ("mla", 32, 32, 16, "none"), "mla-linear": ("mla", 32, 32, 16, "linear"),
+        "gta-baseline": ("gta", 32, 4, 16, "none"), "gta-mlp": ("gta", 32, 4, 16, "mlp"),
+        "mqa-baseline": ("gqa", 32, 1, 16, "none"), "mqa-mlp": ("gqa", 32, 1, 16, "mlp"),
+        "gqa8x16-baseline": ("gqa", 16, 8, 16, "none"), "gqa8x16-mlp": ("gqa", 16, 8, 16, "mlp"),
+        "gqa4x32-baseline": ("gqa", 32, 4, 16, "none"), "gqa4x32-mlp": ("gqa", 32, 4, 16, "mlp"),
+        "mha16-baseline": ("gqa", 16, 16, 16, "none"), "mha16-mlp": ("gqa", 16, 16, 16, "mlp")}
+    mla = t3["mla-linear"]  # mla-a0.8b's 512 / 64 / 1024 at head_dim 128 -> 64 / 8 / 128 at 16
+    assert (mla.kv_lora_rank, mla.rope_head_dim, mla.q_lora_rank, mla.d_model) == (64, 8, 128, 128)
+
+    t5 = grid_variants("table5", preset="tiny")
+    assert len(t5) == 18 and {v.arm for v in t5} == {"baseline", "KHA-MLP", "KHA-Linear"}
+    shapes = {}
+    for v in t5:
+        cfg = _model(v)
+        assert (cfg.attention.n_heads, cfg.attention.n_kv_heads, cfg.attention.head_dim) == (32, 4, 16)
+        shapes[v.group] = (cfg.n_layers, cfg.d_model, cfg.moe.d_expert if cfg.moe else cfg.d_ff)
+    assert shapes == {"moe-s": (3, 96, 64), "moe-m": (4, 128, 96), "moe-l": (5, 192, 128),
+                      "dense-s": (4, 96, 288), "dense-m": (4, 128, 384), "dense-l": (6, 192, 736)}
+    assert _model(t5[3]) == get_preset("tiny-moe")  # moe-m baseline is tiny-moe itself
+    with pytest.raises(ValueError, match="unknown variant"):
+        grid_variants("table2", only=["mlp-x"])
+
+
+def test_model_overrides_in_train_config(tmp_path):
+    cfg = TrainConfig(model_overrides={"attention": {"n_kv_heads": 8}, "n_layers": 2})
+    model = base_model_config(cfg)
+    assert (model.attention.n_kv_heads, model.n_layers, model.attention.n_heads) == (8, 2, 32)
+    with pytest.raises(ValueError, match="unknown model override 'n_kv_heads'"):
+        TrainConfig(model_overrides={"n_kv_heads": 8})
+    with pytest.raises(ValueError, match="MLA supports knock='linear' or 'none' only"):
+        TrainConfig(knock="mlp", model_overrides={"attention": {"variant": "mla"}})
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 5\nmodel_overrides = { attention = { n_kv_heads = 2 } }\n')
+    parsed = parse_train_args(["--config", str(toml), "--steps", "7"])
+    assert parsed.steps == 7 and base_model_config(parsed).attention.n_kv_heads == 2
+    assert parse_train_args([]).model_overrides is None
+
+
+# ------------------------------------------------------------------------------------------ a mini grid
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatch):
+    import kha.train.loop as loop
+
+    base = TrainConfig(data=str(data_dir), seq_len=16, batch_size=2, steps=3, eval_every=3, eval_batches=2,
+                       ckpt_every=1, lr=3e-3, progress=False)
+    root, only = tmp_path / "grid", ["baseline", "mlp-v"]
+
+    class CrashingLog(loop.MetricsLog):  # the last run dies at step 3, after the step-2 checkpoint
+        def write(self, record):
+            if record["step"] == 3 and "mlp-v/seed_1" in str(self.path):
+                raise Crash("killed")
+            super().write(record)
+
+    original = loop.MetricsLog
+    monkeypatch.setattr(loop, "MetricsLog", CrashingLog)
+    lines = []
+    with pytest.raises(Crash):
+        run_grid("table2", root, 2, base, only, log=lines.append)
+    assert [line.split(": ")[-1] for line in lines if "[" in line and "done" not in line] == ["started"] * 4
+    assert lines[0].startswith("[1/4] table2 baseline seed 0")
+    monkeypatch.setattr(loop, "MetricsLog", original)
+
+    lines.clear()
+    states = run_grid("table2", root, 2, base, only, log=lines.append)
+    assert [s["state"] for s in states] == ["finished", "finished", "finished", "partial"]
+    assert "[4/4] table2 mlp-v seed 1: resumed from step 2" in lines
+    # the resumed run equals the same run uninterrupted (bit for bit on CPU)
+    resumed = root / "runs" / "mlp-v" / "seed_1"
+    reference = train(run_config(base, grid_variants("table2", only=["mlp-v"])[0], 1, tmp_path / "ref"))
+    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == [
+        r["loss"] for r in read_metrics(tmp_path / "ref" / "runs" / "mlp-v" / "seed_1" / "metrics.jsonl")]
+    assert read_metrics(resumed / "metrics.jsonl")[-1]["val_loss"] == reference["val_loss"]
+
+    lines.clear()
+    assert [s["state"] for s in run_grid("table2", root, 2, base, only, log=lines.append)] == ["finished"] * 4
+    assert all(line.endswith("finished, skipped") for line in lines)
+    with pytest.raises(ValueError, match=r"another config \(steps: 3 -> 4\)"):
+        run_grid("table2", root, 2, TrainConfig(**{**asdict(base), "steps": 4}), only, log=lines.append)
+
+    # paired design: same seed -> same first loss (same base weights, same batch, knocks at identity)
+    first = {(v, s): read_metrics(root / "runs" / v / f"seed_{s}" / "metrics.jsonl")[0]["loss"]
+             for v in only for s in (0, 1)}
+    assert first["baseline", 0] == first["mlp-v", 0] and first["baseline", 1] == first["mlp-v", 1]
+    assert first["baseline", 0] != first["baseline", 1]
+
+    # the report's paired ΔL by hand from the metrics files
+    final = {(v, s): read_metrics(root / "runs" / v / f"seed_{s}" / "metrics.jsonl")[-1]["val_loss"]
+             for v in only for s in (0, 1)}
+    diffs = [final["mlp-v", s] - final["baseline", s] for s in (0, 1)]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 12.7062 * sd / math.sqrt(2)  # t(0.975, df=1)
+    report = write_report(root).read_text()
+    cell = f"{mean:+.4f} ± {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+    assert cell in report, (cell, report)
+    base_losses = [final["baseline", s] for s in (0, 1)]
+    assert f"{statistics.mean(base_losses):.3f} ± {statistics.stdev(base_losses):.3f}" in report
+    assert f"{final['mlp-v', 1]:.4f}" in report  # per-seed table
+
+    # plots: curves, deltas, knock heatmaps and movement (mlp-v only; the baseline has no knocks)
+    written = plot_dir(root)
+    names = sorted(p.name for p in written)
+    assert names == ["curves_all.png", "deltas.png", "mlp-v_seed_0_knock_movement.png", "mlp-v_seed_0_knocks.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+    # knock statistics from the weights file against a direct computation; the DCP checkpoint of the last
+    # step holds the same knocks as model.safetensors
+    run = root / "runs" / "mlp-v" / "seed_0"
+    state = load_file(run / "model.safetensors")
+    w = state["layers.1.attn.knocks.v.w_up"].double()
+    row = next(r for r in knock_stats(load_knocks(run)) if (r["layer"], r["param"]) == (1, "w_up"))
+    assert row["diag_share"] == pytest.approx((w.diagonal().abs().sum() / w.abs().sum()).item(), rel=1e-12)
+    assert row["moved"] == pytest.approx(torch.linalg.matrix_norm(w - torch.eye(16, dtype=w.dtype)).item())
+    assert row["moved"] > 0  # three AdamW steps moved it
+    from_ckpt = load_knocks(run / "checkpoints" / "step_0000003")
+    assert from_ckpt.keys() == load_knocks(run).keys()
+    assert all(torch.equal(from_ckpt[k], load_knocks(run)[k]) for k in from_ckpt)
+
+
+# ------------------------------------------------------------------------------------------ report layout
+
+
+def _fake_grid(root: Path, grid: str, seeds=(0, 1, 2)) -> dict:
+    """Runs that look finished (metrics, weights file, configs), with losses set by a formula."""
+    base = TrainConfig(steps=4, progress=False)
+    variants = grid_variants(grid, base.preset)
+    write_grid_file(root, grid, variants, list(seeds), base)
+    losses = {}
+    for i, v in enumerate(variants):
+        for s in seeds:
+            cfg = run_config(base, v, s, root)
+            out = Path(cfg.out)
+            out.mkdir(parents=True)
+            (out / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+            (out / "model_config.json").write_text(json.dumps(asdict(build_model_config(cfg, 512))))
+            (out / "model.safetensors").write_bytes(b"x")
+            loss = 3.0 + 0.01 * s + (0.0 if v.arm == "baseline" else -0.001 * (i % 3 + 1) * (s + 1))
+            losses[v.name, s] = loss
+            records = [{"step": k, "loss": 4.0, "spike": k == 2 and s == 0} for k in range(1, 5)]
+            records[-1]["val_loss"] = loss
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return losses
+
+
+@pytest.mark.parametrize("grid,rows", [("table1", 7), ("table3", 6), ("table5", 6), ("table2", 10)])
+def test_report_tables_have_the_papers_shape(tmp_path, grid, rows):
+    losses = _fake_grid(tmp_path, grid)
+    # an unfinished run shows in the per-seed table and drops out of the statistics
+    unfinished = next(v for v in grid_variants(grid) if v.arm != "baseline")
+    path = tmp_path / "runs" / unfinished.name / "seed_2" / "metrics.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    report = grid_report(tmp_path)
+    table = report.split("### Table")[1].split("\n\n")[1].splitlines()
+    assert len(table) == 2 + rows, table
+    assert "(2/4 steps)" in report
+    _, results = load_grid(tmp_path)
+    assert results[unfinished.name][2].val_loss is None and results[unfinished.name][0].spikes == 1
+    # the unfinished variant's ΔL uses seeds 0 and 1 only
+    base = next(v for v in grid_variants(grid) if v.group == unfinished.group and v.arm == "baseline")
+    d = paired_delta({s: losses[unfinished.name, s] for s in (0, 1)}, {s: losses[base.name, s] for s in (0, 1)})
+    assert f"{d.mean:+.4f} ± {d.sd:.4f} [{d.lo:+.4f}, {d.hi:+.4f}]" in report
+    if grid == "table3":
+        assert "| MLA | 16 | 32 | 32 | 64+8 |" in report and "| GTA | 16 | 4 | 32 | 64+8 |" in report
+        assert "| MQA | 16 | 1 | 32 | 32 |" in report and "| MHA | 16 | 16 | 16 | 512 |" in report
+    if grid == "table5":
+        assert "| MoE |" in report and "| 5 | 192 | 128x4 |" in report and "| 6 | 192 | 736 |" in report
+
+
+def test_cli_ablate_report_and_plot(tmp_path, capsys):
+    from kha.cli import build_parser, main
+    from kha.experiments import _base_config
+
+    assert "ablate" in build_parser().format_help()  # help strings format (no stray %)
+    for command in ("ablate", "report", "plot"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+    args = build_parser().parse_args(["ablate", "table2", "--out", str(tmp_path), "--steps", "5", "--lr", "1e-3",
+                                      "--no-progress", "--preset", "tiny-moe"])
+    cfg = _base_config(args)
+    assert (cfg.steps, cfg.lr, cfg.progress, cfg.preset, cfg.batch_size) == (5, 1e-3, False, "tiny-moe", 16)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ablate", "table2", "--out", str(tmp_path), "--knock", "mlp"])  # set by the grid
+    _fake_grid(tmp_path, "table2", seeds=(0, 1))
+    assert main(["ablate", "table2", "--out", str(tmp_path), "--report"]) == 0
+    assert (tmp_path / "report.md").read_text().startswith("# table2")
+    assert main(["ablate", "table1", "--out", str(tmp_path), "--report"]) == 2  # another grid's directory
+    assert main(["report", str(tmp_path)]) == 0
+    assert "### Table 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ knocks
+
+
+def test_knock_stats_identity_and_a_known_matrix():
+    model = DecoderLM(get_preset("tiny", knock="mlp", knock_targets="qkv"))
+    stats = knock_stats(knocks_from_state(model.state_dict()))
+    assert len(stats) == 4 * 3 * 3  # layers x targets x (up, gate, down)
+    for r in stats:
+        assert r["moved"] == 0
+        if r["param"] == "w_gate":  # zero: no mass to share
+            assert math.isnan(r["diag_share"])
+        else:
+            assert (r["diag_share"], r["offdiag_share"], r["diag_mean"]) == (1, 0, 1)
+    w = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
+    (row,) = knock_stats({(0, "v", "weight"): w})
+    assert row["diag_share"] == pytest.approx(3 / 4.5) and row["offdiag_share"] == pytest.approx(1.5 / 4.5)
+    assert row["diag_mean"] == 1.5 and row["moved"] == pytest.approx(1.5)  # ||[[0, -1], [0.5, 1]]||_F

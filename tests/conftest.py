@@ -1,3 +1,6 @@
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,3 +44,19 @@ def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small prepared corpus for training tests: 18 stdlib modules as documents, a 512-token BPE, shards."""
+    from kha.data.prepare import prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    root = tmp_path_factory.mktemp("corpus")
+    docs = root / "docs"
+    docs.mkdir()
+    for path in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))[:12]:
+        (docs / f"{path.parent.name}_{path.stem}.txt").write_text(path.read_text())
+    out = root / "data"
+    prepare([str(docs)], out, vocab_size=512, val_fraction=0.15, seed=0, verbose=False)
+    return out

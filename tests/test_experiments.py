@@ -8,7 +8,6 @@ files; t quantiles and intervals against known values; knock statistics against 
 import json
 import math
 import statistics
-import sysconfig
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,24 +25,6 @@ from kha.train import TrainConfig, train
 from kha.train.callbacks import read_metrics
 from kha.train.config import base_model_config, parse_train_args
 from kha.train.loop import build_model_config
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small corpus (stdlib modules as documents, as in test_train.py), a 512-token BPE, memmap shards."""
-    from kha.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = root / "docs"
-    docs.mkdir()
-    for path in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]:
-        (docs / f"{path.parent.name}_{path.stem}.txt").write_text(path.read_text())
-    out = root / "data"
-    prepare([str(docs)], out, vocab_size=512, val_fraction=0.15, seed=0)
-    return out
-
 
 # ------------------------------------------------------------------------------------------ statistics
 

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -17,23 +16,6 @@ from kha.model import DecoderLM
 from kha.train import TrainConfig, train
 from kha.train.callbacks import read_metrics
 from kha.train.loop import NonFiniteLossError, build_model_config
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small corpus (some stdlib modules as documents), a 512-token BPE, memmap shards."""
-    from kha.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = root / "docs"
-    docs.mkdir()
-    for path in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]:
-        (docs / f"{path.parent.name}_{path.stem}.txt").write_text(path.read_text())
-    out = root / "data"
-    prepare([str(docs)], out, vocab_size=512, val_fraction=0.15, seed=0)
-    return out
 
 
 def small_run(data_dir, out, **overrides) -> TrainConfig:

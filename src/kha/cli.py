@@ -8,6 +8,7 @@ import sys
 
 from .attention import AttentionConfig
 from .data.cli import add_data_parser
+from .evaluation import add_eval_parser
 from .experiments import add_experiment_parsers
 from .flops import attention_params, knock_params, layer_flops
 from .hf_cli import add_hf_parsers
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_experiment_parsers(sub)
     add_hf_parsers(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -41,6 +41,19 @@ def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
+def assert_sdpa_matches_eager(module, d_model: int, with_mask: bool) -> None:
+    """SDPA and the eager kernel agree within 1e-5 (fp32), optionally with left and right padding."""
+    x = torch.randn(3, 9, d_model)
+    mask = None
+    if with_mask:
+        mask = torch.ones(3, 9, dtype=torch.bool)
+        mask[1, :4] = False  # left padding
+        mask[2, 7:] = False  # right padding
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, attention_mask=mask), module(x, attention_mask=mask, impl="eager"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import torch
 
 from kha import Attention, AttentionConfig, KVCache
 
-from conftest import HEAD_LAYOUTS, KNOCK_SETTINGS, attention_config, knocked_twin, perturb
+from conftest import HEAD_LAYOUTS, KNOCK_SETTINGS, assert_sdpa_matches_eager, attention_config, knocked_twin, perturb
 from reference import reference_attention
 
 # fp32 throughout. Tolerances: identity at init is exact up to summation order (1e-6); paths that
@@ -49,15 +49,7 @@ def test_matches_naive_per_head_reference(layout, knock, targets, qk_norm, rope,
 def test_sdpa_matches_eager(layout, with_mask):
     module = Attention(attention_config(layout, knock="mlp", knock_targets="qkv"))
     perturb(module)
-    x = torch.randn(3, 9, 48)
-    mask = None
-    if with_mask:
-        mask = torch.ones(3, 9, dtype=torch.bool)
-        mask[1, :4] = False  # left padding
-        mask[2, 7:] = False  # right padding
-    with torch.no_grad():
-        torch.testing.assert_close(module(x, attention_mask=mask), module(x, attention_mask=mask, impl="eager"),
-                                   **FP32)
+    assert_sdpa_matches_eager(module, 48, with_mask)
 
 
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)

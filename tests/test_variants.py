@@ -17,7 +17,7 @@ from kha.variants import (
     build_attention,
 )
 
-from conftest import perturb
+from conftest import assert_sdpa_matches_eager, perturb
 from reference import reference_attention, reference_gta, reference_latent, reference_talking_heads
 
 # fp32 throughout. Identity at init is exact up to summation order (1e-6); paths that reorder fp32 sums
@@ -194,15 +194,7 @@ def test_cache_holds_the_documented_tensors():
 def test_sdpa_matches_eager(name, with_mask):
     module = make(name, knock="linear")
     perturb(module)
-    x = torch.randn(3, 9, D_MODEL)
-    mask = None
-    if with_mask:
-        mask = torch.ones(3, 9, dtype=torch.bool)
-        mask[1, :4] = False  # left padding
-        mask[2, 7:] = False  # right padding
-    with torch.no_grad():
-        torch.testing.assert_close(module(x, attention_mask=mask), module(x, attention_mask=mask, impl="eager"),
-                                   **FP32)
+    assert_sdpa_matches_eager(module, D_MODEL, with_mask)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

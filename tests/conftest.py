@@ -41,6 +41,17 @@ def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
+def assert_same_outputs_and_input_grads(base, other, x: torch.Tensor) -> None:
+    """``other`` computes ``base``'s outputs and input gradients, within 1e-6 (fp32 identity-at-init)."""
+    x_base, x_other = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_base, y_other = base(x_base), other(x_other)
+    torch.testing.assert_close(y_other, y_base, rtol=0, atol=1e-6)
+    upstream = torch.randn_like(y_base)
+    y_base.backward(upstream)
+    y_other.backward(upstream)
+    torch.testing.assert_close(x_other.grad, x_base.grad, rtol=0, atol=1e-6)
+
+
 def assert_sdpa_matches_eager(module, d_model: int, with_mask: bool) -> None:
     """SDPA and the eager kernel agree within 1e-5 (fp32), optionally with left and right padding."""
     x = torch.randn(3, 9, d_model)

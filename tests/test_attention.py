@@ -5,7 +5,15 @@ import torch
 
 from kha import Attention, AttentionConfig, KVCache
 
-from conftest import HEAD_LAYOUTS, KNOCK_SETTINGS, assert_sdpa_matches_eager, attention_config, knocked_twin, perturb
+from conftest import (
+    HEAD_LAYOUTS,
+    KNOCK_SETTINGS,
+    assert_same_outputs_and_input_grads,
+    assert_sdpa_matches_eager,
+    attention_config,
+    knocked_twin,
+    perturb,
+)
 from reference import reference_attention
 
 # fp32 throughout. Tolerances: identity at init is exact up to summation order (1e-6); paths that
@@ -20,14 +28,7 @@ def test_identity_at_init_matches_baseline(layout, knock, targets):
     base = Attention(attention_config(layout))
     perturb(base)  # non-trivial norm weights too
     kha = knocked_twin(base, knock, targets)
-    x = torch.randn(2, 12, 48)
-    x_base, x_kha = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_base, y_kha = base(x_base), kha(x_kha)
-    torch.testing.assert_close(y_kha, y_base, **EXACT)
-    upstream = torch.randn_like(y_base)
-    y_base.backward(upstream)
-    y_kha.backward(upstream)
-    torch.testing.assert_close(x_kha.grad, x_base.grad, **EXACT)
+    assert_same_outputs_and_input_grads(base, kha, torch.randn(2, 12, 48))
 
 
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)

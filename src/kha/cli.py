@@ -1,13 +1,19 @@
-"""The ``kha`` command: ``kha flops`` (eq. 10-12 accounting), ``kha params`` (presets), ``kha demo``."""
+"""The ``kha`` command: ``kha flops`` (eq. 10-12 accounting), ``kha params`` (presets), ``kha demo``.
+
+Every subcommand runs inside one error boundary, :func:`run_command`: a user error is one line on stderr and exit
+code 2, ``kha --debug`` (or ``KHA_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .attention import AttentionConfig
 from .data.cli import add_data_parser
+from .errors import USER_ERRORS, describe
 from .evaluation import add_eval_parser
 from .experiments import add_experiment_parsers
 from .flops import attention_params, knock_params, layer_flops
@@ -45,11 +51,15 @@ def flops_table(cfg: AttentionConfig, seq_len: int, d_ff: int | None, knocks: li
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
+    if args.d_ff is not None and args.d_ff <= 0:
+        raise ValueError(f"--d-ff must be a positive integer, got {args.d_ff}")
     cfg = AttentionConfig(
         d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
-        knock=args.knock or "none", knock_targets=args.targets,
+        knock=args.knock or "none", knock_targets=args.targets if args.knock else None,
     )
     if args.json:
+        if args.targets and not args.knock:
+            raise ValueError(f"--targets {args.targets} needs --knock (linear, mlp or gate) with --json")
         f = layer_flops(cfg, args.seq_len, args.d_ff)
         out = {
             "attention": f.attention, "ffn": f.ffn, "layer": f.layer, "knock": f.knock,
@@ -59,7 +69,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    knocks = [(args.knock, args.targets)] if args.knock else [("linear", None), ("mlp", None), ("gate", None)]
+    knocks = [(k, args.targets) for k in ([args.knock] if args.knock else ["linear", "mlp", "gate"])]
     print(flops_table(cfg, args.seq_len, args.d_ff, knocks))
     return 0
 
@@ -72,6 +82,8 @@ def cmd_params(args: argparse.Namespace) -> int:
     from .config import PRESETS, get_preset
     from .model import count_parameters
 
+    if args.targets and args.knock is None:
+        raise ValueError(f"--targets {args.targets} needs --knock (linear, mlp or gate)")
     names = [args.name] if args.name else list(PRESETS)
     rows = {name: count_parameters(get_preset(name, args.knock, args.targets)) for name in names}
     if args.json:
@@ -104,11 +116,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
     return run_demo(out=args.out, data=args.data, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kha", description="Knocking-Heads Attention tools")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also KHA_DEBUG=1); without it a bad input is one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flops", help="per-layer FLOPs and parameters of knocks (paper eq. 10-12)")
@@ -153,11 +169,25 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = extra  # every flag after `train` belongs to the training config
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return run_command(args, debug=args.debug or os.environ.get("KHA_DEBUG", "") not in ("", "0"))
+
+
+def run_command(args: argparse.Namespace, debug: bool = False) -> int:
+    """The error boundary of every command: a user error (:data:`kha.errors.USER_ERRORS`) is one line on stderr
+    and exit code 2, Ctrl-C one line and 130; ``debug`` (``kha --debug``, ``KHA_DEBUG=1``) re-raises instead."""
+    name = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
     try:
         return args.func(args)
-    except ValueError as err:
-        print(f"kha {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"kha {name}: error: {describe(err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"kha {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def train_pair(out: Path, data: Path, steps: int | None) -> None:
     steps = steps or (2000 if gpu else 200)
     base = dict(preset="tiny", data=str(data), seq_len=256 if gpu else 128, batch_size=64 if gpu else 16,
                 steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=10,
-                ckpt_every=max(1, steps // 2), seed=0)
+                ckpt_every=max(1, steps // 2), seed=0, overwrite=True)  # a demo's runs are disposable
     runs = {"baseline (GQA 32q/4kv)": TrainConfig(out=str(out / "baseline"), **base),
             "KHA-MLP on V": TrainConfig(out=str(out / "kha-mlp-v"), knock="mlp", **base)}
     results = {}

@@ -50,6 +50,7 @@ from .data.prepare import TOKENIZER, read_manifest
 
 HELDOUT, CLOZE = "kha_heldout", "kha_cloze"
 DEFAULTS = dict(passage_lines=8, context_lines=3, choices=4, min_line_chars=12, limit=500, seed=0)
+MINIMUM = dict(batch_size=1, passage_lines=1, context_lines=1, choices=2, min_line_chars=0, limit=0)
 
 
 # --- validation documents ----------------------------------------------------------------------------------------
@@ -243,6 +244,15 @@ def markdown_table(rows: dict[str, dict], chance: float) -> str:
 def run_eval(runs: list[str | os.PathLike], data_dir: str | os.PathLike, out: str | os.PathLike,
              batch_size: int = 8, device: str = "cpu", verbose: bool = True, **task_options) -> dict:
     """Write the tasks, evaluate every run, write ``eval.md`` and ``eval.json``; return the ``eval.json`` dict."""
+    for run in map(Path, runs):  # before minutes of task writing and evaluating the others
+        if not ((run / "model.safetensors").is_file() and (run / "model_config.json").is_file()):
+            what = "no such folder" if not run.is_dir() else "no model.safetensors + model_config.json"
+            raise FileNotFoundError(f"{run}: {what}; a RUN_DIR is the --out folder of a finished `kha train`")
+    read_manifest(data_dir)  # a missing or unprepared --data named before anything is written
+    for name, low in MINIMUM.items():
+        value = batch_size if name == "batch_size" else task_options.get(name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Read when huggingface_hub / datasets are first imported (lm_eval imports them below), so effective in a fresh
@@ -287,13 +297,9 @@ def _run_eval(runs, data_dir, out: Path, batch_size: int, device: str, verbose: 
 # --- command line ------------------------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        run_eval(args.runs, args.data, args.out, batch_size=args.batch_size, device=args.device,
-                 passage_lines=args.passage_lines, context_lines=args.context_lines, choices=args.choices,
-                 min_line_chars=args.min_line_chars, limit=args.limit or None, seed=args.seed)
-    except (ImportError, OSError) as err:
-        print(f"kha eval: error: {err}", file=sys.stderr)
-        return 2
+    run_eval(args.runs, args.data, args.out, batch_size=args.batch_size, device=args.device,
+             passage_lines=args.passage_lines, context_lines=args.context_lines, choices=args.choices,
+             min_line_chars=args.min_line_chars, limit=args.limit or None, seed=args.seed)
     return 0
 
 

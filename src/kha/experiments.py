@@ -47,6 +47,8 @@ class Variant:
     """The model preset; None: the one given to ``kha ablate`` (``--preset``)."""
     info: dict = field(default_factory=dict)
     """Table columns that describe the variant (e.g. Table 3's model name)."""
+    train: dict = field(default_factory=dict)
+    """Training settings of this variant only (``TrainConfig`` fields, e.g. ``decay_knocks``)."""
 
 
 def _slug(arm: str) -> str:
@@ -120,7 +122,19 @@ def table5(preset: str) -> list[Variant]:
     return out
 
 
-GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5}
+def study(preset: str) -> list[Variant]:
+    """The CPU study of docs/results.md on the ``study`` preset (``--preset`` is not used): baseline GQA,
+    KHA-MLP on V, KHA-Linear on Q/K/V, and KHA-MLP on V with weight decay on the knocks too (the paper decays
+    every weight; kha's default does not)."""
+    arms = [Variant("baseline", "study", "baseline", preset="study"),
+            Variant("mlp-v", "study", "KHA-MLP", "mlp", "v", preset="study"),
+            Variant("linear-qkv", "study", "KHA-Linear", "linear", "qkv", preset="study"),
+            Variant("mlp-v-decay", "study", "KHA-MLP, knocks decayed", "mlp", "v", preset="study",
+                    train={"decay_knocks": True})]
+    return arms
+
+
+GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5, "study": study}
 
 
 def grid_variants(grid: str, preset: str = "tiny", only: list[str] | None = None) -> list[Variant]:
@@ -144,7 +158,7 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
 def run_config(base: TrainConfig, variant: Variant, seed: int, out: Path) -> TrainConfig:
     return replace(base, out=str(run_dir(out, variant.name, seed)), seed=seed, knock=variant.knock,
                    knock_targets=variant.knock_targets, model_overrides=variant.overrides or None,
-                   preset=variant.preset or base.preset, resume=False)
+                   preset=variant.preset or base.preset, resume=False, **variant.train)
 
 
 def run_state(cfg: TrainConfig) -> tuple[str, int]:
@@ -169,7 +183,7 @@ def _check_same_config(cfg: TrainConfig) -> None:
     if not path.exists():
         return
     old, new = json.loads(path.read_text()), cfg.to_dict()
-    differ = [k for k in new if k not in ("resume", "progress") and old.get(k) != new[k]]
+    differ = [k for k in new if k not in ("resume", "overwrite", "progress") and old.get(k) != new[k]]
     if differ:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
         raise ValueError(f"{cfg.out} holds a run with another config ({diffs}); use another --out or remove it")
@@ -224,7 +238,8 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
         log(f"{head}: resumed from step {step}" if state == "partial" else f"{head}: started")
         t0 = time.perf_counter()
         try:
-            record = train(replace(cfg, resume=state == "partial"))
+            # a "new" run folder may hold metrics of a run killed before its first checkpoint: start it afresh
+            record = train(replace(cfg, resume=state == "partial", overwrite=state == "new"))
         except NonFiniteLossError as err:
             log(f"{head}: FAILED: {err}")
             done[-1]["state"] = "failed"

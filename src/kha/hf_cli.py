@@ -2,29 +2,21 @@
 
 It lives outside ``kha.hf`` because importing ``kha.hf`` imports transformers (seconds) to register the model
 classes; here transformers is imported only when one of these commands runs (``pip install 'kha[hf-models]'``).
+Errors (a missing folder, a damaged file, a missing transformers) are reported by ``kha.cli``'s error boundary.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
-def _fail(command: str, err: Exception) -> int:
-    print(f"kha {command}: error: {err}", file=sys.stderr)
-    return 2
-
-
 def cmd_retrofit(args: argparse.Namespace) -> int:
-    try:
-        from .hf.stock import copy_side_files, retrofit
+    from .hf.stock import copy_side_files, retrofit
 
-        model = retrofit(args.src, knock=args.knock, targets=args.targets)
-        model.save_pretrained(args.out)
-        copy_side_files(args.src, args.out)
-    except (ImportError, OSError) as err:
-        return _fail("retrofit", err)
+    model = retrofit(args.src, knock=args.knock, targets=args.targets)
+    model.save_pretrained(args.out)
+    copy_side_files(args.src, args.out)
     c = model.config
     print(f"wrote {args.out}: KHA model (knock {c.knock} on {','.join(c.knock_targets) or '-'}) with the weights "
           f"of {args.src}; the knocks start as the identity, so its logits are the original's")
@@ -32,35 +24,31 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from .hf.stock import export
+    from .hf.stock import export
 
-        kind = export(args.src, args.out)
-    except (ImportError, OSError) as err:
-        return _fail("export", err)
+    kind = export(args.src, args.out)
     print(f"wrote {args.out}: stock {kind} checkpoint (linear knocks folded); transformers loads it without kha")
     return 0
 
 
 def cmd_hf_convert(args: argparse.Namespace) -> int:
-    src = Path(args.src)
-    try:
-        from .hf.runs import from_training_run, hf_tokenizer, run_tokenizer, save_training_run, to_decoder_lm
+    from .hf.runs import from_training_run, hf_tokenizer, local_folder, run_tokenizer, save_training_run, to_decoder_lm
 
-        if (src / "model_config.json").exists():
-            from_training_run(src).save_pretrained(args.out)
-            tok = args.tokenizer or run_tokenizer(src)
-            if tok:
-                hf_tokenizer(tok).save_pretrained(args.out)
-            print(f"wrote {args.out}: Hugging Face KHA folder{' with tokenizer ' + str(tok) if tok else ''}")
-        elif (src / "config.json").exists():
-            save_training_run(to_decoder_lm(src), args.out)
-            print(f"wrote {args.out}: model.safetensors + model_config.json (the `kha train` format)")
-        else:
-            raise FileNotFoundError(f"{src}: neither a `kha train` run (model_config.json) nor a Hugging Face "
-                                    "folder (config.json)")
-    except (ImportError, OSError) as err:
-        return _fail("hf-convert", err)
+    src = local_folder(args.src, "hf-convert")
+    if (src / "model_config.json").exists():
+        if args.tokenizer and not Path(args.tokenizer).is_file():
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
+        from_training_run(src).save_pretrained(args.out)
+        tok = args.tokenizer or run_tokenizer(src)
+        if tok:
+            hf_tokenizer(tok).save_pretrained(args.out)
+        print(f"wrote {args.out}: Hugging Face KHA folder{' with tokenizer ' + str(tok) if tok else ''}")
+    elif (src / "config.json").exists():
+        save_training_run(to_decoder_lm(src), args.out)
+        print(f"wrote {args.out}: model.safetensors + model_config.json (the `kha train` format)")
+    else:
+        raise FileNotFoundError(f"{src}: neither a `kha train` run (model_config.json) nor a Hugging Face "
+                                "folder (config.json)")
     return 0
 
 

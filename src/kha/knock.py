@@ -32,6 +32,9 @@ def parse_targets(knock: str, targets) -> tuple[str, ...]:
     if knock not in KNOCK_TYPES:
         raise ValueError(f"unknown knock type {knock!r}; valid types are {', '.join(KNOCK_TYPES)}")
     if knock == "none":
+        if targets:  # None, "" or () only: targets without a knock would be dropped silently
+            raise ValueError(f"knock targets {targets!r} given with knock 'none'; choose a knock type "
+                             f"({', '.join(KNOCK_TYPES[1:])}) or leave the targets out")
         return ()
     if targets is None:
         return DEFAULT_TARGETS[knock]
@@ -134,7 +137,8 @@ def fold_knocks(module: nn.Module) -> nn.Module:
 
     Afterwards the module has exactly the baseline's parameters and computes the same function.
     MLP and gate knocks are non-linear: nothing is changed and ``ValueError`` says why.
-    Every module that owns knocks (a ``knocks`` ModuleDict) implements ``fold_knocks()``.
+    Every module that owns knocks (a ``knocks`` ModuleDict) implements ``fold_knocks()``; a model config above
+    them (``DecoderLM.cfg``, ``KHAForCausalLM.config``) is set to knock ``none`` too, so it says what runs.
     """
     owners = [m for m in module.modules() if isinstance(getattr(m, "knocks", None), nn.ModuleDict)]
     for m in owners:
@@ -147,4 +151,9 @@ def fold_knocks(module: nn.Module) -> nn.Module:
                 )
     for m in owners:
         m.fold_knocks()
+    for m in module.modules():
+        if hasattr(getattr(m, "cfg", None), "with_knock"):  # DecoderLM
+            m.cfg = m.cfg.with_knock("none")
+        if hasattr(getattr(m, "config", None), "knock"):  # KHAForCausalLM
+            m.config.knock, m.config.knock_targets = "none", []
     return module

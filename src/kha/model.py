@@ -49,12 +49,19 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x``: ``(N, d)`` -> expert indices ``(N, k)`` and gates ``(N, k)`` (fp32, summing to 1)."""
-        logits = x.float() @ self.weight.float().t()
+        """``x``: ``(N, d)`` -> expert indices ``(N, k)`` and fp32 gates ``(N, k)``.
+
+        Gates are normalised over the chosen experts when ``top_k > 1``; with ``top_k == 1`` that would make
+        every gate 1 and cut the router off from the gradient, so the gate is the expert's score itself.
+        Computed in fp32 even under autocast: small score differences decide the routing.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x.float() @ self.weight.float().t()
         scores = torch.sigmoid(logits) if self.cfg.score == "sigmoid" else torch.softmax(logits, dim=-1)
         chosen = torch.topk(scores + self.expert_bias, self.cfg.top_k, dim=-1).indices
         gates = scores.gather(-1, chosen)
-        gates = gates / gates.sum(dim=-1, keepdim=True)
+        if self.cfg.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.cfg.n_experts)
@@ -75,16 +82,69 @@ class Router(nn.Module):
         return metrics
 
 
-def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
-    """SwiGLU of each expert on its contiguous slice of ``x`` (rows sorted by expert).
+def run_experts_loop(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
+    """SwiGLU of each expert on its contiguous slice of ``x`` (rows sorted by expert), one expert at a time.
 
-    The one place that loops over experts: a grouped matmul can replace this function whole.
+    The reference the batched forms are tested against.
     """
     outs = []
     for e, chunk in enumerate(torch.split(x, counts)):
         if chunk.shape[0]:
             outs.append((F.silu(chunk @ w_gate[e]) * (chunk @ w_up[e])) @ w_down[e])
     return torch.cat(outs) if outs else x.new_zeros(0, w_down.shape[-1])
+
+
+def run_experts_padded(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
+    """The same as :func:`run_experts_loop` as three batched matmuls over ``(E, max(counts), d)``.
+
+    Each expert's rows go to their own zero-padded slot; with balanced routing the padding is small.
+    """
+    n_experts, capacity = len(counts), max(counts, default=0)
+    sizes = torch.tensor(counts, device=x.device)
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), sizes)
+    slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(sizes, 0) - sizes)[expert]
+    padded = x.new_zeros(n_experts, capacity, x.shape[-1])
+    padded[expert, slot] = x
+    hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up)
+    return torch.bmm(hidden, w_down)[expert, slot]
+
+
+def run_experts_grouped(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
+    """The same as :func:`run_experts_loop` with ``torch._grouped_mm`` (no padding), in autocast's dtype."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    offsets = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
+    x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offsets)) * torch._grouped_mm(x, w_up, offs=offsets)
+    return torch._grouped_mm(hidden, w_down, offs=offsets)
+
+
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward here (it is private, and on CUDA needs a
+    recent GPU and bf16): tried once per device type and dtype on a small problem."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        try:
+            x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            y = torch._grouped_mm(x, w, offs=torch.tensor([1, 4], device=device, dtype=torch.int32))
+            y.backward(torch.ones_like(y))
+            _GROUPED_MM_WORKS[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_MM_WORKS[key] = False
+    return _GROUPED_MM_WORKS[key]
+
+
+def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
+    """Every expert's SwiGLU without a Python loop: ``torch._grouped_mm`` where it works for this device,
+    dtype and shape (rows 16-byte aligned), else the padded batched matmul."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[-1]))
+    if aligned and not torch.compiler.is_compiling() and grouped_mm_works(x.device, dtype):
+        return run_experts_grouped(x, counts, w_gate, w_up, w_down)
+    return run_experts_padded(x, counts, w_gate, w_up, w_down)
 
 
 class MoE(nn.Module):
@@ -107,8 +167,10 @@ class MoE(nn.Module):
         token = order // self.cfg.top_k
         counts = torch.bincount(assignment, minlength=self.cfg.n_experts).tolist()
         y = run_experts(flat[token], counts, self.w_gate, self.w_up, self.w_down)
-        y = y * gates.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(flat).index_add_(0, token, y).view(shape)
+        # weight and sum the k expert outputs of each token in fp32 (under autocast y is bf16)
+        y = y.float() * gates.flatten()[order, None]
+        combined = torch.zeros(flat.shape, device=flat.device, dtype=torch.float32).index_add_(0, token, y)
+        return combined.to(x.dtype).view(shape)
 
 
 class Block(nn.Module):
@@ -169,6 +231,8 @@ class DecoderLM(nn.Module):
         :meth:`new_caches` for incremental decoding; other arguments as in :class:`kha.Attention`."""
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
+        if input_ids.shape[-1] > self.cfg.max_seq_len:
+            raise ValueError(f"input of {input_ids.shape[-1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, attention_mask, None if caches is None else caches[i], impl)

@@ -1,7 +1,7 @@
 """The learned knock matrices of a run (paper Fig. 3) and how far training moved them from their init.
 
 - :func:`load_knocks`: ``{(layer, target, param): matrix}`` from a run's ``model.safetensors`` (keys
-  ``layers.{i}.attn.knocks.{q|k|v}.{weight|w_up|w_gate|w_down}``) or from a DCP checkpoint folder.
+  ``layers.{i}.attn.knocks.{q|k|v}.{weight|w_up|w_gate|w_down}``) or from a training checkpoint folder.
 - :func:`knock_stats`: per matrix, the share of its absolute mass on the diagonal
   (``sum |diag| / sum |W|``; an identity gives 1, off-diagonal 0), the mean diagonal value, and the distance
   from its init (``||W - W_0||_F``; ``W_0`` identity, zero for ``w_gate``).
@@ -42,7 +42,7 @@ def knocks_from_state(state: dict[str, torch.Tensor]) -> dict[tuple[int, str, st
 
 
 def load_knocks(path: Path) -> dict[tuple[int, str, str], torch.Tensor]:
-    """Knock matrices from ``model.safetensors`` (a file or a run directory) or a DCP checkpoint folder."""
+    """Knock matrices from ``model.safetensors`` (a file or a run directory) or a training checkpoint folder."""
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").exists():
         path = path / "model.safetensors"
@@ -50,23 +50,14 @@ def load_knocks(path: Path) -> dict[tuple[int, str, str], torch.Tensor]:
         from safetensors.torch import load_file
 
         return knocks_from_state(load_file(str(path)))
-    return _load_dcp_knocks(path)
+    return _load_checkpoint_knocks(path)
 
 
-def _load_dcp_knocks(ckpt: Path) -> dict[tuple[int, str, str], torch.Tensor]:
-    """Only the knock tensors of a ``torch.distributed.checkpoint`` folder (shapes from its metadata)."""
-    import warnings
+def _load_checkpoint_knocks(ckpt: Path) -> dict[tuple[int, str, str], torch.Tensor]:
+    """The knock tensors of a training checkpoint folder (safetensors shards, no pickle)."""
+    from ..train.checkpoint import read_model_state
 
-    import torch.distributed.checkpoint as dcp
-
-    reader = dcp.FileSystemReader(str(ckpt))
-    meta = reader.read_metadata()
-    wanted = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-              if k.startswith("model.") and KEY.search(k) and hasattr(v, "size")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, storage_reader=reader, no_dist=True)
-    return knocks_from_state(wanted)
+    return knocks_from_state(read_model_state(ckpt))
 
 
 def knock_stats(knocks: dict[tuple[int, str, str], torch.Tensor]) -> list[dict]:

@@ -43,7 +43,8 @@ def _save(fig, out_png: Path) -> Path:
 
 
 def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: float = 0.9, title: str = "") -> Path:
-    """Training loss (EMA-smoothed, raw in light), validation loss (dots) and spikes (x) per run.
+    """Training loss (EMA-smoothed, raw in light), validation loss (dots) and loss-spike events (x at their first
+    step) per run.
 
     A label mapped to a list of run directories (e.g. one per seed) draws each in the label's colour.
     """

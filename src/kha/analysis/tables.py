@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..train.callbacks import read_metrics
+from ..train.callbacks import count_spike_events, read_metrics
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -116,7 +116,7 @@ def load_run(path: Path) -> RunResult:
     done = records[-1]["step"] if records else 0
     finished = done == cfg["steps"] and "val_loss" in records[-1] and (path / "model.safetensors").exists()
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
-                     sum(1 for r in records if r.get("spike")), done, cfg["steps"])
+                     count_spike_events(records), done, cfg["steps"])
 
 
 def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
@@ -335,7 +335,7 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         f"Cells: mean ± sd over seeds [{pct} t confidence interval of the mean]. ΔL (paired): per seed, the "
         "variant's loss minus its baseline's with the same seed (same base weights, same batches); mean ± sd "
         f"of those differences [{pct} t interval]; `*`: the interval excludes 0. Negative ΔL: KHA is better. "
-        "spikes: loss spikes summed over seeds (see kha.train.callbacks.SpikeDetector). seeds: the number of "
+        "spikes: loss-spike events summed over seeds (see kha.train.callbacks.SpikeDetector). seeds: the number of "
         "seeds every compared variant finished.",
         "",
         TABLES.get(meta["grid"], generic_md)(g),

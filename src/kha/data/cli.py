@@ -1,7 +1,8 @@
-"""``kha data``: ``add_data_parser(subparsers)`` registers ``kha data prepare``.
+"""``kha data``: ``add_data_parser(subparsers)`` registers ``kha data prepare`` and ``kha data verify``.
 
 ``kha data prepare --source shakespeare|pystdlib|PATH|hf:NAME[:CONFIG] (repeatable) --out DIR --vocab-size N
 --val-fraction F --seed S`` builds (or reuses) the token shards and prints documents and tokens per split.
+``kha data verify DIR`` checks every file of a prepared folder against its manifest's SHA-256.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .loader import verify_shards
+
+    for path in verify_shards(args.dir):  # a mismatch raises a ValueError: one line, exit code 2
+        print(f"ok: {path}")
+    return 0
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="corpora, tokenizer and token shards")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -48,3 +57,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
+    v = sub.add_parser("verify", help="check a prepared folder's files against its manifest's SHA-256",
+                       description="Check tokenizer.json, train.bin and val.bin against the sizes and SHA-256 "
+                       "recorded in manifest.json (training does this once at its start).")
+    v.add_argument("dir", help="a folder written by `kha data prepare`")
+    v.set_defaults(func=cmd_verify)

@@ -9,6 +9,8 @@
 - ``val_batches(max_batches)``: the windows in order, cut the same way across ranks; identical on every call.
 - ``state_dict()`` / ``load_state_dict()``: the position (epoch, step), so a resumed run gets exactly the
   batches the uninterrupted run would have had.
+- ``verify_shards(data_dir)``: every file against the manifest's SHA-256 (training does it once at its start;
+  ``kha data verify DIR`` on demand). ``TokenBatches`` itself checks only the sizes.
 """
 
 from __future__ import annotations
@@ -21,8 +23,35 @@ import numpy as np
 import torch
 
 from .prepare import read_manifest
+from .sources import sha256_file
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def verify_shards(data_dir: str | os.PathLike) -> list[Path]:
+    """Check the tokenizer and every split's shard against the manifest (size and SHA-256); returns the files.
+
+    A mismatch is a ValueError naming the file (and saying when it is all zeros, as after a crash that
+    allocated the file but never wrote it).
+    """
+    manifest = read_manifest(data_dir)
+    dtype = np.dtype(manifest["dtype"])
+    files = [(manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"], None)]
+    files += [(s["file"], s["sha256"], s["tokens"] * dtype.itemsize) for s in manifest["splits"].values()]
+    checked = []
+    for name, want, size in files:
+        path = Path(data_dir) / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; rebuild the folder with `kha data prepare`")
+        if size is not None and path.stat().st_size != size:
+            raise ValueError(f"{path} has {path.stat().st_size:,} bytes, its manifest says {size:,}; rebuild the "
+                             "folder with `kha data prepare`")
+        if sha256_file(path) != want:
+            zeros = size is not None and size > 0 and not np.memmap(path, dtype=np.uint8, mode="r").any()
+            what = "is all zeros" if zeros else "does not match the SHA-256 in its manifest (damaged or changed)"
+            raise ValueError(f"{path} {what}; rebuild the folder with `kha data prepare`")
+        checked.append(path)
+    return checked
 
 
 class TokenBatches:

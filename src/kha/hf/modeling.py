@@ -29,6 +29,9 @@ from ..model import DecoderLM, MoE, Router
 from ..variants import TalkingHeadsAttention
 from .config import KHAConfig
 
+# the output's cache field: ``cache`` from transformers 5.24 on, ``past_key_values`` before
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class CacheLayer:
     """Layer ``idx`` of a transformers ``Cache``, used where kha's attention expects its own cache."""
@@ -129,6 +132,8 @@ class KHAForCausalLM(KHAPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         m = self.model
         x = m.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if past_key_values is None:  # transformers >= 5.24 names it ``cache``
+            past_key_values = kwargs.get("cache")
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if attention_mask is not None:
@@ -148,4 +153,4 @@ class KHAForCausalLM(KHAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values})

@@ -7,6 +7,8 @@ A ``kha train`` run leaves ``model.safetensors`` (DecoderLM keys; a tied LM head
 - ``to_decoder_lm(model_or_folder)`` -> the ``DecoderLM`` (its ``cfg`` is the ModelConfig).
 - ``save_training_run(model, out)`` writes the training format back.
 - ``hf_tokenizer(tokenizer_json)``: a ``PreTrainedTokenizerFast`` around a ``kha data`` tokenizer.
+- ``local_folder``, ``load_safetensors``, ``load_kha_folder``: read what a user points at, with clear errors for a
+  missing folder, a damaged file or a folder that holds another kind of model.
 """
 
 from __future__ import annotations
@@ -17,16 +19,58 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..attention import AttentionConfig
 from ..config import ModelConfig, MoEConfig
 from ..data.tokenizer import EOS
+from ..errors import UserError, read_json
 from ..model import DecoderLM
 from .config import KHAConfig
 from .modeling import KHAForCausalLM
 
 WEIGHTS, CONFIG = "model.safetensors", "model_config.json"
+STOCK_TYPES = ("qwen3", "llama")
+
+
+def local_folder(path: str | os.PathLike, command: str) -> Path:
+    """``path`` as an existing folder. Hub ids are not fetched (these commands read local folders)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"{path}: {what}; {command} reads a local model folder (a Hugging Face Hub model must be "
+                        "downloaded first, which needs a network: `hf download ORG/NAME --local-dir DIR`)")
+    return folder
+
+
+def load_safetensors(path: str | os.PathLike, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """``safetensors.torch.load_file`` (``header_only``: just check the file); a truncated or corrupt file is an
+    error naming it."""
+    try:
+        if header_only:
+            with safe_open(str(path), "pt"):
+                return None
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise UserError(f"{path}: damaged safetensors file ({err}); write or download it again") from err
+
+
+def load_kha_folder(path: str | os.PathLike, command: str) -> KHAForCausalLM:
+    """``KHAForCausalLM.from_pretrained`` of a local KHA folder, refusing stock and other models by name."""
+    folder = local_folder(path, command)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json; {command} reads a KHA folder written by save_pretrained "
+                        "(kha retrofit, kha hf-convert)")
+    kind = read_json(folder / "config.json").get("model_type")
+    if kind in STOCK_TYPES:
+        raise UserError(f"{folder} holds a stock {kind} model, not a KHA one: it already loads without kha, so there "
+                        f"is nothing to {command}; `kha retrofit --from {folder}` turns it into a KHA model")
+    if kind != KHAConfig.model_type:
+        raise UserError(f"{folder}: model_type {kind!r}, not a KHA model (model_type 'kha')")
+    for weights in folder.glob("*.safetensors"):
+        load_safetensors(weights, header_only=True)  # a damaged file named here, not deep inside transformers
+    return KHAForCausalLM.from_pretrained(folder)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
@@ -60,16 +104,19 @@ def from_training_run(run_dir: str | os.PathLike) -> KHAForCausalLM:
     run = Path(run_dir)
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise FileNotFoundError(f"{run}: no {WEIGHTS} + {CONFIG}; is it the --out folder of a finished `kha train`?")
-    cfg = model_config_from_dict(json.loads((run / CONFIG).read_text()))
+    try:
+        cfg = model_config_from_dict(read_json(run / CONFIG))
+    except (TypeError, KeyError) as err:
+        raise UserError(f"{run / CONFIG}: not a kha model config ({err})") from err
     model = uninitialised_model(KHAConfig.from_model_config(cfg))
-    load_state_into(model.model, load_file(str(run / WEIGHTS)), str(run / WEIGHTS))
+    load_state_into(model.model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
     return model
 
 
 def to_decoder_lm(model: KHAForCausalLM | str | os.PathLike) -> DecoderLM:
     """The ``DecoderLM`` inside a ``KHAForCausalLM`` (or a saved KHA folder): shares its parameters."""
     if not isinstance(model, KHAForCausalLM):
-        model = KHAForCausalLM.from_pretrained(model)
+        model = load_kha_folder(model, "convert")
     return model.model
 
 
@@ -98,6 +145,6 @@ def run_tokenizer(run_dir: str | os.PathLike) -> Path | None:
     train_cfg = Path(run_dir) / "train_config.json"
     if not train_cfg.exists():
         return None
-    data = json.loads(train_cfg.read_text()).get("data")
+    data = read_json(train_cfg).get("data")
     path = Path(data) / "tokenizer.json" if data else None
     return path if path is not None and path.exists() else None

@@ -13,21 +13,20 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..errors import UserError, read_json
 from ..knock import fold_knocks
 from .config import KHAConfig
 from .modeling import KHAForCausalLM
-from .runs import load_state_into, uninitialised_model
+from .runs import STOCK_TYPES, load_kha_folder, load_safetensors, load_state_into, local_folder, uninitialised_model
 
-STOCK_TYPES = ("qwen3", "llama")
 # stock name (inside model.layers.N.) -> DecoderLM name (inside layers.N.)
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -58,7 +57,7 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -66,7 +65,7 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                                 "are read (pickle .bin files are never loaded)")
     state = {}
     for f in files:
-        state.update(load_file(str(folder / f)))
+        state.update(load_safetensors(folder / f))
     return state
 
 
@@ -115,6 +114,8 @@ def retrofit(src: str | os.PathLike, knock: str = "mlp", targets=None) -> KHAFor
     """A KHA model from a stock Qwen3/Llama folder: same weights (in their dtype), knocks at identity."""
     from transformers import AutoConfig
 
+    if not (local_folder(src, "retrofit") / "config.json").exists():
+        raise UserError(f"{src}: no config.json; retrofit reads a transformers checkpoint folder (save_pretrained)")
     config = _stock_config_to_kha(AutoConfig.from_pretrained(src), knock, targets)
     state, mapped, unknown = read_safetensors(src), {}, []
     for name, tensor in state.items():
@@ -184,7 +185,7 @@ def export(src: KHAForCausalLM | str | os.PathLike, out: str | os.PathLike) -> s
 
     Returns the stock model type written (``"qwen3"`` with QK-norm, ``"llama"`` without).
     """
-    model = src if isinstance(src, KHAForCausalLM) else KHAForCausalLM.from_pretrained(src)
+    model = src if isinstance(src, KHAForCausalLM) else load_kha_folder(src, "export")
     problems = export_problems(model.config)
     if problems:
         raise ValueError("cannot export to a stock transformers checkpoint: " + "; ".join(problems))

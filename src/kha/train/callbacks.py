@@ -7,55 +7,94 @@ import math
 from collections import deque
 from pathlib import Path
 
+from .checkpoint import atomic_write_text, disk_errors
+
 
 class SpikeDetector:
-    """Counts loss spikes.
+    """Counts loss-spike *events* (DESIGN.md section 7).
 
-    Definition: step ``s`` is a spike when ``loss_s > mean + threshold * std``, where mean and std are
-    taken over the previous ``window`` non-spike losses (so a spike does not mask the next one), and only
-    once ``window`` losses have been seen. Spikes are marked in ``metrics.jsonl`` (``"spike": true``).
+    The reference is the mean (and standard deviation) of the last ``window`` admitted losses. A step is
+    *high* when its loss exceeds the mean by more than ``threshold`` standard deviations (judged once
+    ``window`` losses have been admitted). An event starts at a high step outside an event and lasts until
+    a loss falls back to the mean or below; it counts once, however long it lasts (``spikes`` holds the
+    start steps). High losses are kept out of the window (so a spike does not hide the next one) until
+    ``admit_after`` consecutive high steps, then admitted: after a permanent level shift the window moves to
+    the new level, the event ends, and ordinary noise around the new level is not flagged.
+    ``update`` returns True on an event's first step only (the ``spike`` flag of ``metrics.jsonl``).
     """
 
-    def __init__(self, window: int = 50, threshold: float = 4.0):
-        self.window, self.threshold = window, threshold
+    def __init__(self, window: int = 50, threshold: float = 4.0, admit_after: int = 10):
+        self.window, self.threshold, self.admit_after = window, threshold, admit_after
         self.history: deque[float] = deque(maxlen=window)
         self.spikes: list[int] = []
+        self.in_event = False
+        self.high_run = 0
 
     def update(self, step: int, loss: float) -> bool:
-        spike = False
+        high = False
+        mean = None
         if len(self.history) == self.window:
             mean = sum(self.history) / self.window
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (self.window - 1))
-            spike = loss > mean + self.threshold * std
-        if spike:
+            high = loss > mean + self.threshold * std
+        self.high_run = self.high_run + 1 if high else 0
+        start = high and not self.in_event
+        if start:
             self.spikes.append(step)
-        else:
+            self.in_event = True
+        elif self.in_event and mean is not None and loss <= mean:
+            self.in_event = False
+        if not high or self.high_run > self.admit_after:
             self.history.append(loss)
-        return spike
+        return start
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "spikes": list(self.spikes)}
+        return {"history": list(self.history), "spikes": list(self.spikes), "in_event": self.in_event,
+                "high_run": self.high_run}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=self.window)
         self.spikes = list(state["spikes"])
+        self.in_event = state.get("in_event", False)
+        self.high_run = state.get("high_run", 0)
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per optimizer step. On resume, lines after the checkpoint's
-    step are dropped first, so the file always reads as one uninterrupted run."""
+    """``metrics.jsonl``: one JSON object per optimizer step, appended and flushed line by line, so a kill
+    at any moment leaves a readable file (at worst a torn last line, which ``read_metrics`` skips).
+
+    On resume, lines after the checkpoint's step (and a torn last line) are dropped first, by an atomic
+    rewrite, so the file always reads as one uninterrupted run."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
-        kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and path.exists() else []
+        with disk_errors("metrics", path):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
+        with disk_errors("metrics", self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a ``metrics.jsonl``; a torn last line (a write cut short by a kill) is skipped."""
+    lines = Path(path).read_text().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: the last write was cut short
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); the file is damaged") from None
+    return records
+
+
+def count_spike_events(records: list[dict]) -> int:
+    """Loss-spike events in ``metrics.jsonl`` records: runs of consecutive ``spike`` flags count once (the
+    detector flags only an event's first step; older files flagged every spiking step)."""
+    return sum(1 for prev, r in zip([{}, *records], records, strict=False) if r.get("spike") and not prev.get("spike"))

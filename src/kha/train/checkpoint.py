@@ -1,95 +1,308 @@
-"""Sharded, atomic training checkpoints through ``torch.distributed.checkpoint`` (DCP).
+"""Sharded, atomic, verified training checkpoints without pickle.
 
-A checkpoint is a folder ``checkpoints/step_NNNNNNN`` holding the DCP shards of the model, the optimizer
-and every process's RNG states, plus ``meta.json`` (step, data position, callbacks' state: plain JSON,
-never pickle). It is written under a temporary name and renamed only once complete, and ``latest`` is
-replaced atomically after that, so a crash while saving never damages the last good checkpoint.
-Works unchanged for one process and for FSDP2 across many.
+A checkpoint is a folder ``checkpoints/step_NNNNNNN``:
+
+- ``rankNNNNN.safetensors``: every tensor one process holds (its local shards of the model and optimizer
+  state, plain tensors such as buffers and AdamW step counts, its RNG states);
+- ``rankNNNNN.json``: that process's non-tensor optimizer entries (``param_groups`` hyperparameters) and the
+  layout of its shards;
+- ``meta.json``: step, number of processes, data position, callbacks' state;
+- ``checksums.json``, written last: the SHA-256 of every other file.
+
+Nothing is pickled, so loading a checkpoint someone handed you cannot run code (``torch.distributed.checkpoint``'s
+``.metadata`` is a pickle). The folder is written under a temporary name and renamed once complete;
+``latest`` is then replaced atomically. Loading verifies the checksums; a damaged or incomplete newest
+checkpoint falls back to the newest intact one, saying which and why. A checkpoint resumes with the number
+of processes that wrote it (FSDP2 shards are saved as each process holds them).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..data.sources import sha256_file
 from .distributed import Runtime, barrier
 
-
-@contextmanager
-def _quiet_single_process():
-    """DCP warns on every single-process save/load that it assumes one process, which is what we want."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+FORMAT = "kha-checkpoint"
+FORMAT_VERSION = 1
+CHECKSUMS = "checksums.json"
 
 
-def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
-    state = {f"rng/cpu/rank{runtime.rank}": torch.get_rng_state()}
-    if runtime.device.type == "cuda":
-        state[f"rng/cuda/rank{runtime.rank}"] = torch.cuda.get_rng_state(runtime.device)
-    return state
+class NonFiniteError(RuntimeError):
+    """A NaN or infinity in the loss, the gradients or the weights: the run stops, no bad state is saved."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    """Write ``path`` so that a crash leaves either the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+@contextmanager
+def disk_errors(what: str, path: Path):
+    """Turn a full disk into one sentence naming the file or folder being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {what} {path}; free some space "
+                          "(fewer --keep-checkpoints also helps) and resume with --resume") from err
+        raise
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _leaves(tree, prefix: str = ""):
+    """``(path, leaf)`` of nested dicts and lists; tensors and JSON values are leaves."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)) and any(isinstance(x, (dict, torch.Tensor)) for x in tree):
+        items = enumerate(tree)
+    else:
+        yield prefix, tree
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}/{key}" if prefix else str(key))
+
+
+def _fill(tree, tensors: dict, values: dict, prefix: str = ""):
+    """``tree`` with its tensors overwritten in place from ``tensors`` and its other leaves from ``values``."""
+    if isinstance(tree, dict):
+        return {k: _fill(v, tensors, values, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and any(isinstance(x, (dict, torch.Tensor)) for x in tree):
+        return type(tree)(_fill(v, tensors, values, f"{prefix}/{i}") for i, v in enumerate(tree))
+    if isinstance(tree, torch.Tensor):
+        if prefix not in tensors:
+            raise ValueError(f"the checkpoint has no tensor {prefix!r}: it was written for another model")
+        local, saved = _local(tree), tensors[prefix]
+        if local.shape != saved.shape or local.dtype != saved.dtype:
+            raise ValueError(f"tensor {prefix!r} is {tuple(saved.shape)} {saved.dtype} in the checkpoint but "
+                             f"{tuple(local.shape)} {local.dtype} in this model: it was written for another model")
+        with torch.no_grad():
+            local.copy_(saved)
+        return tree
+    if prefix not in values:
+        raise ValueError(f"the checkpoint has no entry {prefix!r}: it was written for another model or optimizer")
+    value = values[prefix]
+    return tuple(value) if isinstance(tree, tuple) else value
+
+
+def _layout(t: torch.Tensor) -> dict | None:
+    """How a DTensor is split across processes (enough to rebuild the full tensor from every rank's shard)."""
+    if not hasattr(t, "placements"):
+        return None
+    dims = [p.dim if p.is_shard() else None for p in t.placements]
+    return {"global_shape": list(t.shape), "shard_dims": dims}
+
+
+def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
+    state = {"rng/cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["rng/cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _all_ranks_true(flag: bool, runtime: Runtime) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
+def broadcast_int(value: int, runtime: Runtime) -> int:
+    """Rank 0's ``value`` on every process (a tensor broadcast: no pickled objects)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=runtime.device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"rank{rank:05d}.safetensors", f"rank{rank:05d}.json"
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime: Runtime, keep: int) -> Path:
-    """Save after optimizer step ``step`` (the number of steps done); returns the checkpoint folder."""
+    """Save after optimizer step ``step`` (the number of steps done); returns the checkpoint folder.
+
+    Refuses (``NonFiniteError``) when any weight is NaN or infinite, so no checkpoint is ever poisoned.
+    """
+    from safetensors.torch import save_file
+
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    finite = all(torch.isfinite(_local(t)).all().item() for t in model_sd.values() if t.is_floating_point())
+    if not _all_ranks_true(finite, runtime):
+        raise NonFiniteError(f"the weights hold NaN or infinite values after step {step}; refusing to save them "
+                             "as a checkpoint")
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd, **_rng_state(runtime)}, checkpoint_id=str(tmp),
-                 no_dist=not dist.is_initialized())
-    barrier()
-    if runtime.is_main:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(root / "latest", final.name)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    tensors, values, layout = dict(_rng_state(runtime)), {}, {}
+    for key, leaf in _leaves({"model": model_sd, "optim": optim_sd}):
+        if isinstance(leaf, torch.Tensor):
+            local = _local(leaf.detach())
+            tensors[key] = torch.empty(local.shape, dtype=local.dtype).copy_(local)  # contiguous CPU copy
+            if _layout(leaf):
+                layout[key] = _layout(leaf)
+        else:
+            values[key] = leaf
+    st_name, json_name = _rank_files(runtime.rank)
+    try:
+        with disk_errors("checkpoint", tmp):
+            save_file(tensors, str(tmp / st_name))
+            _fsync(tmp / st_name)
+            atomic_write_text(tmp / json_name, json.dumps({"values": values, "layout": layout}))
+        barrier()
+        if runtime.is_main:
+            with disk_errors("checkpoint", tmp):
+                atomic_write_text(tmp / "meta.json", json.dumps(
+                    {"step": step, "world_size": runtime.world_size, **meta}, indent=1))
+                sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+                atomic_write_text(tmp / CHECKSUMS, json.dumps(
+                    {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": sums}, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                atomic_write_text(root / "latest", final.name)
+            done = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / "latest"
-    if not pointer.is_file():
+def damage(path: Path, verify: bool = True) -> str | None:
+    """Why checkpoint folder ``path`` cannot be used (missing, incomplete, damaged), or None when it can.
+
+    ``verify=False`` only checks that it is complete (its checksum manifest is there), without hashing.
+    """
+    if not path.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((path / CHECKSUMS).read_text())
+        sums = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"incomplete (no readable {CHECKSUMS}; or written by an older kha)"
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        found = f"{manifest.get('format')!r} version {manifest.get('format_version')}"
+        return f"in format {found}, not {FORMAT!r} version {FORMAT_VERSION}"
+    if "meta.json" not in sums:
+        return f"incomplete ({CHECKSUMS} lists no meta.json)"
+    if not verify:
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    for name, want in sums.items():
+        file = path / name
+        if "/" in name or not file.is_file():
+            return f"damaged ({name} is missing)"
+        if sha256_file(file) != want:
+            return f"damaged ({name} does not match its SHA-256 in {CHECKSUMS})"
+    return None
+
+
+def latest_checkpoint(root: Path, verify: bool = False, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete (and, with ``verify``, intact) checkpoint under ``root``, or None.
+
+    A ``latest`` pointer naming a missing or incomplete folder, or a damaged newer checkpoint, is passed
+    over for the next one, and ``log`` is told which and why.
+    """
+    root = Path(root)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if named and not (root / named).is_dir() and log:
+        log(f"{root / 'latest'} names {named}, which is missing; looking for the newest complete checkpoint")
+    skipped = []
+    for path in candidates:
+        reason = damage(path, verify)
+        if reason is None:
+            if skipped and log:
+                log(f"using {path}: " + "; ".join(f"{p.name} is {r}" for p, r in skipped))
+            return path
+        skipped.append((path, reason))
+    if skipped and log:
+        log(f"no usable checkpoint in {root}: " + "; ".join(f"{p.name} is {r}" for p, r in skipped))
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
-    """Restore model, optimizer and this process's RNG states in place; return ``meta.json``."""
+    """Restore model, optimizer and this process's RNG states in place; return ``meta.json``.
+
+    Reads only safetensors and JSON (never pickle). The caller verifies the checksums (``damage``) first.
+    """
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != runtime.world_size:
+        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} process(es) and must be resumed "
+                         f"with as many (torchrun --nproc-per-node {meta['world_size']}), not {runtime.world_size}")
+    st_name, json_name = _rank_files(runtime.rank)
+    tensors = load_file(str(path / st_name))
+    values = json.loads((path / json_name).read_text())["values"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    rng = _rng_state(runtime)
-    state = {"model": model_sd, "optim": optim_sd, **rng}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    state = _fill({"model": model_sd, "optim": optim_sd}, tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(state[f"rng/cpu/rank{runtime.rank}"])
+    torch.set_rng_state(tensors["rng/cpu"])
     if runtime.device.type == "cuda":
-        torch.cuda.set_rng_state(state[f"rng/cuda/rank{runtime.rank}"], runtime.device)
-    return json.loads((path / "meta.json").read_text())
+        torch.cuda.set_rng_state(tensors["rng/cuda"], runtime.device)
+    return meta
+
+
+def read_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of a checkpoint, in one process: for analysis, not for resuming."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    world = json.loads((path / "meta.json").read_text())["world_size"]
+    ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(world)]
+    layout = json.loads((path / _rank_files(0)[1]).read_text())["layout"]
+    state = {}
+    for key, tensor in ranks[0].items():
+        if not key.startswith("model/"):
+            continue
+        info = layout.get(key)
+        if info is not None:
+            dims = [d for d in info["shard_dims"] if d is not None]
+            if len(dims) > 1:
+                raise ValueError(f"{path}: {key} is sharded over a {len(info['shard_dims'])}-D mesh; "
+                                 "read_model_state reads only 1-D (FSDP2) sharding")
+            if dims:
+                tensor = torch.cat([r[key] for r in ranks], dim=dims[0])
+            if list(tensor.shape) != info["global_shape"]:
+                raise ValueError(f"{path}: the shards of {key} make {list(tensor.shape)}, "
+                                 f"not its global shape {info['global_shape']}")
+        state[key.removeprefix("model/")] = tensor
+    return state
 
 
 def clean_partial(root: Path, runtime: Runtime) -> None:

@@ -8,15 +8,19 @@ the dataclass) override any field.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
+import types
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import tyro
 
 from ..config import PRESETS, ModelConfig, MoEConfig, get_preset
+from ..errors import UserError
 from ..knock import KNOCK_TYPES, parse_targets
+from .precision import PRECISIONS
 
 
 @dataclass
@@ -57,22 +61,30 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
+    precision: str = "auto"
+    """auto, fp32 or bf16 (autocast over fp32 master weights). auto: bf16 on CUDA and on CPUs with native
+    bf16 matmul when the model is wide enough to gain from it, else fp32 (see kha.train.precision)."""
     compile: bool = False
-    """torch.compile each block."""
+    """torch.compile the model (each block, plus the LM head and loss) for faster steps."""
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
-    """Continue from the latest checkpoint in ``out``."""
+    """Continue from the newest intact checkpoint in ``out``."""
+    overwrite: bool = False
+    """Start afresh in an ``out`` that holds a run, deleting its metrics, checkpoints and final weights first
+    (without it, or ``resume``, such an ``out`` is refused)."""
     spike_window: int = 50
     spike_threshold: float = 4.0
-    """A step is a loss spike when its loss exceeds the mean of the previous spike_window losses by more
-    than spike_threshold standard deviations of them (see kha.train.callbacks.SpikeDetector)."""
+    """A loss-spike event starts at a step whose loss exceeds the mean of the previous spike_window losses by
+    more than spike_threshold standard deviations of them, and lasts until the loss is back to that mean;
+    events are counted (see kha.train.callbacks.SpikeDetector)."""
     tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types({f.name: getattr(self, f.name) for f in fields(self)})
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "ckpt_every",
                     "keep_checkpoints", "spike_window")
         for name in positive:
@@ -87,19 +99,73 @@ class TrainConfig:
         if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a dict of ModelConfig fields, got {self.model_overrides!r}")
         base_model_config(self)  # unknown override keys, bad shapes or a knock the variant refuses fail here
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid are {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; valid are auto, cpu, cuda")
-        for name in ("lr", "grad_clip", "spike_threshold"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("warmup_frac", "min_lr_frac", "beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1 or (name == "min_lr_frac" and getattr(self, name) > 1):
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in out, "
+                             "overwrite deletes it; pass one of them")
+        for name, hint in get_type_hints(TrainConfig).items():
+            if hint is float:
+                interval = FLOAT_RANGES.get(name, "(-inf, inf)")
+                if not _in_interval(getattr(self, name), interval):
+                    raise ValueError(f"{name} must be a finite number in {interval}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# the interval each float field must lie in ("[" and "]" include the bound); every float must be finite
+FLOAT_RANGES = {"lr": "(0, inf)", "grad_clip": "(0, inf)", "spike_threshold": "(0, inf)", "weight_decay": "[0, inf)",
+                "warmup_frac": "[0, 1)", "min_lr_frac": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)"}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def _is_a(value, hint) -> bool:
+    """``value`` fits type ``hint`` strictly: a bool is no int, an int is a float, a float is no int."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_is_a(value, h) for h in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float))
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
+             dict: "a table", type(None): "none"}
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in get_args(hint))
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    return names.get(get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(values: dict, where: str = "") -> None:
+    """Every value has its ``TrainConfig`` field's type (``decay_knocks = "no"`` is no boolean); ``where``
+    (e.g. the file's name) starts the message."""
+    hints = get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key in hints and not _is_a(value, hints[key]):
+            raise UserError(f"{where}{key} = {value!r} is not {_type_name(hints[key])}")
+
+
+def check_resume_steps(target_steps: int, checkpoint_step: int) -> None:
+    """Resuming with ``steps`` below the checkpoint's step would train nothing and look like success: refuse it."""
+    if target_steps < checkpoint_step:
+        raise UserError(f"--steps {target_steps} is below the checkpoint's step {checkpoint_step}: nothing would be "
+                        f"trained; pass --steps above {checkpoint_step} to continue, or another --out to start anew")
 
 
 def apply_overrides(cfg, overrides: dict):
@@ -134,14 +200,20 @@ def load_config(source: str) -> TrainConfig:
     path = Path(source)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
-            raise ValueError(f"config file {source!r} not found")
-        with path.open("rb") as f:
-            values = tomllib.load(f)
+            raise UserError(f"config file {source!r} not found" if not path.exists() else f"{source} is not a file")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{source}: not valid TOML: {err}") from err
         valid = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(values) - valid)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in {source}; valid keys are {', '.join(sorted(valid))}")
-        return TrainConfig(**values)
+            raise UserError(f"unknown key(s) {unknown} in {source}; valid keys are {', '.join(sorted(valid))}")
+        check_types(values, where=f"{source}: ")
+        try:
+            return TrainConfig(**values)
+        except ValueError as err:
+            raise UserError(f"{source}: {err}") from err
     if source in PRESETS:
         return TrainConfig(preset=source)
     raise ValueError(f"--config {source!r} is neither a TOML file nor a preset; presets are {', '.join(PRESETS)}")

@@ -1,34 +1,44 @@
 """The training loop, readable top to bottom: data -> model -> parallelize -> optimizer -> resume -> steps.
 
-Each optimizer step: ``grad_accum`` micro-batches (bf16 autocast on CUDA, fp32 on CPU), a non-finite
-loss check (the run stops with a clear message and the last good checkpoint untouched), gradient
-clipping, AdamW with the scheduled LR, the MoE balancing-bias update, metrics, spike detection,
-periodic validation and checkpoints. The same seed gives the same run, bit for bit on CPU, resumed or not.
+Each optimizer step: ``grad_accum`` micro-batches (in the run's precision, see ``precision.py``), a non-finite
+loss check, gradient clipping and a non-finite gradient-norm check (either stops the run before the
+weights change, naming the last good checkpoint; checkpoints refuse non-finite weights), AdamW with the
+scheduled LR, the MoE balancing-bias update, metrics, spike detection, periodic validation and checkpoints.
+The same seed gives the same run, bit for bit on CPU, resumed or not.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from ..data.loader import TokenBatches, read_manifest
+from ..data.loader import TokenBatches, read_manifest, verify_shards
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
-from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    NonFiniteError,
+    broadcast_int,
+    clean_partial,
+    disk_errors,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, base_model_config
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, lr_at
+from .precision import autocast_context, resolve_precision
+from .runlock import RunLock
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+NonFiniteLossError = NonFiniteError  # its name before gradients and weights were checked too
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -56,25 +66,82 @@ def save_final_weights(model, model_cfg, out: Path, runtime: Runtime) -> None:
     if runtime.is_main:
         if model_cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+        tmp = out / ".model.safetensors.tmp"
+        with disk_errors("final weights", out / "model.safetensors"):
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, out / "model.safetensors")
         (out / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=1))
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the last step's record plus ``params`` and ``spikes`` (count)."""
     runtime = setup_runtime(cfg.device)
+    lock = RunLock(cfg.out)
     try:
-        return _train(cfg, runtime)
+        return _train(cfg, runtime, lock)
     finally:
+        lock.release()
         teardown_runtime()
 
 
-def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+def _claim_run(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> int:
+    """Rank 0 locks ``out``, refuses (or with ``overwrite`` clears) an old run, verifies the data and picks the
+    checkpoint to resume; every rank gets that checkpoint's step (-1: start from scratch)."""
+    step = -2
+    try:
+        if runtime.is_main:
+            step = _claim_run_main(cfg, lock)
+    finally:
+        step = broadcast_int(step, runtime)  # -2: rank 0 failed (its own error says why)
+    if step == -2:
+        raise RuntimeError(f"process 0 could not start the run in {cfg.out}; its error says why")
+    return step
+
+
+def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
+    out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    lock.acquire()
+    verify_shards(cfg.data)  # before anything is deleted
+    if not cfg.resume and ((out / "metrics.jsonl").exists() or any(ckpt_root.glob("step_*"))):
+        if not cfg.overwrite:
+            raise ValueError(f"{out} already holds a run (metrics.jsonl or checkpoints); pass --resume to continue "
+                             "it, --overwrite to delete it and start again, or another --out")
+        print(f"overwrite: deleting the run in {out}", flush=True)
+        for name in ("metrics.jsonl", "model.safetensors", "model_config.json"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    if not cfg.resume:
+        return -1
+    ckpt = latest_checkpoint(ckpt_root, verify=True, log=lambda msg: print(msg, flush=True))
+    if ckpt is not None:
+        return int(ckpt.name.removeprefix("step_"))
+    if any(ckpt_root.glob("step_*")):
+        raise ValueError(f"{ckpt_root} holds checkpoints but none is complete and intact (see above); remove them, "
+                         "or start again with --overwrite instead of --resume")
+    print(f"no checkpoint in {ckpt_root}; starting from scratch", flush=True)
+    return -1
+
+
+def _stop_non_finite(what: str, value: float, step: int, ckpt_root: Path, runtime: Runtime):
+    latest = latest_checkpoint(ckpt_root, verify=runtime.is_main)
+    return NonFiniteError(
+        f"{what} is {value} at step {step + 1}; stopping without updating the weights. "
+        f"The last good checkpoint is {latest or 'none (no checkpoint saved yet)'}; resume from it "
+        "with --resume, e.g. with a lower --lr."
+    )
+
+
+def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
+    resume_step = _claim_run(cfg, runtime, lock)
+    precision, why = resolve_precision(_started_precision(out, cfg), runtime.device, base_model_config(cfg).d_model)
     if runtime.is_main:
+        print(f"precision: {precision} ({why})", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        saved = {**cfg.to_dict(), "resolved_precision": precision}
+        (out / "train_config.json").write_text(json.dumps(saved, indent=1))
     clean_partial(ckpt_root, runtime)
 
     # data
@@ -90,14 +157,13 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     model = parallelize(model, runtime, compile=cfg.compile)
     optimizer = build_optimizer(model, cfg)
-    use_bf16 = runtime.device.type == "cuda"
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        return autocast_context(precision, runtime.device)
 
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_threshold)
     start_step = 0
-    latest = latest_checkpoint(ckpt_root) if cfg.resume else None
+    latest = ckpt_root / f"step_{resume_step:07d}" if resume_step >= 0 else None
     if latest is not None:
         meta = load_checkpoint(latest, model, optimizer, runtime)
         start_step = meta["step"]
@@ -105,8 +171,6 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         spikes.load_state_dict(meta["callbacks"]["spikes"])
         if runtime.is_main:
             print(f"resumed from {latest} (step {start_step})", flush=True)
-    elif cfg.resume and runtime.is_main:
-        print(f"no checkpoint in {ckpt_root}; starting from scratch", flush=True)
 
     metrics = MetricsLog(out / "metrics.jsonl", start_step) if runtime.is_main else None
     writer = _tensorboard(out, cfg) if runtime.is_main else None
@@ -130,14 +194,11 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             loss_sum += loss.detach()
         loss_value = mean_across_ranks(loss_sum).item()
         if not math.isfinite(loss_value):
-            latest = latest_checkpoint(ckpt_root)
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step + 1}; stopping without updating the weights. "
-                f"The last good checkpoint is {latest or 'none (no checkpoint saved yet)'}; resume from it "
-                "with --resume, e.g. with a lower --lr."
-            )
+            raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not math.isfinite(grad_norm.item()):  # a finite loss can still have NaN gradients: never apply them
+            raise _stop_non_finite("the gradient norm", grad_norm.item(), step, ckpt_root, runtime)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         moe_load = model.update_moe_biases()
@@ -176,8 +237,16 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         summary = f"step {record['step']}: loss {record['loss']:.4f}"
         if "val_loss" in record:
             summary += f", val_loss {record['val_loss']:.4f}"
-        print(f"{summary}; {len(spikes.spikes)} loss spike(s); wrote {out}", flush=True)
+        print(f"{summary}; {len(spikes.spikes)} loss-spike event(s); wrote {out}", flush=True)
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
+
+
+def _started_precision(out: Path, cfg: TrainConfig) -> str:
+    """The precision to ask for: a resumed ``auto`` run keeps the precision it started in."""
+    path = out / "train_config.json"
+    if cfg.resume and cfg.precision == "auto" and path.is_file():
+        return json.loads(path.read_text()).get("resolved_precision", "auto")
+    return cfg.precision
 
 
 def _progress(cfg: TrainConfig, runtime: Runtime, start_step: int):

@@ -1,0 +1,38 @@
+"""User errors: what a command line reports as one line (exit code 2) instead of a traceback.
+
+- :class:`UserError`: a bad input, a missing or damaged file; a ``ValueError``, so callers catching that still do.
+- :data:`USER_ERRORS`: what the ``kha`` command's error boundary (``kha.cli.main``) turns into one line.
+- :func:`describe`: that line's text (an ``OSError`` as ``PATH: reason``).
+- :func:`read_json`: ``json.loads`` of a file whose syntax errors name the file, line and column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """A problem with what the user gave (a value, a file, a folder), stated so they can fix it."""
+
+
+# OSError: missing files and folders, permissions, a full disk; ImportError: a missing optional dependency.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def describe(err: BaseException) -> str:
+    """One line for ``err``: its message, or ``PATH: reason`` for an ``OSError`` that names a file."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"
+    text = str(err) or type(err).__name__
+    return " ".join(text.split()) if "\n" in text else text
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in ``path``; malformed JSON is a :class:`UserError` naming the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err

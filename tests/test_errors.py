@@ -1,0 +1,276 @@
+"""Every error a user can meet: one line on stderr naming the bad value, exit code 2, no traceback (``--debug``
+shows it); typed and finite training configs; knocks, folding and sequence-length limits that say what they do."""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; read by huggingface_hub at import
+
+from kha import AttentionConfig  # noqa: E402
+from kha.cli import main, run_command  # noqa: E402
+from kha.config import ModelConfig  # noqa: E402
+from kha.errors import UserError, read_json  # noqa: E402
+from kha.knock import fold_knocks, parse_targets  # noqa: E402
+from kha.model import DecoderLM  # noqa: E402
+from kha.train.config import TrainConfig, check_resume_steps, load_config  # noqa: E402
+
+from conftest import perturb  # noqa: E402
+
+
+def fails(argv, capsys, *expected: str) -> str:
+    """``kha ARGV`` exits 2 with one stderr line that contains every ``expected`` text and no traceback."""
+    capsys.readouterr()  # what earlier steps printed
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"kha {argv[0]}"), err
+    for text in expected:
+        assert text in err, (text, err)
+    return err
+
+
+# --- 1. typed, finite training configs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('decay_knocks = "no"', "decay_knocks = 'no' is not a boolean"),  # a non-empty string is no true
+    ('lr = "fast"', "lr = 'fast' is not a number"),
+    ("steps = 1.5", "steps = 1.5 is not an integer"),
+    ("steps = true", "steps = True is not an integer"),
+    ("seq_len = 1e20", "seq_len = 1e+20 is not an integer"),
+    ('model_overrides = "big"', "model_overrides = 'big' is not a table"),
+])
+def test_toml_values_must_have_the_field_type(line, expected, tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"steps = 3\n{line}\n" if not line.startswith("steps") else line + "\n")
+    fails(["train", "--config", path], capsys, str(path), expected)
+
+
+def test_an_int_is_a_valid_float(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text("lr = 1\nweight_decay = 0\n")
+    cfg = load_config(str(path))
+    assert (cfg.lr, cfg.weight_decay) == (1, 0)
+
+
+def test_malformed_toml_names_the_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text("steps = 3\n\nlr = = 0.1\n")
+    fails(["train", "--config", path], capsys, str(path), "line 3, column 6")
+
+
+@pytest.mark.parametrize("name,interval", [("lr", "(0, inf)"), ("grad_clip", "(0, inf)"),
+                                           ("spike_threshold", "(0, inf)"), ("weight_decay", "[0, inf)"),
+                                           ("warmup_frac", "[0, 1)"), ("min_lr_frac", "[0, 1]"),
+                                           ("beta1", "[0, 1)"), ("beta2", "[0, 1)")])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_field_must_be_finite(name, interval, value):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be a finite number in {interval}, got {value}")):
+        TrainConfig(**{name: value})
+
+
+def test_float_ranges_include_and_exclude_their_bounds():
+    TrainConfig(weight_decay=0.0, min_lr_frac=1.0, warmup_frac=0.0)  # closed ends
+    for name, value in (("lr", 0.0), ("warmup_frac", 1.0), ("min_lr_frac", 1.5), ("weight_decay", -0.1)):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: value})
+
+
+def test_non_finite_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # tyro's own usage error, exit code 2
+        main(["train", "--lr", "nan", "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "lr must be a finite number in (0, inf), got nan" in capsys.readouterr().err
+
+
+def test_knock_targets_without_a_knock_are_refused(tmp_path, capsys):
+    assert parse_targets("none", None) == parse_targets("none", "") == ()
+    with pytest.raises(ValueError, match=r"knock targets 'qkv' given with knock 'none'"):
+        parse_targets("none", "qkv")
+    with pytest.raises(ValueError, match=r"knock targets 'v' given with knock 'none'"):
+        TrainConfig(knock="none", knock_targets="v")
+    fails(["params", "tiny", "--targets", "qkv"], capsys, "--targets qkv needs --knock")
+
+
+def test_inputs_longer_than_max_seq_len_are_refused():
+    attn = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8)
+    model = DecoderLM(ModelConfig(attention=attn, n_layers=1, d_ff=64, vocab_size=50, max_seq_len=8))
+    assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, 50)
+    with pytest.raises(ValueError, match=r"input of 9 tokens is longer than max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_malformed_json_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text('{"grid": "table2",\n "seeds": [0, }\n')
+    with pytest.raises(UserError, match=rf"{path}: not valid JSON: .* at line 2, column 15"):
+        read_json(path)
+
+
+# --- 2. the error boundary --------------------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    fails(["report", tmp_path], capsys, f"{tmp_path}/grid.json: no such file or directory")
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "report", str(tmp_path)])
+    monkeypatch.setenv("KHA_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["report", str(tmp_path)])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_command(argparse.Namespace(command="train", func=interrupted)) == 130
+    assert capsys.readouterr().err == "kha train: interrupted\n"
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('decay_knocks = "no"\n')
+    cmd = [sys.executable, "-m", "kha.cli", "train", "--config", str(bad)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KHA_DEBUG": ""}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "decay_knocks = 'no' is not a boolean" in run.stderr
+    debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, env=env, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+# --- 4. resuming below the checkpoint's step ---------------------------------------------------------------------
+
+
+def test_resume_steps_below_the_checkpoint_are_refused():
+    check_resume_steps(100, 100)  # a finished run: nothing left, nothing wrong
+    check_resume_steps(150, 100)
+    with pytest.raises(ValueError, match=r"--steps 50 is below the checkpoint's step 100"):
+        check_resume_steps(50, 100)
+
+
+# --- 5. folding makes the model config say knock none -------------------------------------------------------------
+
+
+def test_fold_knocks_sets_the_model_config_to_knock_none():
+    attn = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, knock="linear", knock_targets="qkv")
+    model = DecoderLM(ModelConfig(attention=attn, n_layers=2, d_ff=64, vocab_size=50)).eval()
+    perturb(model)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        fold_knocks(model)
+        after = model(ids).logits
+    assert model.cfg.attention.knock == "none" and model.cfg.attention.knock_targets == ()
+    assert all(layer.attn.cfg.knock == "none" for layer in model.layers)
+    # the config now describes the parameters: a fresh model of it takes the folded weights, strictly
+    fresh = DecoderLM(model.cfg).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+# --- 6. every command, as a new user meets it --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["params", "nosuch"], "unknown preset 'nosuch'"),
+    (["flops", "--seq-len", "0"], "seq_len must be positive, got 0"),
+    (["flops", "--d-model", "-5"], "d_model must be a positive integer, got -5"),
+    (["flops", "--n-heads", "0"], "n_heads must be a positive integer, got 0"),
+    (["flops", "--d-ff", "-4"], "--d-ff must be a positive integer, got -4"),
+    (["flops", "--json", "--targets", "qkv"], "--targets qkv needs --knock"),
+    (["demo", "--steps", "0"], "--steps must be a positive integer, got 0"),
+])
+def test_bad_sizes_and_names(argv, expected, capsys):
+    fails(argv, capsys, expected)
+
+
+def test_ablate_refuses_a_non_finite_setting_before_writing(tmp_path, capsys):
+    fails(["ablate", "table2", "--out", tmp_path / "grid", "--lr", "inf"], capsys,
+          "lr must be a finite number in (0, inf), got inf")
+    assert not (tmp_path / "grid").exists()
+
+
+def test_folders_that_are_not_what_the_command_reads(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["report", empty], capsys, f"{empty}/grid.json")
+    fails(["plot", empty], capsys, f"{empty} is neither a grid directory")
+    fails(["data", "prepare", "--source", tmp_path / "nowhere", "--out", tmp_path / "d"], capsys,
+          f"{tmp_path / 'nowhere'}")
+    fails(["train", "--data", tmp_path / "nodata", "--out", tmp_path / "run", "--steps", "1", "--no-progress"],
+          capsys, f"{tmp_path / 'nodata'}: no such folder")
+    fails(["hf-convert", "--from", empty, "--out", tmp_path / "o"], capsys,
+          f"{empty}: neither a `kha train` run")
+    fails(["eval", tmp_path / "norun", "--data", tmp_path / "nodata", "--out", tmp_path / "o"], capsys,
+          f"{tmp_path / 'norun'}: no such folder")
+    fails(["eval", empty, "--data", tmp_path / "nodata", "--out", tmp_path / "o"], capsys,
+          f"{empty}: no model.safetensors")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_damaged_run_files_are_named(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_config.json").write_text('{"n_layers": 2,\n "d_ff": }\n')
+    (run / "model.safetensors").write_bytes(b"")
+    fails(["hf-convert", "--from", run, "--out", tmp_path / "o"], capsys,
+          f"{run / 'model_config.json'}: not valid JSON", "line 2, column 10")
+
+
+# --- 3. Hugging Face commands -----------------------------------------------------------------------------------
+
+
+def tiny_qwen3(folder: Path) -> Path:
+    """A tiny randomly initialised transformers Qwen3ForCausalLM, saved (a stock checkpoint, not a KHA one)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("command", ["retrofit", "export", "hf-convert"])
+def test_hf_commands_on_a_missing_folder(command, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    missing = tmp_path / "nonexistent"
+    fails([command, "--from", missing, "--out", tmp_path / "o"], capsys, f"{missing}: no such folder",
+          "needs a network")
+
+
+def test_retrofit_names_a_damaged_safetensors_file(tmp_path, capsys):
+    stock = tiny_qwen3(tmp_path / "stock")
+    truncate(stock / "model.safetensors")
+    fails(["retrofit", "--from", stock, "--out", tmp_path / "kha"], capsys,
+          f"{stock / 'model.safetensors'}: damaged safetensors file")
+
+
+def test_export_of_a_stock_checkpoint_says_there_is_nothing_to_export(tmp_path, capsys):
+    stock = tiny_qwen3(tmp_path / "stock")
+    fails(["export", "--from", stock, "--out", tmp_path / "out"], capsys,
+          f"{stock} holds a stock qwen3 model, not a KHA one", "nothing to export", "kha retrofit")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_names_a_damaged_kha_file(tmp_path, capsys):
+    stock = tiny_qwen3(tmp_path / "stock")
+    assert main(["retrofit", "--from", str(stock), "--knock", "linear", "--out", str(tmp_path / "kha")]) == 0
+    truncate(tmp_path / "kha" / "model.safetensors")
+    fails(["export", "--from", tmp_path / "kha", "--out", tmp_path / "out"], capsys,
+          f"{tmp_path / 'kha' / 'model.safetensors'}: damaged safetensors file")

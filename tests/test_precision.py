@@ -1,0 +1,178 @@
+"""Mixed precision and batched experts: every model under CPU bf16 autocast (the same dtype paths as CUDA bf16),
+MoE routing in fp32, the batched expert forms against the per-expert loop, the ``auto`` precision rule, and
+bf16 training runs that stay deterministic across a resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kha import AttentionConfig
+from kha.config import ModelConfig, MoEConfig
+from kha.model import DecoderLM, MoE, run_experts_grouped, run_experts_loop, run_experts_padded
+from kha.train import TrainConfig, train
+from kha.train import precision as prec
+from kha.train.callbacks import read_metrics
+
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %); a loss over a short model drifts by about that
+BF16_LOSS = dict(rtol=2e-2, atol=2e-2)
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+VARIANTS = {"gqa": {}, "gta": {}, "mla": dict(kv_lora_rank=16, rope_head_dim=4),
+            "gla": dict(kv_lora_rank=16, rope_head_dim=4), "talking": {}}
+KNOCKS = {"gqa": ["none", "linear", "mlp", "gate"], "gta": ["none", "linear", "mlp", "gate"],
+          "mla": ["none", "linear"], "gla": ["none", "linear"], "talking": ["none", "linear", "mlp"]}
+
+
+def lm_config(variant: str, knock: str, moe: bool) -> ModelConfig:
+    attn = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=4 if variant in ("mla", "gla") else 2, head_dim=8,
+                           variant=variant, knock=knock, knock_targets="qkv" if knock == "linear" else None,
+                           **VARIANTS[variant])
+    return ModelConfig(attention=attn, n_layers=2, d_ff=64, vocab_size=97,
+                       moe=MoEConfig(n_experts=4, top_k=2, d_expert=16) if moe else None)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize(("variant", "knock"), [(v, k) for v in VARIANTS for k in KNOCKS[v]])
+def test_every_model_trains_under_cpu_bf16_autocast(variant, knock, moe):
+    """Forward and backward under bf16 autocast: the loss is within bf16 rounding of fp32's, every gradient
+    is finite, fp32 (master weights) and close to fp32's gradient in direction."""
+    torch.manual_seed(0)
+    model = DecoderLM(lm_config(variant, knock, moe))
+    with torch.no_grad():  # move the knocks off the identity so that their bf16 path does something
+        for name, p in model.named_parameters():
+            if ".knocks." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (2, 12))
+    loss32 = model(ids, targets=ids).loss
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()), allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, targets=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, loss32, **BF16_LOSS)
+    grads16 = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    for (name, _), g32, g16 in zip(model.named_parameters(), grads32, grads16, strict=True):
+        if g32 is None or g32.norm() < 1e-6:
+            continue
+        assert g16.dtype == torch.float32 and torch.isfinite(g16).all(), name
+        cosine = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
+        assert cosine > 0.95, f"{name}: cosine {cosine:.3f} between bf16 and fp32 gradients"
+
+
+def test_moe_routing_stays_fp32_under_autocast():
+    """Autocast would run the router's matmul in bf16, which changes which experts near-ties pick; it must not."""
+    torch.manual_seed(0)
+    moe = MoE(64, MoEConfig(n_experts=16, top_k=4, d_expert=32))
+    for p in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(p, std=0.1)
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(512, 64)
+    chosen32, gates32 = moe.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chosen16, gates16 = moe.router(x)
+        out16 = moe(x)
+    assert gates16.dtype == torch.float32 and out16.dtype == torch.float32
+    assert torch.equal(chosen16, chosen32)
+    torch.testing.assert_close(gates16, gates32, rtol=0, atol=0)
+
+
+def _expert_problem(dtype=torch.float32):
+    torch.manual_seed(1)
+    counts = [5, 0, 17, 1, 9, 0, 32, 4]  # uneven, with empty experts
+    x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
+    weights = [(0.3 * torch.randn(8, *shape, dtype=dtype)).requires_grad_() for shape in ((16, 32), (16, 32), (32, 16))]
+    return counts, x, weights
+
+
+@pytest.mark.parametrize("form", [run_experts_padded, run_experts_grouped], ids=["padded", "grouped"])
+def test_batched_experts_match_the_per_expert_loop(form):
+    if form is run_experts_grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    counts, x, weights = _expert_problem()
+    upstream = torch.randn(sum(counts), 16)
+    ref = run_experts_loop(x, counts, *weights)
+    ref_grads = torch.autograd.grad(ref, [x, *weights], upstream)
+    out = form(x, counts, *weights)
+    grads = torch.autograd.grad(out, [x, *weights], upstream)
+    torch.testing.assert_close(out, ref, **FP32)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **FP32)
+
+
+def test_top1_router_gets_a_gradient():
+    """With top_k=1 the gate is the chosen expert's score (normalising over one expert would make it 1)."""
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(n_experts=4, top_k=1, d_expert=16))
+    for p in (moe.w_gate, moe.w_up, moe.w_down, moe.router.weight):
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(40, 32)
+    chosen, gates = moe.router(x)
+    scores = torch.sigmoid(x @ moe.router.weight.t())
+    torch.testing.assert_close(gates, scores.gather(-1, chosen), rtol=0, atol=1e-6)
+    moe(x).pow(2).sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_auto_precision_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prec.resolve_precision("fp32", cpu, 4096)[0] == "fp32"
+    assert prec.resolve_precision("bf16", cpu, 64)[0] == "bf16"
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+    assert prec.resolve_precision("auto", cpu, 4096)[0] == "fp32"
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    assert prec.resolve_precision("auto", cpu, prec.AUTO_BF16_MIN_D_MODEL - 1)[0] == "fp32"
+    assert prec.resolve_precision("auto", cpu, prec.AUTO_BF16_MIN_D_MODEL)[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert prec.resolve_precision("auto", cuda, 64)[0] == "bf16"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid are auto, fp32, bf16"):
+        prec.resolve_precision("fp16", cpu, 64)
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        TrainConfig(precision="half")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
+    for flags, expected in (("fpu sse avx512f amx_bf16 amx_tile", True), ("fpu sse avx2 avx512f", False)):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(prec, "Path", lambda _, fake=fake: fake)
+        prec.cpu_has_native_bf16.cache_clear()
+        assert prec.cpu_has_native_bf16() is expected
+    prec.cpu_has_native_bf16.cache_clear()
+
+
+def _bf16_run(data_dir, out, **overrides) -> TrainConfig:
+    values = dict(out=str(out), preset="tiny-moe", knock="mlp", data=str(data_dir), seq_len=32, batch_size=4,
+                  steps=6, eval_every=3, eval_batches=2, ckpt_every=3, progress=False, precision="bf16")
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys):
+    """Same seed, device and precision: a run resumed from its step-3 checkpoint equals the straight run
+    bit for bit, and two straight runs are identical."""
+    train(_bf16_run(data_dir, tmp_path / "a"))
+    assert "precision: bf16 (asked for)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16"
+    train(_bf16_run(data_dir, tmp_path / "b"))
+    # b loses everything after step 3, as if killed there, and is resumed
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000006")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000003")
+    (tmp_path / "b" / "model.safetensors").unlink()
+    train(_bf16_run(data_dir, tmp_path / "b", resume=True))
+    straight, resumed = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key
+
+
+def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, capsys):
+    """An ``auto`` run resumed elsewhere (here: a rule that would now pick fp32) continues in its precision."""
+    monkeypatch.setattr(prec, "resolve_precision", lambda asked, device, d: (
+        (asked, "asked for") if asked != "auto" else ("fp32", "auto")))
+    import kha.train.loop as loop
+
+    monkeypatch.setattr(loop, "resolve_precision", prec.resolve_precision)
+    train(_bf16_run(data_dir, tmp_path / "r", precision="bf16", steps=3))
+    train(_bf16_run(data_dir, tmp_path / "r", precision="auto", steps=6, resume=True))
+    assert capsys.readouterr().out.count("precision: bf16") == 2

@@ -1,0 +1,409 @@
+"""Runs that cannot be lost or poisoned: non-finite stops, the run-folder lock, verified pickle-free checkpoints,
+data checksums, crash-safe metrics, a full disk, and loss-spike events."""
+
+import errno
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kha.cli import main
+from kha.data.loader import verify_shards
+from kha.train import TrainConfig, train
+from kha.train.callbacks import MetricsLog, SpikeDetector, count_spike_events, read_metrics
+from kha.train.checkpoint import NonFiniteError, load_checkpoint, read_model_state, save_checkpoint
+from kha.train.distributed import Runtime
+from kha.train.loop import NonFiniteLossError
+from kha.train.runlock import RunLock, RunLockedError
+
+
+def small_run(data_dir, out, **overrides) -> TrainConfig:
+    values = dict(out=str(out), preset="tiny", data=str(data_dir), seq_len=32, batch_size=4, steps=6, lr=3e-3,
+                  eval_every=3, eval_batches=2, ckpt_every=3, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def ckpts(run_dir) -> list[str]:
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step_*"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at steps 3 and 6) to compare resumed runs with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(small_run(data_dir, out))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 1. non-finite
+
+
+def test_huge_lr_nan_gradients_stop_before_the_update_and_no_checkpoint_holds_nan(data_dir, tmp_path):
+    """lr 1e6: step 3's loss is still finite but its gradients are NaN (measured); the run must stop there."""
+    out = tmp_path / "huge"
+    cfg = small_run(data_dir, out, lr=1e6, warmup_frac=0.0, ckpt_every=1, eval_every=100, keep_checkpoints=5)
+    with pytest.raises(NonFiniteLossError, match=r"^the gradient norm is nan at step 3; .*step_0000002"):
+        train(cfg)
+    assert issubclass(NonFiniteLossError, NonFiniteError)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert ckpts(out) == ["step_0000001", "step_0000002"]
+    for name in ckpts(out):  # every tensor of every checkpoint (weights, optimizer moments) is finite
+        tensors = load_file(out / "checkpoints" / name / "rank00000.safetensors")
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), name
+    assert not (out / ".lock").exists()  # released on the exception
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    from kha.config import get_preset
+    from kha.model import DecoderLM
+    from kha.train.optim import build_optimizer
+
+    model = DecoderLM(replace(get_preset("tiny"), vocab_size=64))
+    opt = build_optimizer(model, TrainConfig())
+    rt = Runtime(0, 1, torch.device("cpu"))
+    save_checkpoint(tmp_path, 1, model, opt, {}, rt, keep=2)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or infinite values after step 2; refusing to save"):
+        save_checkpoint(tmp_path, 2, model, opt, {}, rt, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
+    assert (tmp_path / "latest").read_text() == "step_0000001"
+
+
+# ------------------------------------------------------------------------------------------ 2. the run lock
+
+
+def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLockedError, match=rf"in use by process {live.pid} on {socket.gethostname()}"):
+            train(small_run(data_dir, out, steps=1))
+        assert json.loads((out / ".lock").read_text())["pid"] == live.pid  # the holder's lock is untouched
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        live.kill()
+        live.wait()
+    # the holder died without removing its lock: the next run takes it over, says so, and removes it at the end
+    train(small_run(data_dir, out, steps=1, eval_every=1))
+    assert f"taking over the stale lock {out / '.lock'} of process {live.pid}" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_lock_is_exclusive_within_a_host(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RunLockedError, match=rf"process {os.getpid()} "):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def test_an_old_run_is_refused_without_resume_and_replaced_with_overwrite(data_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    with pytest.raises(ValueError, match=r"already holds a run .*pass --resume to continue it, --overwrite"):
+        train(small_run(data_dir, out, steps=3))
+    assert losses(out) == losses(reference) and ckpts(out) == ["step_0000003", "step_0000006"]  # untouched
+    train(small_run(data_dir, out, steps=3, overwrite=True))
+    assert losses(out) == losses(reference)[:3]  # a fresh 3-step run: the first 3 losses of the same seed
+    assert ckpts(out) == ["step_0000003"]  # the old step-6 checkpoint is gone
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        small_run(data_dir, out, resume=True, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------ 3. verified checkpoints
+
+
+def _damage(ckpt: Path, how: str) -> str:
+    if how == "flip a byte":
+        path = ckpt / "rank00000.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return "damaged (rank00000.safetensors does not match its SHA-256 in checksums.json)"
+    if how == "file removed":
+        (ckpt / "rank00000.json").unlink()
+        return "damaged (rank00000.json is missing)"
+    if how == "no checksums":
+        (ckpt / "checksums.json").unlink()
+        return "incomplete (no readable checksums.json"
+    shutil.rmtree(ckpt)  # the `latest` pointer now names a missing folder
+    return "names step_0000006, which is missing"
+
+
+@pytest.mark.parametrize("how", ["flip a byte", "file removed", "no checksums", "folder removed"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(data_dir, tmp_path, reference, capsys,
+                                                                         how):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    reason = _damage(out / "checkpoints" / "step_0000006", how)
+    capsys.readouterr()
+    train(small_run(data_dir, out, resume=True))
+    said = capsys.readouterr().out
+    assert reason in said and f"resumed from {out / 'checkpoints' / 'step_0000003'} (step 3)" in said
+    assert losses(out) == losses(reference)  # steps 4-6 redone from step 3: the same run, bit for bit
+    last = [read_metrics(run / "metrics.jsonl")[-1] for run in (out, reference)]
+    assert last[0]["val_loss"] == last[1]["val_loss"]
+
+
+def test_checksums_cover_every_file_and_no_intact_checkpoint_is_an_error(data_dir, tmp_path, reference):
+    ckpt = reference / "checkpoints" / "step_0000006"
+    sums = json.loads((ckpt / "checksums.json").read_text())["sha256"]
+    files = sorted(p.name for p in ckpt.iterdir() if p.name != "checksums.json")
+    assert sorted(sums) == files == ["meta.json", "rank00000.json", "rank00000.safetensors"]
+    assert all(hashlib.sha256((ckpt / n).read_bytes()).hexdigest() == sums[n] for n in files)
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ckpts(out):
+        _damage(out / "checkpoints" / name, "flip a byte")
+    with pytest.raises(ValueError, match=r"holds checkpoints but none is complete and intact"):
+        train(small_run(data_dir, out, resume=True))
+
+
+# ------------------------------------------------------------------------------------------ 4. no pickle
+
+
+def test_checkpoint_files_are_safetensors_and_json_only(reference):
+    folders = list((reference / "checkpoints").glob("step_*"))
+    assert len(folders) == 2
+    for ckpt in folders:
+        for path in ckpt.iterdir():
+            data = path.read_bytes()
+            assert not data.startswith(b"\x80"), path  # pickle protocol >= 2 starts with PROTO (0x80)
+            if path.suffix == ".safetensors":  # 8-byte little-endian header length, then a JSON header
+                (n,) = struct.unpack("<Q", data[:8])
+                json.loads(data[8:8 + n])
+            else:
+                assert path.suffix == ".json"
+                json.loads(data)
+
+
+def test_resume_never_unpickles(data_dir, tmp_path, reference, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while resuming")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    train(small_run(data_dir, out, resume=True))
+    assert losses(out) == losses(reference)
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, reference):
+    ckpt = tmp_path / "step_0000003"
+    shutil.copytree(reference / "checkpoints" / "step_0000003", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and must be resumed with as many "
+                                         r"\(torchrun --nproc-per-node 2\), not 1"):
+        load_checkpoint(ckpt, None, None, Runtime(0, 1, torch.device("cpu")))
+
+
+def test_checkpoint_model_state_matches_the_final_weights(reference):
+    state = read_model_state(reference / "checkpoints" / "step_0000006")
+    final = load_file(reference / "model.safetensors")
+    assert set(final) <= set(state) and all(torch.equal(state[k], final[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_resume_from_their_sharded_checkpoint(data_dir, tmp_path):
+    """2 FSDP2 processes: stopped at step 3 and resumed == the uninterrupted 6 steps, bit for bit; the sharded
+    checkpoint reassembles to the final weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, steps, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "kha.cli", "train", "--preset", "tiny-moe", "--knock", "mlp", "--data", str(data_dir), "--seq-len",
+               "32", "--batch-size", "4", "--steps", str(steps), "--ckpt-every", "3", "--eval-every", "3",
+               "--eval-batches", "2", "--no-progress", "--out", str(out), *extra]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run(tmp_path / "full", 6)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000006")  # as if killed after step 3's checkpoint
+    run(tmp_path / "resumed", 6, "--resume")
+    full, resumed = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("full", "resumed"))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in full], key
+    ckpt = tmp_path / "full" / "checkpoints" / "step_0000006"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "meta.json", "rank00000.json",
+                                                       "rank00000.safetensors", "rank00001.json",
+                                                       "rank00001.safetensors"]
+    state, final = read_model_state(ckpt), load_file(tmp_path / "full" / "model.safetensors")
+    assert all(torch.equal(state[k], final[k]) for k in final)
+
+
+# ------------------------------------------------------------------------------------------ 5. data integrity
+
+
+def test_a_zeroed_or_changed_shard_is_refused(data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    assert [p.name for p in verify_shards(data)] == ["tokenizer.json", "train.bin", "val.bin"]
+    assert main(["data", "verify", str(data)]) == 0 and f"ok: {data / 'val.bin'}" in capsys.readouterr().out
+    train_bin = data / "train.bin"
+    original = train_bin.read_bytes()
+    train_bin.write_bytes(bytes(len(original)))  # same size, all zeros: the size check alone passes
+    with pytest.raises(ValueError, match=rf"{train_bin} is all zeros; rebuild the folder with `kha data prepare`"):
+        train(small_run(data, tmp_path / "run", steps=1))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    changed = np.frombuffer(original, dtype=np.uint8).copy()
+    changed[100] ^= 1
+    train_bin.write_bytes(changed.tobytes())
+    assert main(["data", "verify", str(data)]) == 2
+    assert f"{train_bin} does not match the SHA-256 in its manifest" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 6. metrics, full disk
+
+
+def test_metrics_tolerate_a_torn_last_line_and_resume_rewrites_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    path.write_text(whole + '{"step": 4, "lo')  # killed in the middle of writing step 4
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    import kha.train.checkpoint as ckpt_mod
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed during the rewrite")
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == whole + '{"step": 4, "lo'  # a crash mid-rewrite leaves the old file whole
+    monkeypatch.undo()
+    log = MetricsLog(path, resume_step=2)
+    log.write({"step": 3, "loss": 0.5})
+    assert read_metrics(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}]
+    path.write_text(whole.replace('{"step": 2', '{"step": 2,,'))
+    with pytest.raises(ValueError, match=r"line 2 is not JSON"):
+        read_metrics(path)
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(data_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "run"
+    tmp_ckpt = out / "checkpoints" / ".tmp_step_0000004"
+    with pytest.raises(OSError, match=rf"No space left on device while writing checkpoint {tmp_ckpt}"):
+        train(small_run(data_dir, out, ckpt_every=2))
+    assert ckpts(out) == ["step_0000002"] and not tmp_ckpt.exists() and not (out / ".lock").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+# ------------------------------------------------------------------------------------------ 7. loss-spike events
+
+
+def _noise(n: int, seed: int = 0, sd: float = 0.01) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.gauss(0, sd) for _ in range(n)]
+
+
+def _run(losses: list[float], det: SpikeDetector | None = None, first_step: int = 1) -> list[bool]:
+    det = det or SpikeDetector(window=50, threshold=4.0)
+    return [det.update(first_step + i, x) for i, x in enumerate(losses)]
+
+
+def test_a_spike_decaying_over_40_steps_is_one_event_starting_where_the_definition_says():
+    noise = _noise(300)
+    losses = [3.0 + noise[i] + (0.8 * math.exp(-(i - 100) / 8) if 100 <= i < 140 else 0.0) for i in range(300)]
+    det = SpikeDetector(window=50, threshold=4.0)
+    flags = _run(losses, det)
+    # independent: the first step whose loss exceeds the previous 50 losses' mean by more than 4 of their sd
+    first = next(i for i in range(50, 300)
+                 if losses[i] > statistics.mean(losses[i - 50:i]) + 4 * statistics.stdev(losses[i - 50:i]))
+    assert first == 100 and det.spikes == [101] and flags.index(True) == 100 and sum(flags) == 1
+    assert sum(1 for i in range(100, 140) if losses[i] > 3.0 + 4 * 0.01) > 15  # it did stay high for a while
+
+
+def test_a_permanent_level_shift_is_at_most_one_event_and_later_noise_is_not_flagged():
+    noise = _noise(500, seed=1)
+    losses = [3.0 + noise[i] + (0.2 if i >= 100 else 0.0) for i in range(500)]
+    det = SpikeDetector(window=50, threshold=4.0)
+    flags = _run(losses, det)
+    assert det.spikes == [101] and sum(flags) == 1
+    assert not det.in_event  # the window moved to the new level and the event ended
+    assert statistics.mean(det.history) == pytest.approx(3.2, abs=0.01)
+    # a later ordinary excursion of 2.5 sd at the new level is not flagged, a real spike is
+    assert _run([3.2 + 0.025], det, 501) == [False] and _run([3.6], det, 502) == [True]
+
+
+def test_two_separated_spikes_are_two_events_and_old_files_count_runs():
+    noise = _noise(400, seed=2)
+    bumps = {120: 0.5, 121: 0.3, 122: 0.1, 260: 0.6, 261: 0.2}
+    losses = [3.0 + noise[i] + bumps.get(i, 0.0) for i in range(400)]
+    det = SpikeDetector(window=50, threshold=4.0)
+    flags = _run(losses, det)
+    assert det.spikes == [121, 261] and sum(flags) == 2
+    records = [{"step": i + 1, "spike": f} for i, f in enumerate(flags)]
+    assert count_spike_events(records) == 2
+    # a file from the older per-step detector: consecutive flags are one event
+    old = [{"step": s, "spike": s in (5, 6, 7, 20, 30, 31)} for s in range(1, 40)]
+    assert count_spike_events(old) == 3
+
+
+def test_spike_state_round_trips_mid_event():
+    noise = _noise(300, seed=3)
+    losses = [3.0 + noise[i] + (0.8 * math.exp(-(i - 100) / 8) if 100 <= i < 140 else 0.0) for i in range(300)]
+    whole = SpikeDetector(window=50, threshold=4.0)
+    flags = _run(losses, whole)
+    first = SpikeDetector(window=50, threshold=4.0)
+    _run(losses[:105], first)
+    assert first.in_event and first.high_run > 0  # really in the middle of an event
+    resumed = SpikeDetector(window=50, threshold=4.0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # JSON, as in meta.json
+    assert _run(losses[105:], resumed, 106) == flags[105:] and resumed.spikes == whole.spikes
+
+
+def test_training_restores_the_spike_detector_on_resume(data_dir, tmp_path):
+    """A detector sensitive enough to fire on a tiny run: flags and counts equal with and without a resume."""
+    common = dict(spike_window=2, spike_threshold=0.3, steps=12, ckpt_every=6, eval_every=100)
+    full = train(small_run(data_dir, tmp_path / "full", **common))
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000012")  # as if killed after step 6's checkpoint
+    resumed = train(small_run(data_dir, tmp_path / "resumed", **common, resume=True))
+    flags = [r["spike"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    assert any(flags[6:]), "pick a more sensitive detector: nothing to compare after the resume"
+    assert [r["spike"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == flags
+    assert full["spikes"] == resumed["spikes"] == sum(flags) == count_spike_events(
+        read_metrics(tmp_path / "full" / "metrics.jsonl"))

@@ -191,7 +191,8 @@ def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatc
     # plots: curves, deltas, knock heatmaps and movement (mlp-v only; the baseline has no knocks)
     written = plot_dir(root)
     names = sorted(p.name for p in written)
-    assert names == ["curves_all.png", "deltas.png", "mlp-v_seed_0_knock_movement.png", "mlp-v_seed_0_knocks.png"]
+    assert names == ["curves_all.png", "deltas.png", "deltas_vs_tokens.png", "mlp-v_seed_0_knock_movement.png",
+                     "mlp-v_seed_0_knocks.png"]
     assert all(p.stat().st_size > 1000 for p in written)
 
     # knock statistics from the weights file against a direct computation; the DCP checkpoint of the last
@@ -296,3 +297,83 @@ def test_knock_stats_identity_and_a_known_matrix():
     (row,) = knock_stats({(0, "v", "weight"): w})
     assert row["diag_share"] == pytest.approx(3 / 4.5) and row["offdiag_share"] == pytest.approx(1.5 / 4.5)
     assert row["diag_mean"] == 1.5 and row["moved"] == pytest.approx(1.5)  # ||[[0, -1], [0.5, 1]]||_F
+
+
+# ------------------------------------------------------------------------------------------ the CPU study
+
+
+def test_study_grid_is_the_issue_design():
+    arms = grid_variants("study")
+    assert [v.name for v in arms] == ["baseline", "mlp-v", "linear-qkv", "mlp-v-decay"]
+    configs = {v.name: run_config(TrainConfig(), v, 3, Path("x")) for v in arms}
+    assert [c.decay_knocks for c in configs.values()] == [False, False, False, True]
+    for name, cfg in configs.items():
+        attn = base_model_config(cfg).attention
+        assert (cfg.preset, cfg.seed, attn.n_kv_heads, attn.head_dim) == ("study", 3, 4, 32), name
+    assert base_model_config(configs["mlp-v"]).attention.knock_targets == ("v",)
+    assert base_model_config(configs["linear-qkv"]).attention.knock_targets == ("q", "k", "v")
+
+
+def _fake_study(root: Path, curves: dict[str, dict[int, list[float]]]) -> None:
+    """Finished runs (metrics and configs only, as committed) with validation losses ``curves[variant][seed]``
+    at steps 1..len, 100 tokens per step."""
+    base = TrainConfig(steps=4, batch_size=10, seq_len=10, progress=False)
+    variants = [v for v in grid_variants("study") if v.name in curves]
+    seeds = sorted({s for c in curves.values() for s in c})
+    write_grid_file(root, "study", variants, seeds, base)
+    for v in variants:
+        for s, losses in curves[v.name].items():
+            cfg = run_config(base, v, s, root)
+            out = Path(cfg.out)
+            out.mkdir(parents=True)
+            (out / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+            records = [{"step": k, "tokens": 100 * k, "loss": 4.0, "val_loss": loss}
+                       for k, loss in enumerate(losses, 1)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_delta_against_tokens_by_hand(tmp_path):
+    from kha.analysis.plots import plot_delta_curves
+    from kha.analysis.tables import GridResults, crossover
+
+    base = {0: [5.0, 4.0, 3.5, 3.0], 1: [5.1, 4.1, 3.6, 3.1], 2: [5.2, 4.0, 3.4, 3.2], 3: [5.0, 4.2, 3.5, 3.1]}
+    # mlp-v: no better at first, then clearly better; seed 3 stopped after 2 evaluations
+    mlp = {0: [5.0, 4.01, 3.45, 2.95], 1: [5.12, 4.08, 3.54, 3.04], 2: [5.19, 4.03, 3.33, 3.13], 3: [5.0, 4.1]}
+    _fake_study(tmp_path, {"baseline": base, "mlp-v": mlp})
+    g = GridResults(tmp_path)
+    curve = g.delta_curve("mlp-v")
+    assert [t for t, _ in curve] == [100, 200, 300, 400]
+    for (tokens, s), step in zip(curve, range(4), strict=True):
+        diffs = [mlp[k][step] - base[k][step] for k in base if step < len(mlp[k])]
+        assert s.n == len(diffs) and s.mean == pytest.approx(statistics.mean(diffs), abs=1e-12), tokens
+        half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        assert s.hi == pytest.approx(s.mean + half, abs=1e-12)
+    assert [s.n for _, s in curve] == [4, 4, 3, 3]
+    # intervals: step 3 (-0.05, -0.06, -0.07) and step 4 (-0.05, -0.06, -0.07) lie below 0, step 2 does not
+    assert crossover(curve) == 300
+    assert g.losses("mlp-v") == {0: 2.95, 1: 3.04, 2: 3.13}  # finished: the metrics reach the last step
+    report = grid_report(tmp_path)
+    assert "| **below 0 from** | 0.00M |" in report  # 300 tokens, in millions
+    assert plot_delta_curves(tmp_path).name == "deltas_vs_tokens.png"
+
+
+def test_crossover_needs_every_later_interval_below_zero():
+    from kha.analysis.tables import Summary, crossover
+
+    below, above = Summary(3, -0.1, 0.01, -0.12, -0.08), Summary(3, -0.1, 0.1, -0.3, 0.1)
+    assert crossover([(1, below), (2, above), (3, below), (4, below)]) == 3
+    assert crossover([(1, below), (2, above)]) is None
+    assert crossover([(1, Summary(1, -0.1, None, None, None))]) is None
+
+
+def test_final_knocks_are_saved_alone_and_read_back(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), preset="tiny", knock="mlp", data=str(data_dir), seq_len=32, batch_size=4,
+                      steps=2, eval_every=2, eval_batches=1, ckpt_every=2, progress=False))
+    full, alone = load_file(out / "model.safetensors"), load_file(out / "knocks.safetensors")
+    assert set(alone) == {k for k in full if ".knocks." in k} and len(alone) == 4 * 3
+    assert all(torch.equal(alone[k], full[k]) for k in alone)
+    expected = load_knocks(out)
+    (out / "model.safetensors").unlink()
+    again = load_knocks(out)
+    assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in again)

@@ -42,15 +42,25 @@ def knocks_from_state(state: dict[str, torch.Tensor]) -> dict[tuple[int, str, st
 
 
 def load_knocks(path: Path) -> dict[tuple[int, str, str], torch.Tensor]:
-    """Knock matrices from ``model.safetensors`` (a file or a run directory) or a training checkpoint folder."""
+    """Knock matrices from ``model.safetensors`` or ``knocks.safetensors`` (a file or a run directory) or a
+    training checkpoint folder."""
     path = Path(path)
-    if path.is_dir() and (path / "model.safetensors").exists():
-        path = path / "model.safetensors"
+    final = final_weights_file(path) if path.is_dir() else None
+    if final is not None:
+        path = final
     if path.is_file():
         from safetensors.torch import load_file
 
         return knocks_from_state(load_file(str(path)))
     return _load_checkpoint_knocks(path)
+
+
+def final_weights_file(run_dir: Path) -> Path | None:
+    """A run's final weights: ``model.safetensors``, else ``knocks.safetensors`` (all a committed study keeps)."""
+    for name in ("model.safetensors", "knocks.safetensors"):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
 
 
 def _load_checkpoint_knocks(ckpt: Path) -> dict[tuple[int, str, str], torch.Tensor]:
@@ -84,7 +94,7 @@ def knock_stats_over_steps(run_dir: Path) -> dict[int, list[dict]]:
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
         if (ckpt / "meta.json").exists():
             out[int(ckpt.name.removeprefix("step_"))] = knock_stats(load_knocks(ckpt))
-    if (run_dir / "model.safetensors").exists():
+    if final_weights_file(run_dir) is not None:
         records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
         out[records[-1]["step"] if records else -1] = knock_stats(load_knocks(run_dir))
     return dict(sorted(out.items()))

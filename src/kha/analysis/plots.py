@@ -143,12 +143,52 @@ def plot_deltas(root: Path, out_png: Path | None = None, level: float = 0.95) ->
     return _save(fig, out_png or Path(root) / "deltas.png")
 
 
+def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.95) -> Path | None:
+    """Paired ΔL against tokens seen, mean and t band per non-baseline arm: from how many tokens KHA helps."""
+    from .tables import GridResults, crossover
+
+    g = GridResults(root, level)
+    curves = {v["arm"] if len(g.groups) == 1 else f"{v['group']} {v['arm']}": g.delta_curve(v["name"])
+              for v in g.variants if v["arm"] != "baseline"}
+    curves = {k: c for k, c in curves.items() if c}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    for i, (label, curve) in enumerate(curves.items()):
+        tokens = [t / 1e6 for t, _ in curve]
+        n = max(s.n for _, s in curve)
+        ax.plot(tokens, [s.mean for _, s in curve], "o-", color=f"C{i}", markersize=3, label=f"{label} (n={n})")
+        band = [(t, s.lo, s.hi) for t, (_, s) in zip(tokens, curve, strict=True) if s.lo is not None]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=f"C{i}",
+                            alpha=0.15, linewidth=0)
+        cross = crossover(curve)
+        if cross is not None:
+            ax.axvline(cross / 1e6, color=f"C{i}", linestyle=":", linewidth=1)
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("ΔL = val loss - baseline's (paired by seed)")
+    ax.set_title(f"{g.meta['grid']}: paired ΔL against tokens, mean and {100 * level:g} % t band; "
+                 "dotted: below 0 from here on", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_png or Path(root) / "deltas_vs_tokens.png")
+
+
 def plot_run_knocks(run_dir: Path, out_dir: Path, name: str = "") -> list[Path]:
     """``[NAME_]knocks.png`` (heatmaps) and ``[NAME_]knock_movement.png`` of one run; none without knocks."""
-    from .knocks import knock_stats_over_steps, load_knocks, plot_knock_heatmaps, plot_knock_movement
+    from .knocks import (
+        final_weights_file,
+        knock_stats_over_steps,
+        load_knocks,
+        plot_knock_heatmaps,
+        plot_knock_movement,
+    )
 
     run_dir = Path(run_dir)
-    if not (run_dir / "model.safetensors").exists():
+    if final_weights_file(run_dir) is None:
         return []
     knocks = load_knocks(run_dir)
     if not knocks:
@@ -166,8 +206,7 @@ def plot_dir(path: Path, seed: int | None = None) -> list[Path]:
     path = Path(path)
     if (path / "grid.json").exists():
         written = plot_grid_curves(path)
-        deltas = plot_deltas(path)
-        written += [deltas] if deltas else []
+        written += [p for p in (plot_deltas(path), plot_delta_curves(path)) if p]
         _, runs = _grid_runs(path)
         for name, dirs in runs.items():
             chosen = [d for d in dirs if seed is None or d.name == f"seed_{seed}"][:1]

@@ -108,15 +108,19 @@ class RunResult:
     spikes: int
     steps_done: int
     steps: int
+    curve: dict[int, float]
+    """Validation loss by tokens seen, at every evaluation of the run so far."""
 
 
 def load_run(path: Path) -> RunResult:
     cfg = json.loads((path / "train_config.json").read_text())
     records = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
     done = records[-1]["step"] if records else 0
-    finished = done == cfg["steps"] and "val_loss" in records[-1] and (path / "model.safetensors").exists()
+    # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
+    finished = done == cfg["steps"] and "val_loss" in records[-1]
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
-                     count_spike_events(records), done, cfg["steps"])
+                     count_spike_events(records), done, cfg["steps"],
+                     {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r})
 
 
 def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
@@ -179,6 +183,18 @@ class GridResults:
     def delta_summary(self, name: str) -> Summary | None:
         base = self.baseline(name)
         return paired_delta(self.losses(name), self.losses(base), self.level) if base else None
+
+    def delta_curve(self, name: str) -> list[tuple[int, Summary]]:
+        """Paired ΔL against the baseline at every evaluation point (tokens seen) both runs of a seed reached."""
+        base = self.baseline(name)
+        if not base:
+            return []
+        runs, base_runs = self.results.get(name, {}), self.results.get(base, {})
+        curves = {s: r.curve for s, r in runs.items()}
+        base_curves = {s: r.curve for s, r in base_runs.items()}
+        points = sorted({t for s, c in curves.items() for t in c if t in base_curves.get(s, {})})
+        return [(t, paired_delta({s: c[t] for s, c in curves.items() if t in c},
+                                 {s: c[t] for s, c in base_curves.items() if t in c}, self.level)) for t in points]
 
     def delta(self, name: str | None) -> str:
         return fmt_summary(self.delta_summary(name), 4, signed=True, mark=True) if name else "—"
@@ -303,6 +319,32 @@ def generic_md(g: GridResults) -> str:
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
 
 
+def crossover(curve: list[tuple[int, Summary]]) -> int | None:
+    """The first evaluation point from which on every interval of ΔL lies below 0 (KHA better), else None."""
+    first = None
+    for tokens, s in curve:
+        below = s is not None and s.hi is not None and s.hi < 0
+        first = (first or tokens) if below else None
+    return first
+
+
+def delta_curves_md(g: GridResults) -> str:
+    """ΔL against tokens seen: one column per non-baseline arm, one row per evaluation point."""
+    arms = [v for v in g.variants if v["arm"] != "baseline" and g.delta_curve(v["name"])]
+    if not arms:
+        return "(no paired evaluations yet)"
+    curves = {v["name"]: dict(g.delta_curve(v["name"])) for v in arms}
+    tokens = sorted({t for c in curves.values() for t in c})
+    rows = [[f"{t / 1e6:.2f}M"] + [fmt_summary(curves[v["name"]].get(t), 4, signed=True, mark=True)
+                                   for v in arms] for t in tokens]
+    cross = []
+    for v in arms:
+        t = crossover(g.delta_curve(v["name"]))
+        cross.append("never" if t is None else f"{t / 1e6:.2f}M")
+    rows.append(["**below 0 from**"] + cross)
+    return _md(["tokens"] + [f"ΔL {v['name']}" for v in arms], rows)
+
+
 def per_seed_md(g: GridResults) -> str:
     seeds = sorted({s for runs in g.results.values() for s in runs})
     rows = []
@@ -321,6 +363,7 @@ def grid_report(root: Path, level: float = 0.95) -> str:
     g = GridResults(root, level)
     meta, results = g.meta, g.results
     train = meta.get("train", {})
+    presets = ", ".join(dict.fromkeys(v.get("preset") or train.get("preset") for v in g.variants))
     n_runs = sum(len(r) for r in results.values())
     n_done = sum(1 for r in results.values() for x in r.values() if x.val_loss is not None)
     pct = f"{100 * level:g} %"
@@ -328,7 +371,7 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         f"# {meta['grid']}: final validation loss, paired against the baseline",
         "",
         f"Runs: {n_done} finished of {n_runs} found ({len(g.variants)} variants x seeds {meta['seeds']}). "
-        f"Each: preset {train.get('preset')}, {train.get('steps')} steps x {train.get('batch_size')} x "
+        f"Each: preset {presets}, {train.get('steps')} steps x {train.get('batch_size')} x "
         f"{train.get('seq_len')} tokens (x grad_accum {train.get('grad_accum')}), lr {train.get('lr')}, "
         f"data {train.get('data')}; validation loss over {train.get('eval_batches')} batches.",
         "",
@@ -339,6 +382,13 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         "seeds every compared variant finished.",
         "",
         TABLES.get(meta["grid"], generic_md)(g),
+        "",
+        "### ΔL against tokens seen (paired, at every evaluation)",
+        "",
+        "Each cell: the paired ΔL at that point over the seeds both runs reached it (mean ± sd [interval], `*` "
+        "when the interval excludes 0). Last row: the first point from which every interval lies below 0.",
+        "",
+        delta_curves_md(g),
         "",
         "### Every run: final validation loss per seed",
         "",

@@ -1,7 +1,7 @@
 """Process-group setup and the one function that applies parallelism to a model.
 
-The model code knows nothing of this: ``parallelize`` applies, in order, ``torch.compile`` per block
-(optional) and FSDP2 (``fully_shard`` on every block, then on the root), as torchtitan does.
+The model code knows nothing of this: ``parallelize`` applies, in order, ``torch.compile`` (optional)
+and FSDP2 (``fully_shard`` on every block, then on the root), as torchtitan does.
 Works with ``torchrun`` on CUDA/NCCL and on CPU/gloo.
 """
 
@@ -54,10 +54,17 @@ def teardown_runtime() -> None:
 
 
 def parallelize(model: nn.Module, runtime: Runtime, compile: bool = False) -> nn.Module:
-    """Compile each block (optional), then shard every block and the root with FSDP2 when distributed."""
-    if compile:
+    """Compile (optional), then shard every block and the root with FSDP2 when distributed.
+
+    One process compiles the whole model, LM head and loss included (measured faster than per-block compile:
+    docs/benchmarks.md); under FSDP each block is compiled on its own, as FSDP2 wraps blocks. Both compile in
+    place, so parameter names (and so checkpoints) stay unchanged.
+    """
+    if compile and not runtime.distributed:
+        model.compile()
+    elif compile:
         for block in model.layers:
-            block.compile()  # in place: parameter names (and so checkpoints) stay unchanged
+            block.compile()
     if runtime.distributed:
         from torch.distributed.fsdp import fully_shard
 

@@ -58,7 +58,8 @@ def evaluate(model, batches: TokenBatches, n_batches: int, runtime: Runtime, aut
 
 
 def save_final_weights(model, model_cfg, out: Path, runtime: Runtime) -> None:
-    """``model.safetensors`` (full, unsharded weights; the tied LM head stored once) + ``model_config.json``."""
+    """``model.safetensors`` (full, unsharded weights; the tied LM head stored once) + ``model_config.json``,
+    and the knock matrices alone in ``knocks.safetensors`` (kilobytes: what a study keeps of its weights)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -70,6 +71,10 @@ def save_final_weights(model, model_cfg, out: Path, runtime: Runtime) -> None:
         with disk_errors("final weights", out / "model.safetensors"):
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             os.replace(tmp, out / "model.safetensors")
+            knocks = {k: v.contiguous() for k, v in state.items() if ".knocks." in k}
+            if knocks:
+                save_file(knocks, str(tmp))
+                os.replace(tmp, out / "knocks.safetensors")
         (out / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=1))
 
 

@@ -35,6 +35,8 @@ def param_groups(model: nn.Module, decay_knocks: bool) -> tuple[list, list]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the fused kernel (one pass over each parameter) for plain tensors, the default for FSDP's DTensors."""
     decay, no_decay = param_groups(model, cfg.decay_knocks)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    plain = all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=plain or None)

@@ -65,8 +65,9 @@ def n_params(module: nn.Module) -> int:
 
 
 def adamw(module: nn.Module) -> torch.optim.AdamW:
-    """AdamW with the paper's hyper-parameters (one group; the LR value does not change the cost)."""
-    return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    """AdamW with the paper's hyper-parameters (one group; the LR value does not change the cost), fused as in
+    ``kha train``."""
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
 
 # ---------------------------------------------------------------- options and environment
@@ -113,15 +114,30 @@ class Env:
         return compile_module(module) if self.compile else module
 
 
-def compile_module(module):
-    """``torch.compile`` with dynamo's recompile limit raised: the cases share code objects (one
-    ``Attention.forward`` for every knock setting and shape, a growing KV cache), and at the default limit
-    of 8 the later cases would silently fall back to eager. Hitting the raised limit is an error."""
+def static_compile_settings() -> None:
+    """Compile settings for timing many cases in one process. The cases share code objects (one
+    ``DecoderLM.forward`` for every knock setting and shape), so: dynamo's recompile limit is raised (at the
+    default of 8 later cases would silently fall back to eager; hitting the raised limit is an error), and
+    automatic dynamic shapes are off (a second shape of the same code would otherwise be recompiled into
+    slower shape-generic kernels, and every case of that code would run those)."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "accumulated_recompile_limit"):
         setattr(config, name, max(getattr(config, name), 256))
     config.fail_on_recompile_limit_hit = True
+    config.automatic_dynamic_shapes = False
+
+
+def compile_module(module):
+    """``torch.compile`` under :func:`static_compile_settings`."""
+    static_compile_settings()
     return torch.compile(module)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def setup(args: argparse.Namespace) -> Env:
@@ -238,6 +254,32 @@ def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable
     return Case(name, step)
 
 
+def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device):
+    """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
+    inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as
+    ``kha train --compile`` (``kha.train.distributed.parallelize``)."""
+    from kha.model import DecoderLM
+    from kha.train.config import TrainConfig
+    from kha.train.distributed import Runtime, parallelize
+    from kha.train.optim import build_optimizer
+    from kha.train.precision import autocast_context
+
+    torch.manual_seed(0)
+    model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
+    optimizer = build_optimizer(model, TrainConfig())
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step():
+        with autocast_context(precision, device):
+            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def lm_loss(targets: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Next-token cross-entropy of ``(B, T, vocab)`` logits, in fp32, against ``targets`` ``(B, T)``."""
     return lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -274,6 +316,7 @@ def measure(cases: list[Case], env: Env, label: str = "") -> dict[str, Timing]:
     for case in cases:
         for _ in range(env.warmup):
             _call(case, env)
+    graphs = compiled_graphs()
     timings = {c.name: Timing([]) for c in cases}
     for _ in range(env.repeats):
         for case in cases:
@@ -282,8 +325,12 @@ def measure(cases: list[Case], env: Env, label: str = "") -> dict[str, Timing]:
             timing.times.append(elapsed)
             if peak is not None:
                 timing.peak_bytes = max(timing.peak_bytes or 0, peak)
-    print(f"[{label or 'cases'}: {len(cases)} cases timed in {time.perf_counter() - t0:.1f} s]", file=sys.stderr,
-          flush=True)
+    recompiled = compiled_graphs() - graphs
+    if recompiled:
+        raise RuntimeError(f"{label or 'cases'}: {recompiled} graph(s) compiled during the timed rounds; the "
+                           "warm-up must compile everything (raise --warmup)")
+    print(f"[{label or 'cases'}: {len(cases)} cases timed in {time.perf_counter() - t0:.1f} s, no recompilation]",
+          file=sys.stderr, flush=True)
     return timings
 
 

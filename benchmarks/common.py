@@ -158,7 +158,7 @@ def setup(args: argparse.Namespace) -> Env:
 # ---------------------------------------------------------------- machine and versions
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -182,7 +182,7 @@ def _git_commit() -> str:
 def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
     """What produced the numbers: CPU, cores, threads, GPU, versions, commit, load."""
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -1,6 +1,6 @@
 """Does bf16 autocast change what training reaches? The same model, seed and batches trained in fp32 and in bf16
 (``--precision fp32`` vs ``bf16``), paired by seed: the difference of final validation loss against the
-seed-to-seed spread of the fp32 runs. Not a timing: it may run beside other work.
+seed-to-seed spread of the fp32 runs. Not a timing: a busy machine changes only how long it takes.
 
 Default: ``configs/tiny.toml`` (the tiny preset, 8 x 128 tokens per step) for 300 steps, seeds 0-4, on the
 Shakespeare corpus (``kha data prepare --out data/shakespeare`` first).
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import common
 from kha.analysis.tables import fmt_summary, paired_delta, summarize
 from kha.train import train
 from kha.train.callbacks import read_metrics
@@ -35,9 +36,10 @@ def main() -> None:
     args = p.parse_args()
     base = replace(load_config(args.config), steps=args.steps, eval_every=args.steps, progress=False)
     print("# fp32 vs bf16 autocast: final validation loss, paired by seed\n")
-    print(f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; config {args.config} ({base.preset}, {base.batch_size} x "
-          f"{base.seq_len} tokens per step), {args.steps} steps, seeds 0-{args.seeds - 1}\n", flush=True)
+    print(f"- machine: {common.cpu_model()}, {torch.get_num_threads()} torch threads; python "
+          f"{platform.python_version()}, torch {torch.__version__}; config {args.config} ({base.preset}, "
+          f"{base.batch_size} x {base.seq_len} tokens per step), {args.steps} steps, seeds 0-{args.seeds - 1}\n",
+          flush=True)
     losses: dict[str, dict[int, float]] = {"fp32": {}, "bf16": {}}
     for seed in range(args.seeds):
         for precision in losses:

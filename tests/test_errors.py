@@ -118,11 +118,11 @@ def test_malformed_json_names_the_file_line_and_column(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    fails(["report", tmp_path], capsys, f"{tmp_path}/grid.json: no such file or directory")
-    with pytest.raises(FileNotFoundError):
+    fails(["report", tmp_path], capsys, f"{tmp_path} holds no grid (no grid.json)")
+    with pytest.raises(UserError, match="holds no grid"):
         main(["--debug", "report", str(tmp_path)])
     monkeypatch.setenv("KHA_DEBUG", "1")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="holds no grid"):
         main(["report", str(tmp_path)])
 
 
@@ -203,7 +203,7 @@ def test_ablate_refuses_a_non_finite_setting_before_writing(tmp_path, capsys):
 def test_folders_that_are_not_what_the_command_reads(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    fails(["report", empty], capsys, f"{empty}/grid.json")
+    fails(["report", empty], capsys, f"{empty} holds no grid (no grid.json)")
     fails(["plot", empty], capsys, f"{empty} is neither a grid directory")
     fails(["data", "prepare", "--source", tmp_path / "nowhere", "--out", tmp_path / "d"], capsys,
           f"{tmp_path / 'nowhere'}")
@@ -274,3 +274,157 @@ def test_export_names_a_damaged_kha_file(tmp_path, capsys):
     truncate(tmp_path / "kha" / "model.safetensors")
     fails(["export", "--from", tmp_path / "kha", "--out", tmp_path / "out"], capsys,
           f"{tmp_path / 'kha' / 'model.safetensors'}: damaged safetensors file")
+
+
+# --- 6. damaged manifests, grids, tokenizers and lock files; odd flag values (a re-run of the campaign) -------------
+
+
+def _manifest_copy(data_dir: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(data_dir, folder)
+    edit(folder / "manifest.json")
+    return folder
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("truncated", "manifest.json: not valid JSON: Expecting value at line 2, column 1"),
+    ("a list", "manifest.json: not a manifest (a JSON object)"),
+    ("no splits", "manifest.json: a damaged manifest (KeyError: 'splits')"),
+    ("vocab_size edited", "manifest.json says vocab_size 100, its tokenizer has"),
+])
+def test_a_damaged_manifest_is_named_before_training(how, expected, data_dir, tmp_path, capsys):
+    import json
+
+    def edit(path: Path) -> None:
+        m = json.loads(path.read_text())
+        if how == "truncated":
+            path.write_text('{"format":\n')
+            return
+        if how == "a list":
+            m = [m]
+        elif how == "no splits":
+            del m["splits"]
+        else:
+            m["tokenizer"]["vocab_size"] = 100  # would index past the embedding mid-run
+        path.write_text(json.dumps(m))
+
+    folder = _manifest_copy(data_dir, tmp_path, edit)
+    fails(["data", "verify", folder], capsys, str(folder / "manifest.json"), expected)
+    fails(["train", "--data", folder, "--out", tmp_path / "run", "--steps", "1"], capsys, expected)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_file_that_is_no_tokenizer_is_named_as_given(tmp_path, capsys):
+    bad = tmp_path / "tok.json"
+    bad.write_text("not json")
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i in range(3):
+        (src / f"d{i}.txt").write_text(f"document {i}\n" * 20)
+    fails(["data", "prepare", "--source", src, "--out", tmp_path / "data", "--tokenizer", bad, "--quiet"], capsys,
+          f"{bad}: not a Hugging Face tokenizers tokenizer.json")
+    assert not (tmp_path / "data" / "tokenizer.json").exists()  # refused before it was copied
+
+
+def test_a_failed_download_in_data_prepare_goes_through_the_error_boundary(tmp_path, capsys, monkeypatch):
+    import kha.data.prepare
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("could not download the Shakespeare archive: no network")
+
+    monkeypatch.setattr(kha.data.prepare, "prepare", offline)
+    fails(["data", "prepare", "--out", tmp_path / "d"], capsys, "could not download", "--debug shows the traceback")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"moe": 5}, "model override moe = 5 is not a table of MoEConfig fields"),
+    ({"moe": {"n_experts": 4}}, "missing 2 required positional arguments"),
+    ({"moe": {"n_experts": 4, "top_k": 1, "d_expert": 8, "colour": 1}}, "unexpected keyword argument 'colour'"),
+    ({"attention": 7}, "model override attention = 7 is not a table of AttentionConfig fields"),
+])
+def test_model_overrides_of_the_wrong_shape_are_user_errors(overrides, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        TrainConfig(model_overrides=overrides)
+
+
+def test_a_negative_seed_is_refused_at_the_config(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("seed = -1\n")
+    fails(["train", "--config", path], capsys, str(path), "seed must be a non-negative integer, got -1")
+
+
+def test_report_and_plot_name_a_folder_without_or_with_a_damaged_grid(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["report", empty], capsys, f"{empty} holds no grid (no grid.json); run `kha ablate GRID --out {empty}` first")
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "grid.json").write_text('{"grid": "table1",\n "variants": [}\n')
+    for command in ("report", "plot"):
+        fails([command, grid], capsys, f"{grid / 'grid.json'}: not valid JSON", "line 2")
+    (grid / "grid.json").write_text("{}")
+    for command in (["report", grid], ["plot", grid], ["ablate", "table1", "--out", grid, "--report"]):
+        fails(command, capsys, f"{grid / 'grid.json'} is not a grid file written by `kha ablate`")
+    for level in ("2", "0", "nan"):
+        fails(["report", grid, "--level", level], capsys, "--level must be a confidence level in (0, 1)")
+
+
+def test_ablate_with_no_seeds_is_refused_before_writing(tmp_path, capsys):
+    for seeds in ("0", "-2"):
+        fails(["ablate", "table1", "--out", tmp_path / "g", "--seeds", seeds], capsys, "no seeds: --seeds must be")
+    assert not (tmp_path / "g").exists()
+
+
+def test_run_files_of_a_grid_and_checkpoint_meta_name_their_file(tmp_path):
+    from kha.analysis.tables import load_run
+    from kha.experiments import _check_same_config
+    from kha.train.checkpoint import read_model_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{\n")
+    with pytest.raises(UserError, match=re.escape(f"{run / 'train_config.json'}: not valid JSON")):
+        load_run(run)
+    with pytest.raises(UserError, match=re.escape(f"{run / 'train_config.json'}: not valid JSON")):
+        _check_same_config(TrainConfig(out=str(run)))
+    (run / "meta.json").write_text('{"step": }')
+    with pytest.raises(UserError, match=re.escape(f"{run / 'meta.json'}: not valid JSON")):
+        read_model_state(run)
+
+
+def test_a_grid_folder_moved_elsewhere_still_holds_the_same_runs(tmp_path):
+    import json
+
+    from kha.experiments import _check_same_config
+
+    cfg = TrainConfig(out=str(tmp_path / "moved" / "runs" / "baseline" / "seed_0"))
+    Path(cfg.out).mkdir(parents=True)
+    old = {**cfg.to_dict(), "out": str(tmp_path / "original" / "runs" / "baseline" / "seed_0")}
+    (Path(cfg.out) / "train_config.json").write_text(json.dumps(old))
+    _check_same_config(cfg)  # only where it lies changed
+    (Path(cfg.out) / "train_config.json").write_text(json.dumps({**old, "lr": 0.01}))
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.01 -> 0.003\)"):
+        _check_same_config(cfg)
+
+
+@pytest.mark.parametrize("command", ["retrofit", "export", "hf-convert"])
+def test_hf_commands_refuse_to_write_into_the_folder_they_read(command, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    fails([command, "--from", folder, "--out", str(folder) + "/"], capsys, "is the --from folder",
+          "choose another --out")
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_eval_refuses_an_unknown_device_before_writing(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    (run / "model_config.json").write_text("{}")
+    fails(["eval", run, "--data", data_dir, "--out", tmp_path / "o", "--device", "tpu"], capsys,
+          "--device 'tpu' is not a torch device")
+    assert not (tmp_path / "o").exists()

@@ -207,13 +207,18 @@ def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatc
     from_ckpt = load_knocks(run / "checkpoints" / "step_0000003")
     assert from_ckpt.keys() == load_knocks(run).keys()
     assert all(torch.equal(from_ckpt[k], load_knocks(run)[k]) for k in from_ckpt)
+    # the report's knock table: the mean over layers and both seeds of what knock_stats gives per matrix
+    rows = [r for s in (0, 1) for r in knock_stats(load_knocks(root / "runs" / "mlp-v" / f"seed_{s}"))
+            if r["param"] == "w_up"]
+    moved, share = (statistics.mean(r[k] for r in rows) for k in ("moved", "diag_share"))
+    assert f"| mlp-v | v | w_up | {moved:.3f} | {share:.3f} | 2 |" in report
 
 
 # ------------------------------------------------------------------------------------------ report layout
 
 
 def _fake_grid(root: Path, grid: str, seeds=(0, 1, 2)) -> dict:
-    """Runs that look finished (metrics, weights file, configs), with losses set by a formula."""
+    """Runs that look finished (metrics and configs, as a committed study keeps them), losses set by a formula."""
     base = TrainConfig(steps=4, progress=False)
     variants = grid_variants(grid, base.preset)
     write_grid_file(root, grid, variants, list(seeds), base)
@@ -225,7 +230,6 @@ def _fake_grid(root: Path, grid: str, seeds=(0, 1, 2)) -> dict:
             out.mkdir(parents=True)
             (out / "train_config.json").write_text(json.dumps(cfg.to_dict()))
             (out / "model_config.json").write_text(json.dumps(asdict(build_model_config(cfg, 512))))
-            (out / "model.safetensors").write_bytes(b"x")
             loss = 3.0 + 0.01 * s + (0.0 if v.arm == "baseline" else -0.001 * (i % 3 + 1) * (s + 1))
             losses[v.name, s] = loss
             records = [{"step": k, "loss": 4.0, "spike": k == 2 and s == 0} for k in range(1, 5)]

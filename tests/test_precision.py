@@ -194,3 +194,22 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
     train(_bf16_run(data_dir, tmp_path / "compiled", compile=True, resume=True, **settings))
     resumed = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in compiled]
+
+
+def test_expert_dispatch_falls_back_to_the_padded_form(monkeypatch):
+    """Where ``torch._grouped_mm`` does not work (an old torch, a GPU without it, fp32 on CUDA) or rows are not
+    16-byte aligned, ``run_experts`` takes the padded form; either way it equals the loop."""
+    import kha.model as model
+
+    calls = []
+    monkeypatch.setattr(model, "run_experts_padded", lambda *a: calls.append("padded") or run_experts_padded(*a))
+    monkeypatch.setattr(model, "run_experts_grouped", lambda *a: calls.append("grouped") or run_experts_grouped(*a))
+    counts, x, weights = _expert_problem()
+    expected = run_experts_loop(x, counts, *weights)
+    monkeypatch.setitem(model._GROUPED_MM_WORKS, ("cpu", torch.float32), False)
+    torch.testing.assert_close(model.run_experts(x, counts, *weights), expected, **FP32)
+    monkeypatch.setitem(model._GROUPED_MM_WORKS, ("cpu", torch.float32), True)
+    torch.testing.assert_close(model.run_experts(x, counts, *weights), expected, **FP32)
+    odd = [w[..., :-1] if i < 2 else w[:, :-1] for i, w in enumerate(weights)]  # 31 columns: 124 bytes per row
+    torch.testing.assert_close(model.run_experts(x, counts, *odd), run_experts_loop(x, counts, *odd), **FP32)
+    assert calls == ["padded", "grouped", "padded"]

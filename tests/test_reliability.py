@@ -137,6 +137,43 @@ def test_an_old_run_is_refused_without_resume_and_replaced_with_overwrite(data_d
         small_run(data_dir, out, resume=True, overwrite=True)
 
 
+def test_a_lock_file_kha_did_not_write_is_named_not_attributed_to_process_none(tmp_path):
+    for text in ("garbage", "[1]", "{}"):
+        (tmp_path / ".lock").write_text(text)
+        with pytest.raises(RunLockedError, match=r"\.lock is not a lock kha wrote \(no process id in it\); if no "):
+            RunLock(tmp_path).acquire()
+        assert (tmp_path / ".lock").read_text() == text  # left for the user to judge
+
+
+def test_resume_with_steps_below_the_checkpoint_is_an_error_and_equal_steps_say_so(data_dir, tmp_path, reference,
+                                                                                     capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    saved = (out / "train_config.json").read_text()
+    flags = ["--preset", "tiny", "--data", data_dir, "--seq-len", "32", "--batch-size", "4", "--eval-every", "3",
+             "--eval-batches", "2", "--ckpt-every", "3", "--no-progress", "--out", out, "--resume"]
+    capsys.readouterr()
+    assert main(["train", *map(str, flags), "--steps", "3"]) == 2  # used to train nothing and exit 0
+    err = capsys.readouterr().err
+    assert "--steps 3 is below the checkpoint's step 6: nothing would be trained" in err and "Traceback" not in err
+    assert (out / "train_config.json").read_text() == saved  # not rewritten with steps 3
+    assert losses(out) == losses(reference) and ckpts(out) == ckpts(reference)
+    assert main(["train", *map(str, flags), "--steps", "6"]) == 0
+    assert "is already at --steps 6: nothing left to train" in capsys.readouterr().out
+    assert losses(out) == losses(reference)
+
+
+def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(data_dir, tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    backup = out / "checkpoints" / "step_0000006.bak"
+    shutil.copytree(out / "checkpoints" / "step_0000006", backup)
+    capsys.readouterr()
+    train(small_run(data_dir, out, resume=True, steps=9))  # used to fail: invalid literal for int(): '0000006.bak'
+    assert f"resumed from {out / 'checkpoints' / 'step_0000006'} (step 6)" in capsys.readouterr().out
+    assert backup.is_dir() and ckpts(out) == ["step_0000006", "step_0000006.bak", "step_0000009"]  # kept, not rotated
+
+
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints
 
 
@@ -311,7 +348,8 @@ def test_metrics_tolerate_a_torn_last_line_and_resume_rewrites_atomically(tmp_pa
         read_metrics(path)
 
 
-def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(data_dir, tmp_path, monkeypatch, raised):
     import safetensors.torch
 
     real, calls = safetensors.torch.save_file, {"n": 0}
@@ -319,7 +357,11 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(data_dir, 
     def full_disk(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if raised == "OSError":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            # what safetensors' Rust writer really raises on a full disk (seen on a small tmpfs)
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                              "(os error 28)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)

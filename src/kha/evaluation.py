@@ -253,6 +253,14 @@ def run_eval(runs: list[str | os.PathLike], data_dir: str | os.PathLike, out: st
         value = batch_size if name == "batch_size" else task_options.get(name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device; e.g. cpu, cuda or cuda:1") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} asks for CUDA, which is not available here; use --device cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Read when huggingface_hub / datasets are first imported (lm_eval imports them below), so effective in a fresh

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .config import get_preset
+from .errors import UserError, read_json
 from .train.config import TrainConfig
 
 # the arms every group of Tables 1, 3 and 5 compares: (label, knock, targets)
@@ -174,7 +175,7 @@ def run_state(cfg: TrainConfig) -> tuple[str, int]:
             return "finished", cfg.steps
     latest = latest_checkpoint(out / "checkpoints")
     if latest is not None:
-        return "partial", json.loads((latest / "meta.json").read_text())["step"]
+        return "partial", read_json(latest / "meta.json")["step"]
     return "new", 0
 
 
@@ -182,8 +183,9 @@ def _check_same_config(cfg: TrainConfig) -> None:
     path = Path(cfg.out) / "train_config.json"
     if not path.exists():
         return
-    old, new = json.loads(path.read_text()), cfg.to_dict()
-    differ = [k for k in new if k not in ("resume", "overwrite", "progress") and old.get(k) != new[k]]
+    old, new = read_json(path), cfg.to_dict()
+    # "out": a grid folder moved or renamed still holds the same runs
+    differ = [k for k in new if k not in ("out", "resume", "overwrite", "progress") and old.get(k) != new[k]]
     if differ:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
         raise ValueError(f"{cfg.out} holds a run with another config ({diffs}); use another --out or remove it")
@@ -191,9 +193,11 @@ def _check_same_config(cfg: TrainConfig) -> None:
 
 def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[int], base: TrainConfig) -> None:
     """``OUT/grid.json``: the grid's name, variants, seeds (all ever run here) and shared training settings."""
+    from .analysis.tables import read_grid
+
     path = Path(out) / "grid.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_grid(out)
         if old["grid"] != grid:
             raise ValueError(f"{out} holds grid {old['grid']!r}, not {grid!r}; use another --out")
         seeds = sorted(set(old["seeds"]) | set(seeds))
@@ -221,6 +225,8 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     base = base or TrainConfig()
     out = Path(out)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise UserError("no seeds: --seeds must be a positive integer (seeds 0..N-1)")
     variants = grid_variants(grid, base.preset, only)
     jobs = [(v, s) for s in seeds for v in variants]  # seed-major: complete pairs first
     configs = [run_config(base, v, s, out) for v, s in jobs]
@@ -272,7 +278,7 @@ def _base_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .analysis.tables import write_report
+    from .analysis.tables import read_grid, write_report
 
     out = Path(args.out)
     if not args.report:
@@ -280,7 +286,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         run_grid(args.grid, out, args.seeds, _base_config(args), only)
     elif not (out / "grid.json").exists():
         raise ValueError(f"{out} holds no grid (no grid.json); run `kha ablate {args.grid} --out {out}` first")
-    elif json.loads((out / "grid.json").read_text())["grid"] != args.grid:
+    elif read_grid(out)["grid"] != args.grid:
         raise ValueError(f"{out} holds another grid than {args.grid}")
     path = write_report(out)
     print(path.read_text())

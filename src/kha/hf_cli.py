@@ -10,10 +10,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .errors import UserError
+
+
+def _other_folder(args: argparse.Namespace, command: str) -> None:
+    """Writing into the ``--from`` folder would replace the model files being read: refuse it."""
+    if Path(args.out).resolve() == Path(args.src).resolve():
+        raise UserError(f"--out {args.out} is the --from folder: {command} would overwrite the model files it reads; "
+                        "choose another --out")
+
 
 def cmd_retrofit(args: argparse.Namespace) -> int:
     from .hf.stock import copy_side_files, retrofit
 
+    _other_folder(args, "retrofit")
     model = retrofit(args.src, knock=args.knock, targets=args.targets)
     model.save_pretrained(args.out)
     copy_side_files(args.src, args.out)
@@ -26,6 +36,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .hf.stock import export
 
+    _other_folder(args, "export")
     kind = export(args.src, args.out)
     print(f"wrote {args.out}: stock {kind} checkpoint (linear knocks folded); transformers loads it without kha")
     return 0
@@ -34,14 +45,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_hf_convert(args: argparse.Namespace) -> int:
     from .hf.runs import from_training_run, hf_tokenizer, local_folder, run_tokenizer, save_training_run, to_decoder_lm
 
+    _other_folder(args, "hf-convert")
     src = local_folder(args.src, "hf-convert")
     if (src / "model_config.json").exists():
         if args.tokenizer and not Path(args.tokenizer).is_file():
             raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
-        from_training_run(src).save_pretrained(args.out)
         tok = args.tokenizer or run_tokenizer(src)
-        if tok:
-            hf_tokenizer(tok).save_pretrained(args.out)
+        hf_tok = hf_tokenizer(tok) if tok else None  # a bad tokenizer fails before anything is written
+        from_training_run(src).save_pretrained(args.out)
+        if hf_tok is not None:
+            hf_tok.save_pretrained(args.out)
         print(f"wrote {args.out}: Hugging Face KHA folder{' with tokenizer ' + str(tok) if tok else ''}")
     elif (src / "config.json").exists():
         save_training_run(to_decoder_lm(src), args.out)

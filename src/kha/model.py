@@ -231,6 +231,8 @@ class DecoderLM(nn.Module):
         :meth:`new_caches` for incremental decoding; other arguments as in :class:`kha.Attention`."""
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq) token ids, got shape {tuple(input_ids.shape)}")
         if input_ids.shape[-1] > self.cfg.max_seq_len:
             raise ValueError(f"input of {input_ids.shape[-1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)

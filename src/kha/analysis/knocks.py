@@ -88,10 +88,11 @@ def knock_stats(knocks: dict[tuple[int, str, str], torch.Tensor]) -> list[dict]:
 def knock_stats_over_steps(run_dir: Path) -> dict[int, list[dict]]:
     """``{step: knock_stats}`` for each surviving checkpoint and the final weights (under the last step)."""
     from ..train.callbacks import read_metrics
+    from ..train.checkpoint import step_dirs
 
     run_dir = Path(run_dir)
     out = {}
-    for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+    for ckpt in step_dirs(run_dir / "checkpoints"):
         if (ckpt / "meta.json").exists():
             out[int(ckpt.name.removeprefix("step_"))] = knock_stats(load_knocks(ckpt))
     if final_weights_file(run_dir) is not None:

@@ -80,9 +80,9 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
 
 
 def _grid_runs(root: Path) -> tuple[dict, dict[str, list[Path]]]:
-    import json
+    from .tables import read_grid
 
-    meta = json.loads((Path(root) / "grid.json").read_text())
+    meta = read_grid(root)
     runs = {}
     for v in meta["variants"]:
         dirs = sorted(p.parent for p in (Path(root) / "runs" / v["name"]).glob("seed_*/metrics.jsonl"))

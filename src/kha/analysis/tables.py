@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..errors import UserError, read_json
 from ..train.callbacks import count_spike_events, read_metrics
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -113,7 +113,7 @@ class RunResult:
 
 
 def load_run(path: Path) -> RunResult:
-    cfg = json.loads((path / "train_config.json").read_text())
+    cfg = read_json(path / "train_config.json")
     records = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
     done = records[-1]["step"] if records else 0
     # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
@@ -123,10 +123,24 @@ def load_run(path: Path) -> RunResult:
                      {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r})
 
 
+def read_grid(root: Path) -> dict:
+    """``ROOT/grid.json``; a missing, malformed or damaged one is a :class:`UserError` naming it."""
+    root = Path(root)
+    if not (root / "grid.json").is_file():
+        raise UserError(f"{root} holds no grid (no grid.json); run `kha ablate GRID --out {root}` first")
+    meta = read_json(root / "grid.json")
+    variants = meta.get("variants") if isinstance(meta, dict) else None
+    if not (isinstance(variants, list) and isinstance(meta.get("grid"), str) and isinstance(meta.get("seeds"), list)
+            and all(isinstance(v, dict) and "name" in v for v in variants)):
+        raise UserError(f"{root / 'grid.json'} is not a grid file written by `kha ablate` (it needs a grid name, "
+                        "seeds and a list of variants); restore it, or run the grid again into another --out")
+    return meta
+
+
 def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
     """``grid.json`` and ``{variant: {seed: RunResult}}`` for every run directory found."""
     root = Path(root)
-    meta = json.loads((root / "grid.json").read_text())
+    meta = read_grid(root)
     results = {}
     for v in meta["variants"]:
         runs = sorted((root / "runs" / v["name"]).glob("seed_*/train_config.json"))
@@ -218,7 +232,7 @@ class GridResults:
 
         root = self.root / "runs" / name
         for path in sorted(root.glob("seed_*/model_config.json")):
-            d = json.loads(path.read_text())
+            d = read_json(path)
             d["attention"] = AttentionConfig(**d["attention"])
             d["moe"] = MoEConfig(**d["moe"]) if d["moe"] else None
             return ModelConfig(**{k: d[k] for k in (f.name for f in fields(ModelConfig))})
@@ -345,6 +359,29 @@ def delta_curves_md(g: GridResults) -> str:
     return _md(["tokens"] + [f"ΔL {v['name']}" for v in arms], rows)
 
 
+def knocks_md(g: GridResults) -> str | None:
+    """How far the final knocks moved from their init: per variant and knock matrix, the mean over layers and
+    finished seeds of ``||W - W_0||_F`` and of the diagonal's share of ``|W|`` (kha.analysis.knocks)."""
+    from .knocks import final_weights_file, knock_stats, load_knocks
+
+    rows = []
+    for v in (v for v in g.variants if v["knock"] != "none"):
+        stats: dict[tuple[str, str], list[dict]] = {}
+        for seed in g.losses(v["name"]):
+            run = g.root / "runs" / v["name"] / f"seed_{seed}"
+            if final_weights_file(run) is not None:
+                for row in knock_stats(load_knocks(run)):
+                    stats.setdefault((row["target"], row["param"]), []).append(row)
+        for (target, param), found in stats.items():
+            n_seeds = len(found) // len({r["layer"] for r in found})
+            rows.append([v["name"], target, param, f"{sum(r['moved'] for r in found) / len(found):.3f}",
+                         f"{sum(r['diag_share'] for r in found) / len(found):.3f}", str(n_seeds)])
+    if not rows:
+        return None
+    return _md(["Variant", "target", "matrix", "moved ‖W - W0‖ (mean over layers, seeds)", "diagonal share of |W|",
+                "seeds"], rows)
+
+
 def per_seed_md(g: GridResults) -> str:
     seeds = sorted({s for runs in g.results.values() for s in runs})
     rows = []
@@ -395,10 +432,18 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         per_seed_md(g),
         "",
     ]
+    knocks = knocks_md(g)
+    if knocks:
+        lines += ["### Knocks: how far training moved them from their init", "",
+                  "W0 is the identity (W_gate: zero). A diagonal share near 1 means each feature still maps mostly "
+                  "to itself; lower shares mean the shared transform mixes features across the head dimension.", "",
+                  knocks, ""]
     return "\n".join(lines)
 
 
 def write_report(root: Path, level: float = 0.95) -> Path:
+    if not 0 < level < 1:
+        raise UserError(f"--level must be a confidence level in (0, 1), e.g. 0.95; got {level}")
     path = Path(root) / "report.md"
     path.write_text(grid_report(Path(root), level))
     return path

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ..errors import UserError
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -19,9 +20,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         m = prepare(args.source or ["shakespeare"], args.out, vocab_size=args.vocab_size,
                     val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
                     tokenizer=args.tokenizer, progress=not args.quiet)
-    except (ImportError, OSError, RuntimeError) as err:  # missing optional dependency, file, or download
-        print(f"kha data prepare: error: {err}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:  # a failed download; a missing file or dependency reaches kha's error boundary
+        raise UserError(str(err)) from err
     out = Path(args.out)
     print(f"sources: {', '.join(m['config']['sources'])}")
     print(f"tokenizer: {out / m['tokenizer']['file']} ({m['tokenizer']['vocab_size']:,} ids, "

@@ -24,6 +24,7 @@ import torch
 
 from .prepare import read_manifest
 from .sources import sha256_file
+from .tokenizer import load_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -51,6 +52,10 @@ def verify_shards(data_dir: str | os.PathLike) -> list[Path]:
             what = "is all zeros" if zeros else "does not match the SHA-256 in its manifest (damaged or changed)"
             raise ValueError(f"{path} {what}; rebuild the folder with `kha data prepare`")
         checked.append(path)
+    n_vocab = load_tokenizer(checked[0]).get_vocab_size()  # an edited vocab_size would index past the embedding
+    if n_vocab != manifest["tokenizer"]["vocab_size"]:
+        raise ValueError(f"{Path(data_dir) / 'manifest.json'} says vocab_size {manifest['tokenizer']['vocab_size']}, "
+                         f"its tokenizer has {n_vocab} ids; rebuild the folder with `kha data prepare`")
     return checked
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserError, read_json
 from .sources import Document, resolve, sha256_file
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
 
@@ -42,10 +43,19 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         what = "no such folder" if not Path(data_dir).is_dir() else f"no {MANIFEST} in it"
         raise FileNotFoundError(f"{data_dir}: {what}; build the token shards first with "
                                 f"`kha data prepare --source ... --out {data_dir}`")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (a JSON object); run `kha data prepare` again")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')}, "
                          f"expected {FORMAT!r} version {FORMAT_VERSION}; run `kha data prepare` again")
+    try:  # the fields readers use: an edited manifest fails here, not mid-run
+        np.dtype(manifest["dtype"])
+        [manifest["tokenizer"][k] for k in ("file", "sha256", "vocab_size")]
+        [int(s["tokens"]) + len(s["file"] + s["sha256"]) for s in manifest["splits"].values()]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: a damaged manifest ({type(err).__name__}: {err}); run `kha data prepare` "
+                        "again") from err
     return manifest
 
 
@@ -177,6 +187,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     tok_key = hashlib.sha256(json.dumps({"vocab_size": vocab_size, "eos": EOS}).encode()
                              + b"".join(d.encode() + b"\0" + text_digests[d] for d in train_ids)).hexdigest()
     if tokenizer:
+        load_tokenizer(tokenizer)  # a bad file fails under the name it was given, before it is copied
         if Path(tokenizer).resolve() != tok_path.resolve():
             _write_atomic(tok_path, Path(tokenizer).read_bytes())
         tok, tok_key = load_tokenizer(tok_path), None

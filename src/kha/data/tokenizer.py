@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..errors import UserError
+
 EOS = "<|endoftext|>"
 
 
@@ -50,7 +52,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        if not Path(path).is_file():
+            raise FileNotFoundError(2, "no such file", str(path)) from err
+        raise UserError(f"{path}: not a Hugging Face tokenizers tokenizer.json ({err})") from err
     if tok.token_to_id(EOS) is None:
         raise ValueError(f"{path}: the tokenizer has no {EOS} token")
     tok.encode_special_tokens = True

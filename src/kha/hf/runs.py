@@ -137,6 +137,9 @@ def hf_tokenizer(tokenizer_json: str | os.PathLike):
     """A ``PreTrainedTokenizerFast`` for a ``kha data`` tokenizer (``<|endoftext|>`` as EOS and padding)."""
     from transformers import PreTrainedTokenizerFast
 
+    from ..data.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer_json)  # a file that is no tokenizer.json, or has no EOS, is named here
     return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOS, pad_token=EOS)
 
 

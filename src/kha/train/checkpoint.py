@@ -31,11 +31,18 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..data.sources import sha256_file
+from ..errors import read_json
 from .distributed import Runtime, barrier
 
 FORMAT = "kha-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUMS = "checksums.json"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoint folders ``step_N`` under ``root``, oldest first (a copy such as ``step_N.bak`` is none)."""
+    found = (p for p in Path(root).glob("step_*") if p.is_dir() and p.name[5:].isascii() and p.name[5:].isdigit())
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 class NonFiniteError(RuntimeError):
@@ -65,8 +72,8 @@ def disk_errors(what: str, path: Path):
     """Turn a full disk into one sentence naming the file or folder being written."""
     try:
         yield
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
+    except Exception as err:  # safetensors' writer reports ENOSPC as a SafetensorError "... (os error 28)"
+        if getattr(err, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(err):
             raise OSError(errno.ENOSPC, f"No space left on device while writing {what} {path}; free some space "
                           "(fewer --keep-checkpoints also helps) and resume with --resume") from err
         raise
@@ -191,7 +198,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 atomic_write_text(root / "latest", final.name)
-            done = sorted(p for p in root.glob("step_*") if p.is_dir())
+            done = step_dirs(root)
             for old in done[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -237,7 +244,7 @@ def latest_checkpoint(root: Path, verify: bool = False, log: Callable[[str], Non
     over for the next one, and ``log`` is told which and why.
     """
     root = Path(root)
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    candidates = step_dirs(root)[::-1]
     pointer = root / "latest"
     named = pointer.read_text().strip() if pointer.is_file() else None
     if named and not (root / named).is_dir() and log:
@@ -262,7 +269,7 @@ def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
     """
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json")
     if meta["world_size"] != runtime.world_size:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} process(es) and must be resumed "
                          f"with as many (torchrun --nproc-per-node {meta['world_size']}), not {runtime.world_size}")
@@ -283,7 +290,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    world = json.loads((path / "meta.json").read_text())["world_size"]
+    world = read_json(path / "meta.json")["world_size"]
     ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(world)]
     layout = json.loads((path / _rank_files(0)[1]).read_text())["layout"]
     state = {}

@@ -91,6 +91,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seed < 0:  # numpy's generators refuse a negative seed, mid-run
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets are {', '.join(PRESETS)}")
         if self.knock not in KNOCK_TYPES:
@@ -182,7 +184,15 @@ def apply_overrides(cfg, overrides: dict):
         if isinstance(value, dict) and is_dataclass(current):
             value = apply_overrides(current, value)
         elif isinstance(value, dict) and key == "moe":
-            value = MoEConfig(**value)
+            try:
+                value = MoEConfig(**value)
+            except TypeError as err:  # an unknown or a missing field
+                raise ValueError(f"model override moe = {value!r}: {err}; its fields are "
+                                 f"{', '.join(f.name for f in fields(MoEConfig))}") from err
+        elif is_dataclass(current) or (key == "moe" and value is not None):
+            raise ValueError(f"model override {key} = {value!r} is not a table of "
+                             f"{'MoEConfig' if key == 'moe' else type(current).__name__} fields"
+                             f"{' (or none, for a dense FFN)' if key == 'moe' else ''}")
         changes[key] = value
     return replace(cfg, **changes)
 

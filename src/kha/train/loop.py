@@ -32,7 +32,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, base_model_config
+from .config import TrainConfig, base_model_config, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, lr_at
 from .precision import autocast_context, resolve_precision
@@ -112,7 +112,7 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
             raise ValueError(f"{out} already holds a run (metrics.jsonl or checkpoints); pass --resume to continue "
                              "it, --overwrite to delete it and start again, or another --out")
         print(f"overwrite: deleting the run in {out}", flush=True)
-        for name in ("metrics.jsonl", "model.safetensors", "model_config.json"):
+        for name in ("metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors"):
             (out / name).unlink(missing_ok=True)
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -120,7 +120,12 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
         return -1
     ckpt = latest_checkpoint(ckpt_root, verify=True, log=lambda msg: print(msg, flush=True))
     if ckpt is not None:
-        return int(ckpt.name.removeprefix("step_"))
+        step = int(ckpt.name.removeprefix("step_"))
+        check_resume_steps(cfg.steps, step)  # before train_config.json is rewritten with the new steps
+        if cfg.steps == step:
+            print(f"{ckpt} is already at --steps {step}: nothing left to train; pass a larger --steps to continue",
+                  flush=True)
+        return step
     if any(ckpt_root.glob("step_*")):
         raise ValueError(f"{ckpt_root} holds checkpoints but none is complete and intact (see above); remove them, "
                          "or start again with --overwrite instead of --resume")

@@ -38,9 +38,10 @@ class RunLock:
 
     def _holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,12 @@ class RunLock:
                     self.log(f"taking over the stale lock {self.path} of process {pid}, which no longer runs")
                     self.path.unlink(missing_ok=True)
                     continue
+                if attempt == 0 and not self.path.exists():  # released in the meantime
+                    continue
+                if pid is None:  # kha writes a lock complete: this one is someone else's, or damaged
+                    raise RunLockedError(
+                        f"{self.path} is not a lock kha wrote (no process id in it); if no training uses "
+                        f"{self.path.parent}, delete that file and start again") from None
                 raise RunLockedError(
                     f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait for it "
                     "to finish or use another --out (delete the lock file only if that process is gone)") from None

@@ -4,8 +4,9 @@ batched matmul (the fallback), and the per-expert Python loop (the reference the
 
 Each step is ``kha train``'s (loss inside, clipping, AdamW) in the precision ``--precision auto`` picks for the
 shape. Shapes: ``tiny`` (the ``tiny-moe`` preset, 16 experts of 96, top-4, against ``tiny``: 2.23M activated
-parameters both; batch 16 x 128) and ``study`` (d 256, 16 experts of 192, top-4, against the ``study`` preset
-with SwiGLU 768 = 4 x 192; batch 16 x 256). Ratios are step time against the dense model in the same run.
+parameters both, plus the router's own; batch 16 x 128) and ``study`` (d 256, 16 experts of 192, top-4, against
+the ``study`` preset with SwiGLU 768 = 4 x 192; batch 16 x 256). Ratios: step time against the dense model's in
+the same run.
 
     .venv/bin/python benchmarks/moe.py [--shapes tiny,study --json PATH]
 """
@@ -57,11 +58,12 @@ def main() -> None:
     for name in names:
         dense, moe, batch, seq = table[name]
         dense_n, moe_n = count_parameters(dense), count_parameters(moe)
-        assert dense_n["activated"] == moe_n["activated"], (dense_n, moe_n)
+        router = moe.n_layers * moe.moe.n_experts * moe.d_model
+        assert moe_n["activated"] == dense_n["activated"] + router, (dense_n, moe_n)  # the router's own weights
         precision, _ = resolve_precision("auto", env.device, dense.d_model)
         print(f"- {name}: dense {common.describe(dense)}; MoE {moe.moe.n_experts} experts of {moe.moe.d_expert}, "
-              f"top-{moe.moe.top_k}; activated {dense_n['activated']:,} both, MoE total {moe_n['total']:,}; "
-              f"{precision}; batch {batch} x seq {seq}", flush=True)
+              f"top-{moe.moe.top_k}; activated {dense_n['activated']:,} (MoE: + {router:,} router weights), MoE "
+              f"total {moe_n['total']:,}; {precision}; batch {batch} x seq {seq}", flush=True)
         cases = [common.Case("dense", common.kha_train_step(dense, batch, seq, precision, env.compile, env.device))]
         moe_step = common.kha_train_step(moe, batch, seq, precision, env.compile, env.device)
         cases += [common.Case(f"MoE, {form}", with_experts(moe_step, fn)) for form, fn in EXPERTS.items()]

@@ -58,8 +58,11 @@ def main() -> None:
     print(f"| bf16 final val loss | {fmt_summary(summarize(losses['bf16'].values()), 4)} |")
     print(f"| bf16 - fp32, paired by seed | {fmt_summary(delta, 4, signed=True, mark=True)} |")
     print(f"| seed-to-seed sd of fp32 | {spread.sd:.4f} |")
-    verdict = ("within" if abs(delta.mean) < spread.sd and not delta.excludes_zero else "NOT within")
-    print(f"\nThe paired difference ({delta.mean:+.4f}) is {verdict} the seed-to-seed noise (sd {spread.sd:.4f}).")
+    inside = "contains 0" if not delta.excludes_zero else "excludes 0"
+    worse = sum(losses["bf16"][s] > losses["fp32"][s] for s in losses["fp32"])
+    print(f"\nThe paired difference's 95 % interval {inside}; its mean ({delta.mean:+.4f}) is "
+          f"{abs(delta.mean) / spread.sd:.2f} seed-to-seed sd of fp32 ({spread.sd:.4f}); bf16 ended higher in "
+          f"{worse} of {len(losses['fp32'])} seeds.")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": args.config, "steps": args.steps, "losses": losses,

@@ -109,9 +109,14 @@ def run_experts_padded(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down)
     return torch.bmm(hidden, w_down)[expert, slot]
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on (``_grouped_mm`` is not autocast by torch)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def run_experts_grouped(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
     """The same as :func:`run_experts_loop` with ``torch._grouped_mm`` (no padding), in autocast's dtype."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _compute_dtype(x)
     offsets = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offsets)) * torch._grouped_mm(x, w_up, offs=offsets)
@@ -139,10 +144,15 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
     """Every expert's SwiGLU without a Python loop: ``torch._grouped_mm`` where it works for this device,
-    dtype and shape (rows 16-byte aligned), else the padded batched matmul."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype and shape (rows 16-byte aligned), else the padded batched matmul.
+
+    On CPU ``_grouped_mm`` is taken in fp32 only: in bf16 its CPU kernel made a training step 1.55x slower
+    than the padded form (benchmarks/moe.py, docs/benchmarks.md), while in fp32 it was the fastest form.
+    """
+    dtype = _compute_dtype(x)
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[-1]))
-    if aligned and not torch.compiler.is_compiling() and grouped_mm_works(x.device, dtype):
+    fast_here = x.device.type != "cpu" or dtype == torch.float32
+    if aligned and fast_here and not torch.compiler.is_compiling() and grouped_mm_works(x.device, dtype):
         return run_experts_grouped(x, counts, w_gate, w_up, w_down)
     return run_experts_padded(x, counts, w_gate, w_up, w_down)
 

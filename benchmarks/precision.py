@@ -36,6 +36,7 @@ def main() -> None:
     env = common.setup(args)
     info = common.machine_info(env)
     info["compile"] = not args.no_compile
+    info["dtype"] = "fp32 and bf16 autocast (one case each)"
     common.print_banner("Training step as kha train runs it: fp32 vs bf16 autocast, eager vs compiled", info)
     names = ["tiny"] if env.quick else [s.strip() for s in args.shapes.split(",")]
     unknown = [n for n in names if n not in SHAPES]

@@ -147,7 +147,7 @@ def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> tor
     dtype and shape (rows 16-byte aligned), else the padded batched matmul.
 
     On CPU ``_grouped_mm`` is taken in fp32 only: in bf16 its CPU kernel made a training step 1.55x slower
-    than the padded form (benchmarks/moe.py, docs/benchmarks.md), while in fp32 it was the fastest form.
+    than the padded form (benchmarks/moe.py, docs/benchmarks.md), while in fp32 it was the fastest form there.
     """
     dtype = _compute_dtype(x)
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[-1]))

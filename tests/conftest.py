@@ -65,6 +65,24 @@ def assert_sdpa_matches_eager(module, d_model: int, with_mask: bool) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+def small_run(data_dir, out, **overrides):
+    """The training tests' run: the tiny preset on ``data_dir``, 6 steps of 4 x 32 tokens, checkpoints and
+    evaluations every 3 steps; ``overrides`` replace any ``TrainConfig`` field."""
+    from kha.train import TrainConfig
+
+    values = dict(out=str(out), preset="tiny", data=str(data_dir), seq_len=32, batch_size=4, steps=6, lr=3e-3,
+                  eval_every=3, eval_batches=2, ckpt_every=3, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def losses(run_dir) -> list[float]:
+    """The training losses of ``run_dir/metrics.jsonl``, step by step."""
+    from kha.train.callbacks import read_metrics
+
+    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -100,6 +100,21 @@ def test_batched_experts_match_the_per_expert_loop(form):
         torch.testing.assert_close(g, r, **FP32)
 
 
+def test_grouped_mm_probe_runs_with_gradients_under_no_grad(monkeypatch):
+    """The first MoE forward may be evaluation or decoding: the probe must not fail there and switch the grouped
+    form off for the process."""
+    import kha.model as model
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    monkeypatch.setattr(model, "_GROUPED_MM_WORKS", {})
+    with torch.no_grad():
+        assert model.grouped_mm_works(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(model, "_GROUPED_MM_WORKS", {})
+    with torch.inference_mode():
+        assert model.grouped_mm_works(torch.device("cpu"), torch.float32)
+
+
 def test_top1_router_gets_a_gradient():
     """With top_k=1 the gate is the chosen expert's score (normalising over one expert would make it 1)."""
     torch.manual_seed(0)

@@ -31,16 +31,7 @@ from kha.train.distributed import Runtime
 from kha.train.loop import NonFiniteLossError
 from kha.train.runlock import RunLock, RunLockedError
 
-
-def small_run(data_dir, out, **overrides) -> TrainConfig:
-    values = dict(out=str(out), preset="tiny", data=str(data_dir), seq_len=32, batch_size=4, steps=6, lr=3e-3,
-                  eval_every=3, eval_batches=2, ckpt_every=3, progress=False)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+from conftest import losses, small_run
 
 
 def ckpts(run_dir) -> list[str]:

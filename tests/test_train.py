@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,20 +12,11 @@ from safetensors.torch import load_file
 
 from kha.data.loader import read_manifest
 from kha.model import DecoderLM
-from kha.train import TrainConfig, train
+from kha.train import train
 from kha.train.callbacks import read_metrics
 from kha.train.loop import NonFiniteLossError, build_model_config
 
-
-def small_run(data_dir, out, **overrides) -> TrainConfig:
-    values = dict(out=str(out), preset="tiny", data=str(data_dir), seq_len=32, batch_size=4, steps=6, lr=3e-3,
-                  eval_every=3, eval_batches=2, ckpt_every=3, progress=False)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+from conftest import losses, small_run
 
 
 def test_same_seed_same_run_and_outputs(data_dir, tmp_path):

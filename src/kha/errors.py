@@ -1,7 +1,7 @@
 """User errors: what a command line reports as one line (exit code 2) instead of a traceback.
 
 - :class:`UserError`: a bad input, a missing or damaged file; a ``ValueError``, so callers catching that still do.
-- :data:`USER_ERRORS`: what the ``kha`` command's error boundary (``kha.cli.main``) turns into one line.
+- :data:`USER_ERRORS`: what the ``kha`` command's error boundary (``kha.cli.run_command``) turns into one line.
 - :func:`describe`: that line's text (an ``OSError`` as ``PATH: reason``).
 - :func:`read_json`: ``json.loads`` of a file whose syntax errors name the file, line and column.
 """

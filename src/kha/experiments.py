@@ -286,8 +286,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         run_grid(args.grid, out, args.seeds, _base_config(args), only)
     elif not (out / "grid.json").exists():
         raise ValueError(f"{out} holds no grid (no grid.json); run `kha ablate {args.grid} --out {out}` first")
-    elif read_grid(out)["grid"] != args.grid:
-        raise ValueError(f"{out} holds another grid than {args.grid}")
+    elif (found := read_grid(out)["grid"]) != args.grid:
+        raise ValueError(f"{out} holds grid {found!r}, not {args.grid!r}; report it with `kha ablate {found} --out "
+                         f"{out} --report`")
     path = write_report(out)
     print(path.read_text())
     print(f"wrote {path}")

@@ -128,14 +128,17 @@ _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward and backward here (it is private, and on CUDA needs a
-    recent GPU and bf16): tried once per device type and dtype on a small problem."""
+    recent GPU and bf16): tried once per device type and dtype on a small problem, with gradients on even when
+    the first call comes from ``no_grad`` or inference code (else the probe's backward would fail there and
+    switch ``_grouped_mm`` off for the whole process)."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_WORKS:
         try:
-            x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            y = torch._grouped_mm(x, w, offs=torch.tensor([1, 4], device=device, dtype=torch.int32))
-            y.backward(torch.ones_like(y))
+            with torch.inference_mode(False), torch.enable_grad():
+                x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                y = torch._grouped_mm(x, w, offs=torch.tensor([1, 4], device=device, dtype=torch.int32))
+                y.backward(torch.ones_like(y))
             _GROUPED_MM_WORKS[key] = True
         except (AttributeError, RuntimeError, NotImplementedError):
             _GROUPED_MM_WORKS[key] = False

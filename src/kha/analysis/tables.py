@@ -338,25 +338,22 @@ def crossover(curve: list[tuple[int, Summary]]) -> int | None:
     first = None
     for tokens, s in curve:
         below = s is not None and s.hi is not None and s.hi < 0
-        first = (first or tokens) if below else None
+        first = (tokens if first is None else first) if below else None
     return first
 
 
 def delta_curves_md(g: GridResults) -> str:
     """ΔL against tokens seen: one column per non-baseline arm, one row per evaluation point."""
-    arms = [v for v in g.variants if v["arm"] != "baseline" and g.delta_curve(v["name"])]
-    if not arms:
+    curves = {v["name"]: g.delta_curve(v["name"]) for v in g.variants if v["arm"] != "baseline"}
+    curves = {name: curve for name, curve in curves.items() if curve}
+    if not curves:
         return "(no paired evaluations yet)"
-    curves = {v["name"]: dict(g.delta_curve(v["name"])) for v in arms}
-    tokens = sorted({t for c in curves.values() for t in c})
-    rows = [[f"{t / 1e6:.2f}M"] + [fmt_summary(curves[v["name"]].get(t), 4, signed=True, mark=True)
-                                   for v in arms] for t in tokens]
-    cross = []
-    for v in arms:
-        t = crossover(g.delta_curve(v["name"]))
-        cross.append("never" if t is None else f"{t / 1e6:.2f}M")
-    rows.append(["**below 0 from**"] + cross)
-    return _md(["tokens"] + [f"ΔL {v['name']}" for v in arms], rows)
+    tokens = sorted({t for curve in curves.values() for t, _ in curve})
+    rows = [[f"{t / 1e6:.2f}M"] + [fmt_summary(dict(curve).get(t), 4, signed=True, mark=True)
+                                   for curve in curves.values()] for t in tokens]
+    cross = [crossover(curve) for curve in curves.values()]
+    rows.append(["**below 0 from**"] + ["never" if t is None else f"{t / 1e6:.2f}M" for t in cross])
+    return _md(["tokens"] + [f"ΔL {name}" for name in curves], rows)
 
 
 def knocks_md(g: GridResults) -> str | None:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError, read_json
-from .sources import Document, resolve, sha256_file
+from .sources import Document, resolve, sha256_file, write_atomic
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
 
 FORMAT = "kha-token-shards"
@@ -83,15 +83,6 @@ def split_documents(doc_ids: Sequence[str], val_fraction: float, seed: int) -> s
 
 def _text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ShardWriter:
@@ -189,7 +180,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     if tokenizer:
         load_tokenizer(tokenizer)  # a bad file fails under the name it was given, before it is copied
         if Path(tokenizer).resolve() != tok_path.resolve():
-            _write_atomic(tok_path, Path(tokenizer).read_bytes())
+            write_atomic(tok_path, Path(tokenizer).read_bytes())
         tok, tok_key = load_tokenizer(tok_path), None
     elif (old and old.get("tokenizer", {}).get("key") == tok_key and tok_path.exists()
           and sha256_file(tok_path) == old["tokenizer"]["sha256"]):
@@ -246,6 +237,6 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
             for s, doc_list in (("train", train_ids), ("val", [d for d in ids if d in val]))
         },
     }
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..data.sources import sha256_file
+from ..data.sources import sha256_file, write_atomic
 from ..errors import read_json
 from .distributed import Runtime, barrier
 
@@ -59,12 +59,7 @@ def _fsync(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``path`` so that a crash leaves either the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 @contextmanager
@@ -177,8 +172,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
         if isinstance(leaf, torch.Tensor):
             local = _local(leaf.detach())
             tensors[key] = torch.empty(local.shape, dtype=local.dtype).copy_(local)  # contiguous CPU copy
-            if _layout(leaf):
-                layout[key] = _layout(leaf)
+            if (info := _layout(leaf)) is not None:
+                layout[key] = info
         else:
             values[key] = leaf
     st_name, json_name = _rank_files(runtime.rank)
@@ -275,7 +270,7 @@ def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
                          f"with as many (torchrun --nproc-per-node {meta['world_size']}), not {runtime.world_size}")
     st_name, json_name = _rank_files(runtime.rank)
     tensors = load_file(str(path / st_name))
-    values = json.loads((path / json_name).read_text())["values"]
+    values = read_json(path / json_name)["values"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = _fill({"model": model_sd, "optim": optim_sd}, tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -292,7 +287,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     world = read_json(path / "meta.json")["world_size"]
     ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(world)]
-    layout = json.loads((path / _rank_files(0)[1]).read_text())["layout"]
+    layout = read_json(path / _rank_files(0)[1])["layout"]
     state = {}
     for key, tensor in ranks[0].items():
         if not key.startswith("model/"):

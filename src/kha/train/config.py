@@ -20,7 +20,7 @@ import tyro
 from ..config import PRESETS, ModelConfig, MoEConfig, get_preset
 from ..errors import UserError
 from ..knock import KNOCK_TYPES, parse_targets
-from .precision import PRECISIONS
+from .precision import check_precision
 
 
 @dataclass
@@ -77,9 +77,9 @@ class TrainConfig:
     (without it, or ``resume``, such an ``out`` is refused)."""
     spike_window: int = 50
     spike_threshold: float = 4.0
-    """A loss-spike event starts at a step whose loss exceeds the mean of the previous spike_window losses by
-    more than spike_threshold standard deviations of them, and lasts until the loss is back to that mean;
-    events are counted (see kha.train.callbacks.SpikeDetector)."""
+    """A loss-spike event starts at a step whose loss exceeds the mean of the last spike_window admitted losses
+    (high ones are admitted only after 10 in a row) by more than spike_threshold standard deviations of them,
+    and lasts until the loss is back to that mean; events are counted (see kha.train.callbacks.SpikeDetector)."""
     tensorboard: bool = False
     progress: bool = True
 
@@ -101,8 +101,7 @@ class TrainConfig:
         if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a dict of ModelConfig fields, got {self.model_overrides!r}")
         base_model_config(self)  # unknown override keys, bad shapes or a knock the variant refuses fail here
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; valid are {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; valid are auto, cpu, cuda")
         if self.resume and self.overwrite:
@@ -154,13 +153,12 @@ def _type_name(hint) -> str:
     return names.get(get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
 
 
-def check_types(values: dict, where: str = "") -> None:
-    """Every value has its ``TrainConfig`` field's type (``decay_knocks = "no"`` is no boolean); ``where``
-    (e.g. the file's name) starts the message."""
+def check_types(values: dict) -> None:
+    """Every value has its ``TrainConfig`` field's type (``decay_knocks = "no"`` is no boolean)."""
     hints = get_type_hints(TrainConfig)
     for key, value in values.items():
         if key in hints and not _is_a(value, hints[key]):
-            raise UserError(f"{where}{key} = {value!r} is not {_type_name(hints[key])}")
+            raise UserError(f"{key} = {value!r} is not {_type_name(hints[key])}")
 
 
 def check_resume_steps(target_steps: int, checkpoint_step: int) -> None:
@@ -219,9 +217,8 @@ def load_config(source: str) -> TrainConfig:
         unknown = sorted(set(values) - valid)
         if unknown:
             raise UserError(f"unknown key(s) {unknown} in {source}; valid keys are {', '.join(sorted(valid))}")
-        check_types(values, where=f"{source}: ")
         try:
-            return TrainConfig(**values)
+            return TrainConfig(**values)  # wrong types and bad values: a message that starts with the file
         except ValueError as err:
             raise UserError(f"{source}: {err}") from err
     if source in PRESETS:

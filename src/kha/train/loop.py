@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.loader import TokenBatches, read_manifest, verify_shards
+from ..errors import read_json
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
@@ -206,9 +207,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
         if not math.isfinite(loss_value):
             raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not math.isfinite(grad_norm.item()):  # a finite loss can still have NaN gradients: never apply them
-            raise _stop_non_finite("the gradient norm", grad_norm.item(), step, ckpt_root, runtime)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not math.isfinite(grad_norm):  # a finite loss can still have NaN gradients: never apply them
+            raise _stop_non_finite("the gradient norm", grad_norm, step, ckpt_root, runtime)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         moe_load = model.update_moe_biases()
@@ -216,7 +217,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
 
         done = step + 1
         record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
-                  "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / dt,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                   "spike": spikes.update(done, loss_value)}
         if moe_load:
             record["moe_max_over_mean"] = max(m["max_over_mean"] for m in moe_load)
@@ -255,7 +256,7 @@ def _started_precision(out: Path, cfg: TrainConfig) -> str:
     """The precision to ask for: a resumed ``auto`` run keeps the precision it started in."""
     path = out / "train_config.json"
     if cfg.resume and cfg.precision == "auto" and path.is_file():
-        return json.loads(path.read_text()).get("resolved_precision", "auto")
+        return read_json(path).get("resolved_precision", "auto")
     return cfg.precision
 
 

@@ -45,10 +45,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
-def resolve_precision(precision: str, device: torch.device, d_model: int) -> tuple[str, str]:
-    """``(fp32 | bf16, reason)`` for a run asking for ``precision`` on ``device`` with this model width."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device, d_model: int) -> tuple[str, str]:
+    """``(fp32 | bf16, reason)`` for a run asking for ``precision`` on ``device`` with this model width."""
+    check_precision(precision)
     if precision != "auto":
         return precision, "asked for"
     if not native_bf16(device):

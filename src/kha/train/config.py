@@ -8,6 +8,7 @@ the dataclass) override any field.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import tomllib
 import types
@@ -107,7 +108,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run in out, "
                              "overwrite deletes it; pass one of them")
-        for name, hint in get_type_hints(TrainConfig).items():
+        for name, hint in train_config_hints().items():
             if hint is float:
                 interval = FLOAT_RANGES.get(name, "(-inf, inf)")
                 if not _in_interval(getattr(self, name), interval):
@@ -153,9 +154,15 @@ def _type_name(hint) -> str:
     return names.get(get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
 
 
+@functools.cache
+def train_config_hints() -> dict[str, Any]:
+    """``TrainConfig``'s field types, resolved once (the annotations are strings under ``from __future__``)."""
+    return get_type_hints(TrainConfig)
+
+
 def check_types(values: dict) -> None:
     """Every value has its ``TrainConfig`` field's type (``decay_knocks = "no"`` is no boolean)."""
-    hints = get_type_hints(TrainConfig)
+    hints = train_config_hints()
     for key, value in values.items():
         if key in hints and not _is_a(value, hints[key]):
             raise UserError(f"{key} = {value!r} is not {_type_name(hints[key])}")

@@ -40,8 +40,6 @@ from .optim import build_optimizer, lr_at
 from .precision import autocast_context, resolve_precision
 from .runlock import RunLock
 
-NonFiniteLossError = NonFiniteError  # its name before gradients and weights were checked too
-
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
     model_cfg = base_model_config(cfg)

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -29,6 +30,7 @@ from kha.train.callbacks import MetricsLog, SpikeDetector, count_spike_events, r
 from kha.train.checkpoint import NonFiniteError, load_checkpoint, read_model_state, save_checkpoint
 from kha.train.distributed import Runtime
 from kha.train.runlock import RunLock, RunLockedError
+from kha.train.stopsignal import StopOnSignal
 
 from conftest import losses, small_run
 
@@ -161,6 +163,46 @@ def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(data_dir, tmp_path, 
     train(small_run(data_dir, out, resume=True, steps=9))  # used to fail: invalid literal for int(): '0000006.bak'
     assert f"resumed from {out / 'checkpoints' / 'step_0000006'} (step 6)" in capsys.readouterr().out
     assert backup.is_dir() and ckpts(out) == ["step_0000006", "step_0000006.bak", "step_0000009"]  # kept, not rotated
+
+
+def test_sigterm_is_recorded_while_active_and_a_second_one_reaches_the_previous_handler():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with StopOnSignal() as stop:
+            assert stop.agreed(torch.device("cpu")) == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.agreed(torch.device("cpu")) == signal.SIGTERM and received == []  # recorded, not acted on
+            os.kill(os.getpid(), signal.SIGTERM)  # the second acts at once: here, the handler installed before
+            assert received == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)  # outside the block the previous handler is back
+        assert received == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+AGREE_SCRIPT = """
+import os, signal, torch, torch.distributed as dist
+from kha.train.stopsignal import StopOnSignal
+dist.init_process_group("gloo")
+with StopOnSignal() as stop:
+    first = stop.agreed(torch.device("cpu"))
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    print(f"rank {dist.get_rank()}: {first} {stop.agreed(torch.device('cpu'))}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank 0: 0 {int(signal.SIGTERM)}", f"rank 1: 0 {int(signal.SIGTERM)}"]
 
 
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints

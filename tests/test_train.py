@@ -53,30 +53,64 @@ def _train_cmd(data_dir, out, *extra):
             "--no-progress", *extra]
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_train_cmd(data_dir, tmp_path / "full"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(data_dir, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """The 24-step run of ``_train_cmd`` without interruption, to compare stopped and resumed runs with."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    subprocess.run(_train_cmd(data_dir, out), check=True, env=ONE_THREAD, capture_output=True)
+    return out
+
+
+def _start_and_signal(data_dir, out, sig, after_steps: int = 9):
+    """Start ``_train_cmd`` in ``out`` and send ``sig`` once ``after_steps`` steps are logged; the exit code and
+    stderr."""
+    proc = subprocess.Popen(_train_cmd(data_dir, out), env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 9:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
             break
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(read_metrics(metrics))
-    assert killed_at < 24, "the run finished before it could be killed"
-    subprocess.run(_train_cmd(data_dir, tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
-    full, resumed = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(metrics)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, None, stderr)
+
+
+def _assert_resume_reproduces(data_dir, out, full):
+    subprocess.run(_train_cmd(data_dir, out, "--resume"), check=True, env=ONE_THREAD, capture_output=True)
+    full_m, resumed = read_metrics(full / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 25))
     for key in ("loss", "grad_norm", "val_loss", "lr", "moe_max_over_mean"):
-        assert [r.get(key) for r in resumed] == [r.get(key) for r in full], key  # bit for bit
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in full_m], key  # bit for bit
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("expert_bias") and a[k].abs().sum() > 0 for k in a)  # balancing ran
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
+    proc = _start_and_signal(data_dir, tmp_path / "killed", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_metrics(tmp_path / "killed" / "metrics.jsonl")) < 24, "the run finished before it was killed"
+    _assert_resume_reproduces(data_dir, tmp_path / "killed", uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_its_step_and_resume_reproduces_the_run(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "stopped"
+    proc = _start_and_signal(data_dir, out, signal.SIGTERM)
+    stopped_at = len(read_metrics(out / "metrics.jsonl"))
+    assert stopped_at < 24, "the run finished before it was stopped"
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert f"stopped by SIGTERM after step {stopped_at} of 24" in proc.stderr
+    # the stop saved the step it finished (checkpoints are otherwise every 4 steps), and the lock is gone
+    assert (out / "checkpoints" / f"step_{stopped_at:07d}" / "checksums.json").exists()
+    assert not (out / ".lock").exists() and not (out / "model.safetensors").exists()
+    _assert_resume_reproduces(data_dir, out, uninterrupted)
 
 
 def test_partial_checkpoint_is_ignored_on_resume(data_dir, tmp_path):

@@ -13,7 +13,7 @@ import sys
 
 from .attention import AttentionConfig
 from .data.cli import add_data_parser
-from .errors import USER_ERRORS, describe
+from .errors import USER_ERRORS, RunStopped, describe
 from .evaluation import add_eval_parser
 from .experiments import add_experiment_parsers
 from .flops import attention_params, knock_params, layer_flops
@@ -188,6 +188,9 @@ def run_command(args: argparse.Namespace, debug: bool = False) -> int:
             raise
         print(f"kha {name}: interrupted", file=sys.stderr)
         return 130
+    except RunStopped as err:
+        print(f"kha {name}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

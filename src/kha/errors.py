@@ -2,6 +2,7 @@
 
 - :class:`UserError`: a bad input, a missing or damaged file; a ``ValueError``, so callers catching that still do.
 - :data:`USER_ERRORS`: what the ``kha`` command's error boundary (``kha.cli.run_command``) turns into one line.
+- :class:`RunStopped`: training stopped cleanly on a signal (``kha.train.stopsignal``); exit code 128 + signal.
 - :func:`describe`: that line's text (an ``OSError`` as ``PATH: reason``).
 - :func:`read_json`: ``json.loads`` of a file whose syntax errors name the file, line and column.
 """
@@ -15,6 +16,15 @@ from pathlib import Path
 
 class UserError(ValueError):
     """A problem with what the user gave (a value, a file, a folder), stated so they can fix it."""
+
+
+class RunStopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; ``exit_code`` is the shell's ``128 + signal``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 # OSError: missing files and folders, permissions, a full disk; ImportError: a missing optional dependency.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .config import get_preset
-from .errors import UserError, read_json
+from .errors import RunStopped, UserError, read_json
 from .train.config import TrainConfig
 
 # the arms every group of Tables 1, 3 and 5 compares: (label, knock, targets)
@@ -217,7 +217,8 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
 
     ``seeds``: a count (seeds 0..n-1) or a list. ``base``: the shared training settings. Returns one
     ``{"variant", "seed", "state", "out"}`` per run, ``state`` being what was found before running it.
-    A run that stops on a non-finite loss is reported and the grid goes on.
+    A run that stops on a non-finite loss is reported and the grid goes on; a run stopped by a signal
+    (``kha.train.stopsignal``) stops the grid.
     """
     from .train import train
     from .train.checkpoint import NonFiniteError
@@ -250,6 +251,9 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
             log(f"{head}: FAILED: {err}")
             done[-1]["state"] = "failed"
             continue
+        except RunStopped:
+            log(f"{head}: stopped; the same command continues the grid from this run's checkpoint")
+            raise
         log(f"{head}: done in {time.perf_counter() - t0:.0f} s, val_loss {record.get('val_loss', float('nan')):.4f}")
     return done
 

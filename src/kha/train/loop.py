@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..data.loader import TokenBatches, read_manifest, verify_shards
-from ..errors import read_json
+from ..errors import RunStopped, read_json
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
@@ -39,6 +40,7 @@ from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime,
 from .optim import build_optimizer, lr_at
 from .precision import autocast_context, resolve_precision
 from .runlock import RunLock
+from .stopsignal import StopOnSignal
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -83,7 +85,8 @@ def train(cfg: TrainConfig) -> dict:
     runtime = setup_runtime(cfg.device)
     lock = RunLock(cfg.out)
     try:
-        return _train(cfg, runtime, lock)
+        with StopOnSignal() as stop:
+            return _train(cfg, runtime, lock, stop)
     finally:
         lock.release()
         teardown_runtime()
@@ -142,7 +145,7 @@ def _stop_non_finite(what: str, value: float, step: int, ckpt_root: Path, runtim
     )
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
+def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal) -> dict:
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     resume_step = _claim_run(cfg, runtime, lock)
@@ -190,6 +193,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
     peak = (peak_flops(runtime.device) or 0) * runtime.world_size
     bar = _progress(cfg, runtime, start_step)
     record: dict = {}
+    stopped_at = None  # the checkpoint saved when a stop signal arrived
     model.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -235,12 +239,22 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> dict:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 spikes=len(spikes.spikes), refresh=False)
                 bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        signum = stop.agreed(runtime.device)
+        if signum or done % cfg.ckpt_every == 0 or done == cfg.steps:
             meta = {"data": train_data.state_dict(), "callbacks": {"spikes": spikes.state_dict()}}
-            save_checkpoint(ckpt_root, done, model, optimizer, meta, runtime, cfg.keep_checkpoints)
+            saved = save_checkpoint(ckpt_root, done, model, optimizer, meta, runtime, cfg.keep_checkpoints)
+            if signum and done < cfg.steps:
+                stopped_at = saved
+                break
 
     if bar is not None:
         bar.close()
+    if stopped_at is not None:
+        if writer is not None:
+            writer.close()
+        name = signal.Signals(signum).name
+        raise RunStopped(f"stopped by {name} after step {done} of {cfg.steps}; saved {stopped_at}; continue "
+                         "with --resume", signum)
     save_final_weights(model, model_cfg, out, runtime)
     if writer is not None:
         writer.close()

@@ -361,6 +361,22 @@ def test_delta_against_tokens_by_hand(tmp_path):
     assert plot_delta_curves(tmp_path).name == "deltas_vs_tokens.png"
 
 
+def test_contrast_between_two_kha_arms_by_hand(tmp_path):
+    def runs(finals):  # finished runs (4 evaluations) ending at these losses, seed by seed
+        return {seed: [5.0, 4.0, 3.5, final] for seed, final in enumerate(finals)}
+
+    _fake_study(tmp_path, {"baseline": runs([3.0, 3.1, 3.2]), "mlp-v": runs([3.02, 3.05, 3.11]),
+                           "mlp-v-decay": runs([2.99, 3.06, 3.05])})
+    diffs = [2.99 - 3.02, 3.06 - 3.05, 3.05 - 3.11]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = t_quantile(0.975, 2) * sd / math.sqrt(3)
+    expected = f"{mean:+.4f} ± {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+    row = ("| weight decay on the knocks: decayed - not decayed (KHA-MLP v) | `mlp-v-decay` - `mlp-v` | "
+           f"{expected} | 3 |")
+    assert row in grid_report(tmp_path)
+    assert "KHA-Linear on Q, K, V" not in grid_report(tmp_path)  # linear-qkv was not run: no row
+
+
 def test_crossover_needs_every_later_interval_below_zero():
     from kha.analysis.tables import Summary, crossover
 

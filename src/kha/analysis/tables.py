@@ -331,6 +331,17 @@ def generic_md(g: GridResults) -> str:
 
 
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
+# Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers).
+CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: decayed - not decayed (KHA-MLP v)"),
+                       ("mlp-v", "linear-qkv", "knock form: KHA-MLP on V - KHA-Linear on Q, K, V"))}
+
+
+def contrasts_md(g: GridResults) -> str | None:
+    """Paired ΔL between two non-baseline arms (:data:`CONTRASTS`), over the seeds both finished."""
+    rows = [[what, f"`{a}` - `{b}`", fmt_summary(paired_delta(g.losses(a), g.losses(b), g.level), 4, signed=True,
+                                                 mark=True), g.seeds(a, b)]
+            for a, b, what in CONTRASTS.get(g.meta["grid"], ()) if a in g.by_name and b in g.by_name]
+    return _md(["Question", "contrast", "paired ΔL (final)", "seeds"], rows) if rows else None
 
 
 def crossover(curve: list[tuple[int, Summary]]) -> int | None:
@@ -429,6 +440,11 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         per_seed_md(g),
         "",
     ]
+    contrasts = contrasts_md(g)
+    if contrasts:
+        lines += ["### Other paired contrasts", "",
+                  "The same paired ΔL (same seed: same base weights and batches) between two KHA arms: negative "
+                  "means the first is better.", "", contrasts, ""]
     knocks = knocks_md(g)
     if knocks:
         lines += ["### Knocks: how far training moved them from their init", "",

@@ -122,6 +122,7 @@ def step_profile(device: torch.device, steps: int = 3) -> dict[str, float]:
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0], repeats=10)
     p.add_argument("--no-profile", action="store_true", help="kernels only")
+    p.set_defaults(device="cpu")
     args = p.parse_args()
     if args.device != "cpu":
         raise SystemExit("attention.py measures the CPU kernels; run it with --device cpu")

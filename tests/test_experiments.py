@@ -374,7 +374,7 @@ def test_contrast_between_two_kha_arms_by_hand(tmp_path):
     row = ("| weight decay on the knocks: decayed - not decayed (KHA-MLP v) | `mlp-v-decay` - `mlp-v` | "
            f"{expected} | 3 |")
     assert row in grid_report(tmp_path)
-    assert "KHA-Linear on Q, K, V" not in grid_report(tmp_path)  # linear-qkv was not run: no row
+    assert "KHA-Linear on Q, K, V" not in grid_report(tmp_path)  # linear-qkv is not in this grid.json: no row
 
 
 def test_crossover_needs_every_later_interval_below_zero():

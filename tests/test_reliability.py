@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from kha.cli import main
 from kha.data.loader import verify_shards
+from kha.errors import RunStopped
 from kha.train import TrainConfig, train
 from kha.train.callbacks import MetricsLog, SpikeDetector, count_spike_events, read_metrics
 from kha.train.checkpoint import NonFiniteError, load_checkpoint, read_model_state, save_checkpoint
@@ -170,15 +171,93 @@ def test_sigterm_is_recorded_while_active_and_a_second_one_reaches_the_previous_
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         with StopOnSignal() as stop:
-            assert stop.agreed(torch.device("cpu")) == 0
+            assert stop.agreed(torch.device("cpu")) is False
             os.kill(os.getpid(), signal.SIGTERM)
-            assert stop.agreed(torch.device("cpu")) == signal.SIGTERM and received == []  # recorded, not acted on
+            assert stop.agreed(torch.device("cpu")) is True and stop.signum == signal.SIGTERM
+            assert received == []  # recorded, not acted on
             os.kill(os.getpid(), signal.SIGTERM)  # the second acts at once: here, the handler installed before
             assert received == [signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGTERM)  # outside the block the previous handler is back
         assert received == [signal.SIGTERM, signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_nested_stops_share_the_outermost_and_an_ignored_signal_stays_ignored():
+    with StopOnSignal() as outer:
+        with StopOnSignal() as inner:
+            assert inner is outer
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert outer.signum == signal.SIGTERM  # the inner exit left the handler in place
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_when(monkeypatch, module, name, when=lambda *args: True):
+    """Patch ``module.name`` so that calling it sends this process SIGTERM first (when ``when(*args)``)."""
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_sigterm_mid_run_saves_that_step_and_resume_reproduces_the_run(data_dir, tmp_path, reference, monkeypatch):
+    import kha.train.loop
+
+    out = tmp_path / "run"
+    _sigterm_when(monkeypatch, kha.train.loop, "lr_at", lambda step, cfg: step == 4)  # during step 5 of 6
+    with pytest.raises(RunStopped, match=r"^stopped by SIGTERM after step 5 of 6; saved .*step_0000005; continue"):
+        train(small_run(data_dir, out))
+    assert ckpts(out) == ["step_0000003", "step_0000005"]  # 5: the stop's own; 3: the regular one
+    assert not (out / ".lock").exists() and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    train(small_run(data_dir, out, resume=True))
+    assert losses(out) == losses(reference)
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_in_the_last_step_finishes_the_run_then_reports_the_stop(data_dir, tmp_path, monkeypatch):
+    import kha.train.loop
+
+    out = tmp_path / "run"
+    _sigterm_when(monkeypatch, kha.train.loop, "lr_at", lambda step, cfg: step == 5)
+    with pytest.raises(RunStopped, match="^stopped by SIGTERM as the run finished; it is complete"):
+        train(small_run(data_dir, out))
+    assert (out / "model.safetensors").exists() and ckpts(out)[-1] == "step_0000006"
+
+
+def test_sigterm_while_starting_stops_before_the_first_step(data_dir, tmp_path, monkeypatch):
+    import kha.train.loop
+
+    out = tmp_path / "run"
+    _sigterm_when(monkeypatch, kha.train.loop, "build_optimizer")
+    with pytest.raises(RunStopped, match=r"^stopped by SIGTERM before step 1; nothing was trained"):
+        train(small_run(data_dir, out))
+    assert ckpts(out) == [] and not (out / "metrics.jsonl").read_text() and not (out / ".lock").exists()
+
+
+def test_sigterm_between_two_runs_stops_the_grid(data_dir, tmp_path, monkeypatch):
+    import kha.experiments
+
+    calls = []
+    _sigterm_when(monkeypatch, kha.experiments, "run_state", lambda cfg: calls.append(cfg) or len(calls) == 2)
+    base = small_run(data_dir, tmp_path / "unused", steps=2, eval_every=2, ckpt_every=2)
+    with pytest.raises(RunStopped, match="^stopped by SIGTERM between two runs"):
+        kha.experiments.run_grid("table2", tmp_path / "grid", seeds=1, base=base, only=["baseline", "linear-q"],
+                                 log=lambda msg: None)
+    assert (tmp_path / "grid" / "runs" / "baseline" / "seed_0" / "model.safetensors").exists()
+    assert not (tmp_path / "grid" / "runs" / "linear-q").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the grid
 
 
 AGREE_SCRIPT = """
@@ -202,7 +281,7 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
                              str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert lines == [f"rank 0: 0 {int(signal.SIGTERM)}", f"rank 1: 0 {int(signal.SIGTERM)}"]
+    assert lines == ["rank 0: False True", "rank 1: False True"]  # rank 0 was not signalled itself
 
 
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints

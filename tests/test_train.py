@@ -94,8 +94,8 @@ def _assert_resume_reproduces(data_dir, out, full):
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, uninterrupted):
     proc = _start_and_signal(data_dir, tmp_path / "killed", signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
     assert len(read_metrics(tmp_path / "killed" / "metrics.jsonl")) < 24, "the run finished before it was killed"
+    assert proc.returncode == -signal.SIGKILL
     _assert_resume_reproduces(data_dir, tmp_path / "killed", uninterrupted)
 
 

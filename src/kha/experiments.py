@@ -222,6 +222,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     """
     from .train import train
     from .train.checkpoint import NonFiniteError
+    from .train.stopsignal import StopOnSignal
 
     base = base or TrainConfig()
     out = Path(out)
@@ -235,26 +236,30 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
         _check_same_config(cfg)
     write_grid_file(out, grid, variants, seeds, base)
     done = []
-    for i, ((variant, seed), cfg) in enumerate(zip(jobs, configs, strict=True), 1):
-        state, step = run_state(cfg)
-        head = f"[{i}/{len(jobs)}] {grid} {variant.name} seed {seed}"
-        done.append({"variant": variant.name, "seed": seed, "state": state, "out": cfg.out})
-        if state == "finished":
-            log(f"{head}: finished, skipped")
-            continue
-        log(f"{head}: resumed from step {step}" if state == "partial" else f"{head}: started")
-        t0 = time.perf_counter()
-        try:
-            # a "new" run folder may hold metrics of a run killed before its first checkpoint: start it afresh
-            record = train(replace(cfg, resume=state == "partial", overwrite=state == "new"))
-        except NonFiniteError as err:
-            log(f"{head}: FAILED: {err}")
-            done[-1]["state"] = "failed"
-            continue
-        except RunStopped:
-            log(f"{head}: stopped; the same command continues the grid from this run's checkpoint")
-            raise
-        log(f"{head}: done in {time.perf_counter() - t0:.0f} s, val_loss {record.get('val_loss', float('nan')):.4f}")
+    with StopOnSignal() as stop:  # shared with the runs' own: a signal between two runs stops the grid too
+        for i, ((variant, seed), cfg) in enumerate(zip(jobs, configs, strict=True), 1):
+            state, step = run_state(cfg)
+            head = f"[{i}/{len(jobs)}] {grid} {variant.name} seed {seed}"
+            done.append({"variant": variant.name, "seed": seed, "state": state, "out": cfg.out})
+            if state == "finished":
+                log(f"{head}: finished, skipped")
+                continue
+            if stop.signum:
+                raise stop.error("between two runs; the same command continues the grid")
+            log(f"{head}: resumed from step {step}" if state == "partial" else f"{head}: started")
+            t0 = time.perf_counter()
+            try:
+                # a "new" run folder may hold metrics of a run killed before its first checkpoint: start it afresh
+                record = train(replace(cfg, resume=state == "partial", overwrite=state == "new"))
+            except NonFiniteError as err:
+                log(f"{head}: FAILED: {err}")
+                done[-1]["state"] = "failed"
+                continue
+            except RunStopped:
+                log(f"{head}: stopped; the same command continues the grid from where it stopped")
+                raise
+            log(f"{head}: done in {time.perf_counter() - t0:.0f} s, val_loss "
+                f"{record.get('val_loss', float('nan')):.4f}")
     return done
 
 

@@ -333,7 +333,7 @@ def generic_md(g: GridResults) -> str:
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
 # Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers).
 CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: decayed - not decayed (KHA-MLP v)"),
-                       ("mlp-v", "linear-qkv", "knock form: KHA-MLP on V - KHA-Linear on Q, K, V"))}
+                       ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V"))}
 
 
 def contrasts_md(g: GridResults) -> str | None:
@@ -444,7 +444,8 @@ def grid_report(root: Path, level: float = 0.95) -> str:
     if contrasts:
         lines += ["### Other paired contrasts", "",
                   "The same paired ΔL (same seed: same base weights and batches) between two KHA arms: negative "
-                  "means the first is better.", "", contrasts, ""]
+                  "means the first is better. Each interval stands alone (no correction for the several "
+                  "comparisons of this report).", "", contrasts, ""]
     knocks = knocks_md(g)
     if knocks:
         lines += ["### Knocks: how far training moved them from their init", "",

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.loader import TokenBatches, read_manifest, verify_shards
-from ..errors import RunStopped, read_json
+from ..errors import read_json
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
@@ -193,76 +192,80 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     peak = (peak_flops(runtime.device) or 0) * runtime.world_size
     bar = _progress(cfg, runtime, start_step)
     record: dict = {}
-    stopped_at = None  # the checkpoint saved when a stop signal arrived
+    stopped_at = None  # (step, checkpoint) when a stop signal ended the run early
+    if stop.agreed(runtime.device):  # signalled while starting: nothing new to save
+        raise stop.error(f"before step {start_step + 1}; nothing was trained in this call; it starts again where it "
+                         "was with --resume")
     model.train()
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=runtime.device)
-        for _ in range(cfg.grad_accum):
-            inputs, targets = (t.to(runtime.device) for t in train_data.next_batch())
-            with autocast():
-                loss = model(inputs, targets=targets).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        loss_value = mean_across_ranks(loss_sum).item()
-        if not math.isfinite(loss_value):
-            raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        if not math.isfinite(grad_norm):  # a finite loss can still have NaN gradients: never apply them
-            raise _stop_non_finite("the gradient norm", grad_norm, step, ckpt_root, runtime)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        moe_load = model.update_moe_biases()
-        dt = time.perf_counter() - t0
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=runtime.device)
+            for _ in range(cfg.grad_accum):
+                inputs, targets = (t.to(runtime.device) for t in train_data.next_batch())
+                with autocast():
+                    loss = model(inputs, targets=targets).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            # the stop flag travels with the loss: one reduction, and every rank stops after the same step
+            flag = torch.tensor(float(stop.signum > 0), device=runtime.device)
+            loss_value, stopping = mean_across_ranks(torch.stack([loss_sum, flag])).tolist()
+            if not math.isfinite(loss_value):
+                raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            if not math.isfinite(grad_norm):  # a finite loss can still have NaN gradients: never apply them
+                raise _stop_non_finite("the gradient norm", grad_norm, step, ckpt_root, runtime)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            moe_load = model.update_moe_biases()
+            dt = time.perf_counter() - t0
 
-        done = step + 1
-        record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                  "spike": spikes.update(done, loss_value)}
-        if moe_load:
-            record["moe_max_over_mean"] = max(m["max_over_mean"] for m in moe_load)
-        if peak:
-            record["mfu"] = flops_per_token * tokens_per_step / dt / peak
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            record["val_loss"] = evaluate(model, val_data, cfg.eval_batches, runtime, autocast)
-        if runtime.is_main:
-            metrics.write(record)
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, done)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                spikes=len(spikes.spikes), refresh=False)
-                bar.update(1)
-        signum = stop.agreed(runtime.device)
-        if signum or done % cfg.ckpt_every == 0 or done == cfg.steps:
-            meta = {"data": train_data.state_dict(), "callbacks": {"spikes": spikes.state_dict()}}
-            saved = save_checkpoint(ckpt_root, done, model, optimizer, meta, runtime, cfg.keep_checkpoints)
-            if signum and done < cfg.steps:
-                stopped_at = saved
-                break
-
-    if bar is not None:
-        bar.close()
-    if stopped_at is not None:
+            done = step + 1
+            record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
+                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                      "spike": spikes.update(done, loss_value)}
+            if moe_load:
+                record["moe_max_over_mean"] = max(m["max_over_mean"] for m in moe_load)
+            if peak:
+                record["mfu"] = flops_per_token * tokens_per_step / dt / peak
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                record["val_loss"] = evaluate(model, val_data, cfg.eval_batches, runtime, autocast)
+            if runtime.is_main:
+                metrics.write(record)
+                if writer is not None:
+                    for key, value in record.items():
+                        if isinstance(value, (int, float)) and key != "step":
+                            writer.add_scalar(key, value, done)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    spikes=len(spikes.spikes), refresh=False)
+                    bar.update(1)
+            if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
+                meta = {"data": train_data.state_dict(), "callbacks": {"spikes": spikes.state_dict()}}
+                saved = save_checkpoint(ckpt_root, done, model, optimizer, meta, runtime, cfg.keep_checkpoints)
+                if stopping and done < cfg.steps:
+                    stopped_at = (done, saved)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
-        name = signal.Signals(signum).name
-        raise RunStopped(f"stopped by {name} after step {done} of {cfg.steps}; saved {stopped_at}; continue "
-                         "with --resume", signum)
+
+    if stopped_at is not None:
+        raise stop.error(f"after step {stopped_at[0]} of {cfg.steps}; saved {stopped_at[1]}; continue with --resume")
     save_final_weights(model, model_cfg, out, runtime)
-    if writer is not None:
-        writer.close()
     if runtime.is_main and record:
         summary = f"step {record['step']}: loss {record['loss']:.4f}"
         if "val_loss" in record:
             summary += f", val_loss {record['val_loss']:.4f}"
         print(f"{summary}; {len(spikes.spikes)} loss-spike event(s); wrote {out}", flush=True)
+    if stop.agreed(runtime.device):  # during the last step or the final save: the run is complete, stop the caller
+        raise stop.error(f"as the run finished; it is complete in {out}")
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
 
 

@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 
 from kha.analysis.knocks import knock_stats, knocks_from_state, load_knocks
 from kha.analysis.plots import plot_dir
-from kha.analysis.tables import grid_report, load_grid, paired_delta, summarize, t_quantile, write_report
+from kha.analysis.tables import (
+    grid_report,
+    load_grid,
+    paired_delta,
+    seeds_for_half_width,
+    summarize,
+    t_quantile,
+    write_report,
+)
 from kha.config import get_preset
 from kha.experiments import grid_variants, run_config, run_grid, write_grid_file
 from kha.model import DecoderLM
@@ -373,8 +381,23 @@ def test_contrast_between_two_kha_arms_by_hand(tmp_path):
     expected = f"{mean:+.4f} ± {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
     row = ("| weight decay on the knocks: decayed - not decayed (KHA-MLP v) | `mlp-v-decay` - `mlp-v` | "
            f"{expected} | 3 |")
-    assert row in grid_report(tmp_path)
-    assert "KHA-Linear on Q, K, V" not in grid_report(tmp_path)  # linear-qkv is not in this grid.json: no row
+    report = grid_report(tmp_path)
+    assert row in report
+    assert "KHA-Linear on Q, K, V" not in report  # linear-qkv is not in this grid.json: no row
+    sd = statistics.stdev([3.02 - 3.0, 3.05 - 3.1, 3.11 - 3.2])  # mlp-v against the baseline
+    half = t_quantile(0.975, 2) * sd / math.sqrt(3)
+    assert f"| mlp-v | 3 | {sd:.4f} | ±{half:.4f} | {seeds_for_half_width(sd, 0.02)} |" in report
+
+
+def test_seeds_for_a_half_width_by_hand():
+    # sd 0.03, half-width 0.02: n = 11 gives 2.228 x 0.03 / sqrt(11) = 0.0202 > 0.02, n = 12: 2.201 x 0.03 /
+    # sqrt(12) = 0.0191 (t quantiles from tables: t(0.975, 10) = 2.228, t(0.975, 11) = 2.201)
+    assert seeds_for_half_width(0.03, 0.02) == 12
+    assert seeds_for_half_width(0.0, 0.02) == 2
+    assert seeds_for_half_width(1.0, 0.001, most=100) is None
+    for sd, h in ((0.05, 0.01), (0.02, 0.02), (0.1, 0.03)):
+        n = seeds_for_half_width(sd, h)
+        assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= h < t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1)
 
 
 def test_crossover_needs_every_later_interval_below_zero():

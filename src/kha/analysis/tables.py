@@ -91,6 +91,16 @@ def summarize(values, level: float = 0.95) -> Summary | None:
     return Summary(n, mean, sd, mean - half, mean + half)
 
 
+def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, most: int = 10_000) -> int | None:
+    """The fewest seeds ``n`` (>= 2) whose t interval of a mean, with this sd, has at most ``half_width``
+    (``t(n - 1) * sd / sqrt(n)``); None beyond ``most``. Planning arithmetic: it assumes the sd stays as measured."""
+    q = (1 + level) / 2
+    for n in range(2, most + 1):
+        if t_quantile(q, n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
+
+
 def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:
     """Summary of ``treatment[s] - baseline[s]`` over the seeds ``s`` both have."""
     seeds = sorted(set(treatment) & set(baseline))
@@ -353,6 +363,23 @@ def crossover(curve: list[tuple[int, Summary]]) -> int | None:
     return first
 
 
+PLANNED_HALF_WIDTHS = (0.02, 0.01)  # the size of the paper's KHA effects (ΔL -0.010 to -0.024)
+
+
+def seeds_needed_md(g: GridResults) -> str | None:
+    """Per non-baseline arm: the paired sd of the final ΔL and the seeds a 95 % interval of each half-width in
+    :data:`PLANNED_HALF_WIDTHS` would take at that sd."""
+    rows = []
+    for v in g.variants:
+        s = g.delta_summary(v["name"]) if v["arm"] != "baseline" else None
+        if s is not None and s.sd is not None:
+            needed = [seeds_for_half_width(s.sd, h, g.level) for h in PLANNED_HALF_WIDTHS]
+            rows.append([v["name"], str(s.n), f"{s.sd:.4f}", f"±{s.hi - s.mean:.4f}",
+                         *("> 10000" if n is None else str(n) for n in needed)])
+    return _md(["Variant", "seeds", "sd of paired ΔL", "interval now",
+                *(f"seeds for ±{h}" for h in PLANNED_HALF_WIDTHS)], rows) if rows else None
+
+
 def delta_curves_md(g: GridResults) -> str:
     """ΔL against tokens seen: one column per non-baseline arm, one row per evaluation point."""
     curves = {v["name"]: g.delta_curve(v["name"]) for v in g.variants if v["arm"] != "baseline"}
@@ -440,6 +467,11 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         per_seed_md(g),
         "",
     ]
+    needed = seeds_needed_md(g)
+    if needed:
+        lines += ["### How many seeds would resolve an effect of the paper's size", "",
+                  f"Seeds n such that the {pct} t interval of the final paired ΔL, t(n - 1) x sd / sqrt(n), is no "
+                  "wider than ± the half-width, if the paired sd stays what these seeds measured.", "", needed, ""]
     contrasts = contrasts_md(g)
     if contrasts:
         lines += ["### Other paired contrasts", "",

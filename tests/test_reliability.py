@@ -166,7 +166,9 @@ def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(data_dir, tmp_path, 
     assert backup.is_dir() and ckpts(out) == ["step_0000006", "step_0000006.bak", "step_0000009"]  # kept, not rotated
 
 
-def test_sigterm_is_recorded_while_active_and_a_second_one_reaches_the_previous_handler():
+def test_sigterm_is_recorded_while_active_and_a_later_one_reaches_the_previous_handler(monkeypatch):
+    import kha.train.stopsignal
+
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
@@ -174,8 +176,10 @@ def test_sigterm_is_recorded_while_active_and_a_second_one_reaches_the_previous_
             assert stop.agreed(torch.device("cpu")) is False
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.agreed(torch.device("cpu")) is True and stop.signum == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)  # within REPEAT_GRACE_S: the same stop arriving twice
             assert received == []  # recorded, not acted on
-            os.kill(os.getpid(), signal.SIGTERM)  # the second acts at once: here, the handler installed before
+            monkeypatch.setattr(kha.train.stopsignal, "REPEAT_GRACE_S", -1.0)  # as if the window had passed
+            os.kill(os.getpid(), signal.SIGTERM)  # acts at once: here, through the handler installed before
             assert received == [signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGTERM)  # outside the block the previous handler is back
         assert received == [signal.SIGTERM, signal.SIGTERM]
@@ -187,8 +191,9 @@ def test_nested_stops_share_the_outermost_and_an_ignored_signal_stays_ignored():
     with StopOnSignal() as outer:
         with StopOnSignal() as inner:
             assert inner is outer
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert outer.signum == signal.SIGTERM  # the inner exit left the handler in place
+        os.kill(os.getpid(), signal.SIGTERM)  # after the inner block: its exit must have left the handler
+        assert outer.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with StopOnSignal() as stop:
@@ -260,28 +265,43 @@ def test_sigterm_between_two_runs_stops_the_grid(data_dir, tmp_path, monkeypatch
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the grid
 
 
-AGREE_SCRIPT = """
-import os, signal, torch, torch.distributed as dist
-from kha.train.stopsignal import StopOnSignal
-dist.init_process_group("gloo")
-with StopOnSignal() as stop:
-    first = stop.agreed(torch.device("cpu"))
-    if dist.get_rank() == 1:
+STOP_ONE_RANK = """
+import os, signal, sys
+import kha.train.loop as loop
+from kha.errors import RunStopped
+from kha.train import TrainConfig, train
+
+real = loop.lr_at
+
+def lr_at(step, cfg):  # rank 1 alone is signalled, during step 3
+    if step == 2 and os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGTERM)
-    print(f"rank {dist.get_rank()}: {first} {stop.agreed(torch.device('cpu'))}", flush=True)
-dist.destroy_process_group()
+    return real(step, cfg)
+
+loop.lr_at = lr_at
+try:
+    train(TrainConfig(out=sys.argv[1], data=sys.argv[2], preset="tiny", seq_len=32, batch_size=4, steps=6,
+                      eval_every=3, eval_batches=2, ckpt_every=6, progress=False))
+except RunStopped as err:
+    print(f"rank {os.environ['RANK']}: {err}", flush=True)
 """
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
-    script = tmp_path / "agree.py"
-    script.write_text(AGREE_SCRIPT)
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(data_dir, tmp_path):
+    script, out = tmp_path / "stop_one_rank.py", tmp_path / "run"
+    script.write_text(STOP_ONE_RANK)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+                             str(script), str(out), str(data_dir)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0: False True", "rank 1: False True"]  # rank 0 was not signalled itself
+    assert [line.split(";")[0] for line in lines] == ["rank 0: stopped by SIGTERM after step 3 of 6",
+                                                      "rank 1: stopped by SIGTERM after step 3 of 6"]
+    ckpt = out / "checkpoints" / "step_0000003"  # the stop's checkpoint (regular ones: every 6 steps)
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("rank")) == [
+        "rank00000.json", "rank00000.safetensors", "rank00001.json", "rank00001.safetensors"]
+    assert ckpts(out) == ["step_0000003"] and not (out / ".lock").exists()
 
 
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints

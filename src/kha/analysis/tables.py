@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -94,11 +95,22 @@ def summarize(values, level: float = 0.95) -> Summary | None:
 def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, most: int = 10_000) -> int | None:
     """The fewest seeds ``n`` (>= 2) whose t interval of a mean, with this sd, has at most ``half_width``
     (``t(n - 1) * sd / sqrt(n)``); None beyond ``most``. Planning arithmetic: it assumes the sd stays as measured."""
+    if not (math.isfinite(sd) and sd >= 0 and half_width > 0):
+        return None
     q = (1 + level) / 2
-    for n in range(2, most + 1):
-        if t_quantile(q, n - 1) * sd / math.sqrt(n) <= half_width:
-            return n
-    return None
+
+    def fits(n: int) -> bool:
+        return t_quantile(q, n - 1) * sd / math.sqrt(n) <= half_width
+
+    # the width shrinks with n, and t(n - 1) > z gives n >= (z sd / h)^2: bisect from there
+    lo = max(2, math.floor((statistics.NormalDist().inv_cdf(q) * sd / half_width) ** 2))
+    if lo > most or not fits(most):
+        return None
+    hi = most
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
 
 
 def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:

@@ -193,11 +193,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     bar = _progress(cfg, runtime, start_step)
     record: dict = {}
     stopped_at = None  # (step, checkpoint) when a stop signal ended the run early
-    if stop.agreed(runtime.device):  # signalled while starting: nothing new to save
-        raise stop.error(f"before step {start_step + 1}; nothing was trained in this call; it starts again where it "
-                         "was with --resume")
     model.train()
     try:
+        if stop.agreed(runtime.device):  # signalled while starting: nothing new to save
+            raise stop.error(f"before step {start_step + 1}; nothing was trained in this call; it starts again "
+                             "where it was with --resume")
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -211,7 +211,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
                 loss.backward()
                 loss_sum += loss.detach()
             # the stop flag travels with the loss: one reduction, and every rank stops after the same step
-            flag = torch.tensor(float(stop.signum > 0), device=runtime.device)
+            flag = loss_sum.new_tensor(float(stop.signum > 0))
             loss_value, stopping = mean_across_ranks(torch.stack([loss_sum, flag])).tolist()
             if not math.isfinite(loss_value):
                 raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)

@@ -3,9 +3,12 @@
 
 While :class:`StopOnSignal` is active, SIGTERM no longer kills the process: it is recorded, the training loop
 finishes the step it is in (never stopping in the middle of a checkpoint save), saves a checkpoint, releases the
-run lock and raises :class:`kha.errors.RunStopped`; ``--resume`` then continues bit-identically. A second SIGTERM
-acts at once (the previous handler is restored by the first). Under several processes every rank stops after the
-same step: the loop reduces the flag together with the loss.
+run lock and raises :class:`kha.errors.RunStopped`; ``--resume`` then continues bit-identically. A SIGTERM more
+than :data:`REPEAT_GRACE_S` after the first acts at once, as if this module were not there; repeats within that
+window are the same stop arriving twice (Slurm signals every process of a job, and torchrun forwards the signal to
+its workers again) and are ignored. Under several processes every rank stops after the same step: the loop reduces
+the flag together with the loss. torchrun kills its workers 30 s after forwarding a SIGTERM: the step in progress,
+an evaluation due at its end and the checkpoint must fit in that time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +24,7 @@ import torch.distributed as dist
 from ..errors import RunStopped
 
 STOP_SIGNALS = (signal.SIGTERM,)
+REPEAT_GRACE_S = 5.0
 
 
 class StopOnSignal:
@@ -31,17 +36,19 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum = 0
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
         if StopOnSignal._outermost is not None:
             return StopOnSignal._outermost
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous is not signal.SIG_IGN:
-                    self._previous[sig] = signal.SIG_DFL if previous is None else previous
-                    signal.signal(sig, self._record)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # no handlers here, so nothing to share
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is not signal.SIG_IGN:
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
+                signal.signal(sig, self._record)
         StopOnSignal._outermost = self
         return self
 
@@ -54,11 +61,15 @@ class StopOnSignal:
         StopOnSignal._outermost = None
 
     def _record(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once
         # os.write, not print: a handler that interrupts a buffered write to stderr must not write to it again
-        os.write(2, f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint (send it "
-                    "again to stop at once, without one)\n".encode())
+        name = signal.Signals(signum).name
+        if not self.signum:
+            self.signum, self._first_at = signum, time.monotonic()
+            os.write(2, f"received {name}: stopping after this step with a checkpoint (send it again after "
+                        f"{REPEAT_GRACE_S:g} s to stop at once, without one)\n".encode())
+        elif time.monotonic() - self._first_at > REPEAT_GRACE_S:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)  # delivered again, now to what was there before
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank received a stop signal (a collective when several processes train)."""

@@ -259,6 +259,8 @@ def test_report_tables_have_the_papers_shape(tmp_path, grid, rows):
     assert "(2/4 steps)" in report
     _, results = load_grid(tmp_path)
     assert results[unfinished.name][2].val_loss is None and results[unfinished.name][0].spikes == 1
+    assert results[unfinished.name][0].spike_steps == [2]  # every fake run of seed 0 spikes at step 2
+    assert f"| {unfinished.name} | " in report and "| 1/0/0 | seed 0: 2 |" in report
     # the unfinished variant's ΔL uses seeds 0 and 1 only
     base = next(v for v in grid_variants(grid) if v.group == unfinished.group and v.arm == "baseline")
     d = paired_delta({s: losses[unfinished.name, s] for s in (0, 1)}, {s: losses[base.name, s] for s in (0, 1)})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UserError, read_json
-from ..train.callbacks import count_spike_events, read_metrics
+from ..train.callbacks import read_metrics, spike_event_steps
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -127,11 +127,16 @@ class RunResult:
     seed: int
     val_loss: float | None
     """Final validation loss; None while the run is unfinished."""
-    spikes: int
+    spike_steps: list[int]
+    """The step each loss-spike event began at."""
     steps_done: int
     steps: int
     curve: dict[int, float]
     """Validation loss by tokens seen, at every evaluation of the run so far."""
+
+    @property
+    def spikes(self) -> int:
+        return len(self.spike_steps)
 
 
 def load_run(path: Path) -> RunResult:
@@ -141,7 +146,7 @@ def load_run(path: Path) -> RunResult:
     # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
     finished = done == cfg["steps"] and "val_loss" in records[-1]
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
-                     count_spike_events(records), done, cfg["steps"],
+                     spike_event_steps(records), done, cfg["steps"],
                      {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r})
 
 
@@ -439,8 +444,11 @@ def per_seed_md(g: GridResults) -> str:
             r = runs.get(s)
             cells.append("—" if r is None else f"{r.val_loss:.4f}" if r.val_loss is not None
                          else f"({r.steps_done}/{r.steps} steps)")
-        rows.append([v["name"], *cells, "/".join(str(runs[s].spikes) if s in runs else "—" for s in seeds)])
-    return _md(["Variant", *[f"seed {s}" for s in seeds], "spikes per seed"], rows)
+        began = "; ".join(f"seed {s}: {', '.join(map(str, runs[s].spike_steps))}" for s in seeds
+                          if s in runs and runs[s].spike_steps)
+        rows.append([v["name"], *cells, "/".join(str(runs[s].spikes) if s in runs else "—" for s in seeds),
+                     began or "none"])
+    return _md(["Variant", *[f"seed {s}" for s in seeds], "spikes per seed", "step each spike began"], rows)
 
 
 def grid_report(root: Path, level: float = 0.95) -> str:

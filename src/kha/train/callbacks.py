@@ -94,7 +94,12 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def spike_event_steps(records: list[dict]) -> list[int]:
+    """The step each loss-spike event of ``metrics.jsonl`` records began at: runs of consecutive ``spike`` flags
+    count once (the detector flags only an event's first step; older files flagged every spiking step)."""
+    return [r["step"] for prev, r in zip([{}, *records], records, strict=False)
+            if r.get("spike") and not prev.get("spike")]
+
+
 def count_spike_events(records: list[dict]) -> int:
-    """Loss-spike events in ``metrics.jsonl`` records: runs of consecutive ``spike`` flags count once (the
-    detector flags only an event's first step; older files flagged every spiking step)."""
-    return sum(1 for prev, r in zip([{}, *records], records, strict=False) if r.get("spike") and not prev.get("spike"))
+    return len(spike_event_steps(records))

@@ -92,7 +92,10 @@ def summarize(values, level: float = 0.95) -> Summary | None:
     return Summary(n, mean, sd, mean - half, mean + half)
 
 
-def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, most: int = 10_000) -> int | None:
+MOST_SEEDS = 10_000  # the search's limit: beyond it an effect is out of reach of seeds alone
+
+
+def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, most: int = MOST_SEEDS) -> int | None:
     """The fewest seeds ``n`` (>= 2) whose t interval of a mean, with this sd, has at most ``half_width``
     (``t(n - 1) * sd / sqrt(n)``); None beyond ``most``. Planning arithmetic: it assumes the sd stays as measured."""
     if not (math.isfinite(sd) and sd >= 0 and half_width > 0):
@@ -392,7 +395,7 @@ def seeds_needed_md(g: GridResults) -> str | None:
         if s is not None and s.sd is not None:
             needed = [seeds_for_half_width(s.sd, h, g.level) for h in PLANNED_HALF_WIDTHS]
             rows.append([v["name"], str(s.n), f"{s.sd:.4f}", f"±{s.hi - s.mean:.4f}",
-                         *("> 10000" if n is None else str(n) for n in needed)])
+                         *(f"> {MOST_SEEDS}" if n is None else str(n) for n in needed)])
     return _md(["Variant", "seeds", "sd of paired ΔL", "interval now",
                 *(f"seeds for ±{h}" for h in PLANNED_HALF_WIDTHS)], rows) if rows else None
 

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..data.sources import sha256_file, write_atomic
 from ..errors import read_json
-from .distributed import Runtime, barrier
+from .distributed import Runtime, any_rank, barrier
 
 FORMAT = "kha-checkpoint"
 FORMAT_VERSION = 1
@@ -128,14 +128,6 @@ def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
     return state
 
 
-def _all_ranks_true(flag: bool, runtime: Runtime) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=runtime.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() == 0.0
-
-
 def broadcast_int(value: int, runtime: Runtime) -> int:
     """Rank 0's ``value`` on every process (a tensor broadcast: no pickled objects)."""
     if not dist.is_initialized():
@@ -161,7 +153,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
     model_sd, optim_sd = get_state_dict(model, optimizer)
     floats = [_local(t) for t in model_sd.values() if t.is_floating_point()]
     finite = bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()) if floats else True  # one sync
-    if not _all_ranks_true(finite, runtime):
+    if any_rank(not finite, runtime.device):
         raise NonFiniteError(f"the weights hold NaN or infinite values after step {step}; refusing to save them "
                              "as a checkpoint")
     if runtime.is_main:

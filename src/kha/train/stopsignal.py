@@ -19,9 +19,9 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..errors import RunStopped
+from .distributed import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM,)
 REPEAT_GRACE_S = 5.0
@@ -73,11 +73,7 @@ class StopOnSignal:
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank received a stop signal (a collective when several processes train)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.signum > 0
-        t = torch.tensor([self.signum], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item()) > 0
+        return any_rank(self.signum > 0, device)
 
     def error(self, when: str) -> RunStopped:
         """The error that ends a stopped run: ``stopped by SIGTERM {when}``."""

@@ -5,7 +5,8 @@ QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The ord
 (section 4.5.2: T^Q and T^K are applied before QK normalisation) and Qwen3's attention.
 
 Two interchangeable attention kernels: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
-GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it) and ``"eager"``
+GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it; when training in bf16 on
+a CPU with AMX, ``kha.cpu_attention``'s faster backward under torch's flash forward) and ``"eager"``
 (an explicit softmax reference used by the tests).
 
 :class:`AttentionBase` holds what every variant (``kha.variants``) shares: input checks, masks, positions,
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .knock import fold_into_linear, make_knocks, parse_targets
 
 ATTENTION_IMPLS = ("sdpa", "eager")
@@ -268,6 +270,8 @@ def eager_attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
+    if cpu_attention.applies(q, k, v, mask):
+        return cpu_attention.attention(q, k, v, is_causal)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kha import cpu_attention
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -58,8 +60,11 @@ def parallelize(model: nn.Module, runtime: Runtime, compile: bool = False) -> nn
 
     One process compiles the whole model, LM head and loss included (measured faster than per-block compile:
     docs/benchmarks.md); under FSDP each block is compiled on its own, as FSDP2 wraps blocks. Both compile in
-    place, so parameter names (and so checkpoints) stay unchanged.
+    place, so parameter names (and so checkpoints) stay unchanged. A compiled model on CPU gets the AMX
+    attention backward only if it is built before tracing: ``kha.cpu_attention.prepare``.
     """
+    if compile and runtime.device.type == "cpu":
+        cpu_attention.prepare()
     if compile and not runtime.distributed:
         model.compile()
     elif compile:

@@ -1,0 +1,124 @@
+"""A faster backward for bf16 attention on CPUs with AMX (``csrc/cpu_attention_backward.cpp``).
+
+torch's CPU flash-attention backward takes about six times its forward, and was the largest single cost
+of a bf16 training step on such CPUs (docs/benchmarks.md, section i). :func:`attention` keeps torch's
+flash forward (which also returns the log-sum-exp rows the backward needs) and swaps in a backward that
+runs its block products on the AMX micro-kernel. It is used by the ``"sdpa"`` kernel when
+:func:`applies` says so, and otherwise nothing changes:
+
+- a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_ATTENTION`` not set to ``0``;
+- training (gradients wanted) in bf16, or under CPU bf16 autocast, where SDPA would run in bf16 anyway;
+- no mask other than causal, as many queries as keys, the length a multiple of 64;
+- head_dim a multiple of 16 and at most 64 or a multiple of 64;
+- at least as many (batch, KV head) pairs as threads (its unit of parallel work).
+
+The extension is compiled on first use (about 10 s, cached by ``torch.utils.cpp_extension`` under
+``TORCH_EXTENSIONS_DIR``); a failed build warns once and falls back to torch's kernel. Under
+``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention_backward.cpp"
+BLOCK = 64  # the kernel's block of queries and of keys
+ENV_SWITCH = "KHA_CPU_ATTENTION"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+_state: bool | None = None  # None: not tried yet; then whether the kernel is loaded
+
+
+def cpu_supports() -> bool:
+    """Whether this CPU has what the kernel runs on (AMX tiles, AVX512-BF16)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return bool(amx() and bf16())
+
+
+def prepare() -> bool:
+    """Build (or load the cached build of) the kernel if this machine can run it; True when it is ready."""
+    global _state
+    if _state is None:
+        _state = False
+        if os.environ.get(ENV_SWITCH, "1") != "0" and cpu_supports():
+            try:
+                from torch.utils.cpp_extension import load
+
+                getattr(torch.cpu, "_init_amx", lambda: None)()
+                load(name="kha_cpu_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False)
+                _register_backward_fake()
+                _state = True
+            except Exception as exc:  # a missing compiler or headers: torch's kernel still works
+                warnings.warn(f"kha: CPU attention kernel unavailable ({type(exc).__name__}: {exc}); "
+                              "using torch's SDPA backward", stacklevel=2)
+    return _state
+
+
+@torch._dynamo.assume_constant_result
+def _threads() -> int:
+    """torch's thread count, read as a constant when compiling (dynamo cannot trace the call)."""
+    return torch.get_num_threads()
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether :func:`attention` can replace SDPA for these inputs (``q``: ``(B, H, T, D)``)."""
+    if q.device.type != "cpu" or mask is not None or not torch.is_grad_enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if not autocast_bf16 and not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        return False
+    batch, heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[2] != length or length % BLOCK or heads % kv_heads or batch * kv_heads < _threads():
+        return False
+    if head_dim % 16 or (head_dim > 64 and head_dim % 64):
+        return False
+    return _state if torch.compiler.is_compiling() else prepare()
+
+
+@torch.library.custom_op("kha::cpu_attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[:2]
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention.register_fake
+def _(q, k, v, is_causal):
+    return q.new_empty(q.shape).contiguous(), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, is_causal = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.is_causal = is_causal
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    scale = q.shape[-1] ** -0.5
+    return (*torch.ops.kha_cpu.attention_backward(grad_out, q, k, v, out, lse, scale, ctx.is_causal), None)
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_backward_fake() -> None:
+    """Shapes of the C++ backward for ``torch.compile``'s tracing (once the library is loaded)."""
+
+    @torch.library.register_fake("kha_cpu::attention_backward")
+    def _(grad_out, q, k, v, out, lse, scale, is_causal):
+        return q.new_empty(q.shape).contiguous(), k.new_empty(k.shape).contiguous(), v.new_empty(v.shape).contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention (GQA when K/V have fewer heads) with the AMX backward; inputs are cast
+    to bf16 as CPU autocast would cast them for SDPA. Call only where :func:`applies`."""
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    return _attention(q, k, v, is_causal)[0]

@@ -1,0 +1,141 @@
+"""The AMX attention backward (kha.cpu_attention) against fp32 autograd of SDPA, and when it is used.
+
+Tolerance: bf16 rounding of inputs and outputs dominates any kernel's error, so the kernel's largest
+gradient error against the fp32 reference must be within 1.5x (plus 1e-3) of the error of torch's own
+bf16 backward on the same bf16 inputs, and below 2 % of the gradient's largest entry.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kha import cpu_attention
+from kha.attention import sdpa_attention
+
+pytestmark = pytest.mark.skipif(not cpu_attention.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
+
+
+def inputs(batch, heads, kv_heads, length, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, head_dim, generator=g)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g) for _ in range(2))
+    grad = torch.randn(batch, heads, length, head_dim, generator=g)
+    return q, k, v, grad
+
+
+def sdpa_grads(q, k, v, grad, is_causal):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+    return out.detach(), torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+
+
+def kernel_grads(q, k, v, grad, is_causal):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = cpu_attention.attention(q, k, v, is_causal)
+    return out.detach(), torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+
+
+SHAPES = [  # batch, heads, kv heads, length, head_dim, causal
+    (2, 8, 2, 128, 64, True),  # GQA
+    (1, 4, 4, 192, 32, True),  # MHA
+    (2, 4, 1, 64, 16, True),  # MQA
+    (1, 6, 2, 128, 48, False),  # full attention
+    (2, 4, 2, 128, 128, True),  # head_dim > 64: two packed panels
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gradients_match_fp32_reference(shape):
+    *dims, causal = shape
+    q, k, v, grad = inputs(*dims)
+    bf16 = [x.bfloat16() for x in (q, k, v)]
+    _, ref = sdpa_grads(*(x.float() for x in bf16), grad.bfloat16().float(), causal)
+    torch_out, torch_bf16 = sdpa_grads(*bf16, grad, causal)
+    out, ours = kernel_grads(*bf16, grad, causal)
+    assert torch.equal(out, torch_out)  # the forward is torch's flash kernel
+    for name, g, t, r in zip("qkv", ours, torch_bf16, ref):
+        assert g.dtype == torch.bfloat16 and g.shape == r.shape
+        err, torch_err = ((x.float() - r).abs().max().item() for x in (g, t))
+        assert err <= 1.5 * torch_err + 1e-3, f"d{name}: {err:.4g} vs torch bf16 {torch_err:.4g}"
+        assert err <= 0.02 * r.abs().max().item(), f"d{name}: {err:.4g}"
+
+
+def test_strided_inputs_and_determinism():
+    """Heads interleaved in memory (``(B, T, H, D)`` transposed, as the model's projections give them)
+    change nothing, bit for bit, and two runs agree exactly."""
+    q, k, v, grad = (x.bfloat16() for x in inputs(2, 8, 2, 128, 32))
+    _, dense = kernel_grads(q, k, v, grad, True)
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    _, from_strided = kernel_grads(*strided, grad, True)
+    _, again = kernel_grads(q, k, v, grad, True)
+    for a, b, c in zip(dense, from_strided, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def leaves(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+def test_applies_only_where_it_can():
+    q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
+    assert cpu_attention.applies(q, k, v, None)
+    assert not cpu_attention.applies(q, k, v, torch.ones(128, 128, dtype=torch.bool))  # a mask
+    assert not cpu_attention.applies(q[:, :, :96], k[:, :, :96], v[:, :, :96], None)  # length % 64
+    assert not cpu_attention.applies(q[:, :, :64], k, v, None)  # decoding with a cache: fewer queries
+    assert not cpu_attention.applies(*(x[..., :24] for x in (q, k, v)), None)  # head_dim % 16
+    assert not cpu_attention.applies(*(leaves(2, h, 128, 96) for h in (8, 2, 2)), None)  # 96: not <= 64 or 64k
+    with torch.no_grad():
+        assert not cpu_attention.applies(q, k, v, None)  # inference: torch's kernel
+    fp32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    assert not cpu_attention.applies(*fp32, None)  # fp32 training stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_attention.applies(*fp32, None)  # ... unless autocast would run SDPA in bf16
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)  # 2 x 2 (batch, KV head) pairs cannot feed 8 threads
+        assert not cpu_attention.applies(q, k, v, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_switch_off_by_environment(monkeypatch):
+    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
+    monkeypatch.setattr(cpu_attention, "_state", None)
+    assert cpu_attention.prepare() is False
+    q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
+    assert not cpu_attention.applies(q, k, v, None)
+
+
+def test_sdpa_kernel_uses_it_under_autocast_and_compiles():
+    """``sdpa_attention`` (what the models call) takes the kernel under CPU bf16 autocast, with fp32 Q/K
+    as RMSNorm and RoPE leave them; the compiled graph (no graph break) gives the eager gradients."""
+    q, k, v, grad = inputs(2, 8, 2, 128, 32, seed=1)
+
+    def grads(fn):
+        leaves_ = [x.clone().requires_grad_() for x in (q, k, v.bfloat16())]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves_, None, True)
+        return torch.autograd.grad(out, leaves_, grad.bfloat16())
+
+    calls = []
+    original = cpu_attention.attention
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    try:
+        cpu_attention.attention = counting
+        eager = grads(sdpa_attention)
+    finally:
+        cpu_attention.attention = original
+    assert calls == [1]
+    direct = kernel_grads(q, k, v.bfloat16(), grad, True)[1]
+    for a, b in zip(eager, direct):
+        assert torch.equal(a.to(b.dtype), b)
+    compiled = grads(torch.compile(sdpa_attention, fullgraph=True))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

@@ -55,7 +55,7 @@ def test_gradients_match_fp32_reference(shape):
     torch_out, torch_bf16 = sdpa_grads(*bf16, grad, causal)
     out, ours = kernel_grads(*bf16, grad, causal)
     assert torch.equal(out, torch_out)  # the forward is torch's flash kernel
-    for name, g, t, r in zip("qkv", ours, torch_bf16, ref):
+    for name, g, t, r in zip("qkv", ours, torch_bf16, ref, strict=True):
         assert g.dtype == torch.bfloat16 and g.shape == r.shape
         err, torch_err = ((x.float() - r).abs().max().item() for x in (g, t))
         assert err <= 1.5 * torch_err + 1e-3, f"d{name}: {err:.4g} vs torch bf16 {torch_err:.4g}"
@@ -71,7 +71,7 @@ def test_strided_inputs_and_determinism():
     assert not strided[0].is_contiguous()
     _, from_strided = kernel_grads(*strided, grad, True)
     _, again = kernel_grads(q, k, v, grad, True)
-    for a, b, c in zip(dense, from_strided, again):
+    for a, b, c in zip(dense, from_strided, again, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -134,8 +134,8 @@ def test_sdpa_kernel_uses_it_under_autocast_and_compiles():
         cpu_attention.attention = original
     assert calls == [1]
     direct = kernel_grads(q, k, v.bfloat16(), grad, True)[1]
-    for a, b in zip(eager, direct):
+    for a, b in zip(eager, direct, strict=True):
         assert torch.equal(a.to(b.dtype), b)
     compiled = grads(torch.compile(sdpa_attention, fullgraph=True))
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)

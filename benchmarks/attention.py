@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
+from kha import cpu_attention
 from kha.attention import eager_attention
 
 SHAPE = {"batch": 2, "heads": 32, "kv_heads": 4, "seq": 512, "head_dim": 64}
@@ -73,7 +74,10 @@ def matmuls_only():
 
 
 def kernel_cases() -> list[common.Case]:
+    ours = [common.Case("kha.cpu_attention bf16 (AMX backward)",
+                        fwd_bwd(lambda q, k, v: cpu_attention.attention(q, k, v, True), torch.bfloat16))]
     return [common.Case("SDPA bf16", fwd_bwd(sdpa, torch.bfloat16)),
+            *(ours if cpu_attention.prepare() else []),
             common.Case("SDPA fp32", fwd_bwd(sdpa, torch.float32)),
             common.Case("kha eager bf16", fwd_bwd(lambda q, k, v: eager_attention(q, k, v, None, True),
                                                   torch.bfloat16)),
@@ -91,7 +95,7 @@ def causal_flops() -> float:
 
 def categorize(key: str) -> str:
     """A profiler event's category by its name; self times never count twice, so every event has one."""
-    if "flash_attention" in key:
+    if "flash_attention" in key or "attention_backward" in key:  # torch's kernels, kha.cpu_attention's backward
         return "attention backward" if "backward" in key else "attention forward"
     if key in MATMULS:
         return "matmul"

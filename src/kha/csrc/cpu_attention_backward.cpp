@@ -52,20 +52,47 @@ inline __m512i interleave_idx() {
                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-// n floats -> bf16 (round to nearest even), n a multiple of 16
-inline void to_bf16(const float* src, BFloat16* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)v);
-  }
+// 16 bf16 -> floats
+inline __m512 load_bf16(const BFloat16* src) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
 
-// Two fp32 rows a, b of n floats (n multiple of 16) -> bf16 pairs (a0 b0 a1 b1 ...): one VNNI row.
-inline void to_bf16_pairs(const float* a, const float* b, BFloat16* dst, int64_t n) {
-  const __m512i idx = interleave_idx();
-  for (int64_t i = 0; i < n; i += 16) {
-    __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + i), _mm512_loadu_ps(a + i));
-    _mm512_storeu_si512(dst + 2 * i, _mm512_permutexvar_epi16(idx, ab));
+// 16 floats -> bf16, rounded to nearest even
+inline void store_bf16(BFloat16* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// n floats -> bf16, n a multiple of 16
+inline void to_bf16(const float* src, BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store_bf16(dst + i, _mm512_loadu_ps(src + i));
+}
+
+// One block's softmax gradient, from S^T and dP^T (fp32, [BLK keys x BLK queries], row j = key j):
+// P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - dsum), both in bf16, and dS^T again in VNNI layout
+// (rows j, j + 1 interleaved) as the right operand of dQ^T += K^T dS^T. On a causal diagonal block,
+// key j is seen by queries i >= j only.
+inline void softmax_grad_block(const float* s, const float* dp, const float* lse, const float* dsum, float scale,
+                               bool diagonal, BFloat16* p_t, BFloat16* ds_t, BFloat16* ds_vnni) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512i pairs = interleave_idx();
+  for (int64_t j = 0; j < BLK; j += 2) {
+    for (int64_t i = 0; i < BLK; i += 16) {
+      const __m512 lse_i = _mm512_loadu_ps(lse + i), dsum_i = _mm512_loadu_ps(dsum + i);
+      __m512 ds[2];
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t row = (j + r) * BLK + i, first = diagonal ? j + r : 0;
+        const __mmask16 seen = i >= first ? __mmask16(0xFFFF)
+                               : i + 16 <= first ? __mmask16(0)
+                               : __mmask16(0xFFFF << (first - i));
+        const __m512 p = _mm512_maskz_mov_ps(seen, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + row), scale_v, lse_i)));
+        ds[r] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + row), dsum_i));
+        store_bf16(p_t + row, p);
+        store_bf16(ds_t + row, ds[r]);
+      }
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // lanes 0-15 key j, 16-31 key j + 1
+      _mm512_storeu_si512(ds_vnni + j * BLK + 2 * i, _mm512_permutexvar_epi16(pairs, both));
+    }
   }
 }
 
@@ -163,13 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
           pack_rows(q_h + m * BLK * qr.sl, qr.sl, BLK, D, pw, q_packed.data() + m * BLK * D);
           pack_rows(do_h + m * BLK * dor.sl, dor.sl, BLK, D, pw, do_packed.data() + m * BLK * D);
         }
-        for (int64_t i = 0; i < L; ++i) {
-          float acc = 0.f;
-          const BFloat16* o_i = o_h + i * outr.sl;
-          const BFloat16* do_i = do_h + i * dor.sl;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += float(o_i[d]) * float(do_i[d]);
-          dsum[i] = acc;
+        for (int64_t i = 0; i < L; ++i) {  // rowsum(dO o O)
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(load_bf16(o_h + i * outr.sl + d), load_bf16(do_h + i * dor.sl + d), acc);
+          dsum[i] = _mm512_reduce_add_ps(acc);
         }
         std::fill(dqt_acc.begin(), dqt_acc.end(), 0.f);
         for (int64_t m = 0; m < NB; ++m) {
@@ -182,26 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                  false);
             gemm(BLK, BLK, D, BLK, v_bk + n * BLK * vr.sl, vr.sl, dot_packed.data() + m * BLK * D, dp.data(), BLK,
                  false);
-            const __m512 scale_v = _mm512_set1_ps(scale);
-            for (int64_t j = 0; j < BLK; ++j) {
-              float* s_j = s.data() + j * BLK;
-              float* dp_j = dp.data() + j * BLK;
-              const int64_t first = (is_causal && n == m) ? j : 0;  // key j is seen by queries i >= first
-              for (int64_t i = 0; i < BLK; i += 16) {
-                const __mmask16 on = i >= first ? __mmask16(0xFFFF)
-                                     : i + 16 <= first ? __mmask16(0)
-                                     : __mmask16(0xFFFF << (first - i));
-                const __m512 logit = _mm512_fmsub_ps(_mm512_loadu_ps(s_j + i), scale_v, _mm512_loadu_ps(lse_m + i));
-                const __m512 p = _mm512_maskz_mov_ps(on, exp_ps(logit));
-                const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp_j + i), _mm512_loadu_ps(dsum_m + i)));
-                _mm512_storeu_ps(s_j + i, p);
-                _mm512_storeu_ps(dp_j + i, ds);
-              }
-            }
-            to_bf16(s.data(), p_t.data(), BLK * BLK);
-            to_bf16(dp.data(), ds_t.data(), BLK * BLK);
-            for (int64_t j = 0; j < BLK; j += 2)
-              to_bf16_pairs(dp.data() + j * BLK, dp.data() + (j + 1) * BLK, ds_vnni.data() + j * BLK, BLK);
+            softmax_grad_block(s.data(), dp.data(), lse_m, dsum_m, scale, is_causal && n == m, p_t.data(),
+                               ds_t.data(), ds_vnni.data());
             // dV_n += P^T dO_m ; dK_n += dS^T Q_m ; dQ_m^T += K_n^T dS^T
             gemm(BLK, D, BLK, pw, p_t.data(), BLK, do_packed.data() + m * BLK * D, dv_acc.data() + n * BLK * D, D,
                  true);
@@ -217,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
         for (int64_t i = 0; i < L; ++i)
           for (int64_t d = 0; d < D; d += 16) {
             const __m512 x = _mm512_i32gather_ps(column, dqt_acc.data() + d * L + i, 4);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dq_h + i * D + d),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, scale_v)));
+            store_bf16(dq_h + i * D + d, _mm512_mul_ps(x, scale_v));
           }
       }
       BFloat16* dk_bk = dk.data_ptr<BFloat16>() + t * L * D;

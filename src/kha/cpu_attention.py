@@ -1,10 +1,10 @@
-"""A faster backward for bf16 attention on CPUs with AMX (``csrc/cpu_attention_backward.cpp``).
+"""Attention kernels for bf16 training on CPUs with AMX (``csrc/cpu_attention.cpp``).
 
-torch's CPU flash-attention backward takes about six times its forward, and was the largest single cost
-of a bf16 training step on such CPUs (docs/benchmarks.md, section i). :func:`attention` keeps torch's
-flash forward (which also returns the log-sum-exp rows the backward needs) and swaps in a backward that
-runs its block products on the AMX micro-kernel. It is used by the ``"sdpa"`` kernel when
-:func:`applies` says so, and otherwise nothing changes:
+torch's CPU flash-attention backward takes about six times its forward and was the largest single cost of
+a bf16 training step on such CPUs (docs/benchmarks.md, section i). :func:`attention` runs the forward and
+the backward on the AMX matrix unit in 64 x 64 blocks instead (the forward about as fast as torch's, the
+backward about twice as fast). The ``"sdpa"`` kernel uses it when :func:`applies` says so, and otherwise
+nothing changes:
 
 - a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_ATTENTION`` not set to ``0``;
 - training (gradients wanted) in bf16, or under CPU bf16 autocast, where SDPA would run in bf16 anyway;
@@ -12,20 +12,22 @@ runs its block products on the AMX micro-kernel. It is used by the ``"sdpa"`` ke
 - head_dim a multiple of 16 and at most 64 or a multiple of 64;
 - at least as many (batch, KV head) pairs as threads (its unit of parallel work).
 
-The extension is compiled on first use (about 10 s, cached by ``torch.utils.cpp_extension`` under
+The extension is compiled on first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under
 ``TORCH_EXTENSIONS_DIR``); a failed build warns once and falls back to torch's kernel. Under
-``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does).
+``torch.compile`` the build is not started: call :func:`prepare` first (``kha train --compile`` does).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention_backward.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 BLOCK = 64  # the kernel's block of queries and of keys
 ENV_SWITCH = "KHA_CPU_ATTENTION"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -50,8 +52,12 @@ def prepare() -> bool:
                 from torch.utils.cpp_extension import load
 
                 getattr(torch.cpu, "_init_amx", lambda: None)()
+                start = time.perf_counter()
                 load(name="kha_cpu_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False)
-                _register_backward_fake()
+                if time.perf_counter() - start > 2:
+                    print(f"kha: built the AMX attention kernel in {time.perf_counter() - start:.0f} s "
+                          "(cached for later runs)", file=sys.stderr, flush=True)
+                _register_fakes()
                 _state = True
             except Exception as exc:  # a missing compiler or headers: torch's kernel still works
                 warnings.warn(f"kha: CPU attention kernel unavailable ({type(exc).__name__}: {exc}); "
@@ -85,13 +91,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 @torch.library.custom_op("kha::cpu_attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[:2]
-    return out.contiguous(), lse.contiguous()
+    """Output and log-sum-exp rows; an op of its own so that autograd saves both for the backward."""
+    return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal)
 
 
-@_attention.register_fake
-def _(q, k, v, is_causal):
-    return q.new_empty(q.shape).contiguous(), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _attention_shapes(q, k, v, is_causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _backward_shapes(grad_out, q, k, v, out, lse, scale, is_causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -106,15 +115,14 @@ def _backward(ctx, grad_out, _grad_lse):
     return (*torch.ops.kha_cpu.attention_backward(grad_out, q, k, v, out, lse, scale, ctx.is_causal), None)
 
 
+_attention.register_fake(_attention_shapes)
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _register_backward_fake() -> None:
-    """Shapes of the C++ backward for ``torch.compile``'s tracing (once the library is loaded)."""
-
-    @torch.library.register_fake("kha_cpu::attention_backward")
-    def _(grad_out, q, k, v, out, lse, scale, is_causal):
-        return q.new_empty(q.shape).contiguous(), k.new_empty(k.shape).contiguous(), v.new_empty(v.shape).contiguous()
+def _register_fakes() -> None:
+    """Output shapes of the C++ ops, for ``torch.compile``'s tracing (once the library is loaded)."""
+    torch.library.register_fake("kha_cpu::attention_forward", _attention_shapes)
+    torch.library.register_fake("kha_cpu::attention_backward", _backward_shapes)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:

@@ -1,0 +1,344 @@
+// Scaled dot-product attention, causal or full, forward and backward, for bf16 on x86 CPUs with AMX.
+//
+// torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
+// takes about six times its forward. Here every product runs on oneDNN's AMX micro-kernel
+// (at::native::cpublas::brgemm) on 64 x 64 blocks kept in cache, with the softmax in AVX-512.
+// Forward (flash style): per query block m, S = Q_m K_n^T for key blocks n (<= m when causal), an online
+// softmax, O_m += P V_n; it returns O and the rows' log-sum-exp (lse). Backward:
+//   per (batch, KV head): for each query head of the group, query block m, key block n (<= m):
+//     S^T = K_n Q_m^T, dP^T = V_n dO_m^T              (keys x queries, fp32)
+//     P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - rowsum(dO o O))
+//     dV_n += P^T dO_m, dK_n += dS^T Q_m, dQ_m^T += K_n^T dS^T   (fp32 accumulators)
+// Working in the transposed (key-major) orientation makes every left operand a plain row-major block,
+// so no block is ever transposed; right operands are repacked into the VNNI layout (pairs of rows
+// interleaved) that bf16 AMX needs. dK, dV sum over the group's query heads in place (GQA).
+//
+// Preconditions (check_inputs; kha.cpu_attention.applies tests them first): bf16, as many queries as
+// keys, a multiple of 64 of them, head_dim a multiple of 16 and <= 64 or a multiple of 64,
+// n_heads % n_kv_heads == 0, a CPU with AMX-BF16 and AVX512-BF16.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+namespace blas = at::native::cpublas;
+
+constexpr int64_t BLK = 64;  // rows of a query block and of a key block
+
+// exp(x) for x <= 0 to ~1e-7 relative: 2^n e^r with |r| <= ln2/2, degree-6 Taylor polynomial for e^r.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16-bit lanes (0, 16, 1, 17, ...): interleaves the two 256-bit halves of a register
+inline __m512i interleave_idx() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// 16 bf16 -> floats
+inline __m512 load_bf16(const BFloat16* src) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// 16 floats -> bf16, rounded to nearest even
+// Per-thread buffers kept across calls (a fresh vector of 100 KB or more would be mapped and page-faulted
+// on every call); slot numbers keep one kernel's buffers apart.
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  thread_local std::vector<T> buffers[8];
+  std::vector<T>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+inline void store_bf16(BFloat16* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// n floats -> bf16, n a multiple of 16
+inline void to_bf16(const float* src, BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store_bf16(dst + i, _mm512_loadu_ps(src + i));
+}
+
+// One block's softmax gradient, from S^T and dP^T (fp32, [BLK keys x BLK queries], row j = key j):
+// P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - dsum), both in bf16, and dS^T again in VNNI layout
+// (rows j, j + 1 interleaved) as the right operand of dQ^T += K^T dS^T. On a causal diagonal block,
+// key j is seen by queries i >= j only.
+inline void softmax_grad_block(const float* s, const float* dp, const float* lse, const float* dsum, float scale,
+                               bool diagonal, BFloat16* p_t, BFloat16* ds_t, BFloat16* ds_vnni) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512i pairs = interleave_idx();
+  for (int64_t j = 0; j < BLK; j += 2) {
+    for (int64_t i = 0; i < BLK; i += 16) {
+      const __m512 lse_i = _mm512_loadu_ps(lse + i), dsum_i = _mm512_loadu_ps(dsum + i);
+      __m512 ds[2];
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t row = (j + r) * BLK + i, first = diagonal ? j + r : 0;
+        const __mmask16 seen = i >= first ? __mmask16(0xFFFF)
+                               : i + 16 <= first ? __mmask16(0)
+                               : __mmask16(0xFFFF << (first - i));
+        const __m512 p = _mm512_maskz_mov_ps(seen, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + row), scale_v, lse_i)));
+        ds[r] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + row), dsum_i));
+        store_bf16(p_t + row, p);
+        store_bf16(ds_t + row, ds[r]);
+      }
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // lanes 0-15 key j, 16-31 key j + 1
+      _mm512_storeu_si512(ds_vnni + j * BLK + 2 * i, _mm512_permutexvar_epi16(pairs, both));
+    }
+  }
+}
+
+// VNNI layout of a [k x n] right-hand operand (k even) for brgemm, in panels of width pw:
+// panel p, element (r, c) at p*k*pw + (r/2)*2*pw + 2*c + r%2.
+void pack_rows(const BFloat16* src, int64_t ld, int64_t k, int64_t n, int64_t pw, BFloat16* dst) {
+  for (int64_t p = 0; p < n; p += pw) {
+    BFloat16* panel = dst + p * k;
+    for (int64_t r = 0; r < k; r += 2) {
+      const BFloat16* a = src + r * ld + p;
+      const BFloat16* b = a + ld;
+      BFloat16* out = panel + r * pw;
+      for (int64_t c = 0; c < pw; c += 16) {
+        const __m512i ab = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)), 1);
+        _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(interleave_idx(), ab));
+      }
+    }
+  }
+}
+
+// VNNI layout of the transpose of a [rows x cols] matrix (cols even): B = src^T, k = cols, n = rows <= 64.
+void pack_transposed(const BFloat16* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* dst) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols / 2; ++c) d[c * rows + r] = s[r * (ld / 2) + c];
+}
+
+// C[m x n] (+)= A[m x k] B[k x n], B in VNNI panels of width pw, each panel packed with panel_rows >= k rows
+// (the product uses the first k).
+inline void gemm(int64_t m, int64_t n, int64_t k, int64_t pw, const BFloat16* a, int64_t lda,
+                 const BFloat16* b_packed, float* c, int64_t ldc, bool accumulate, int64_t panel_rows = 0) {
+  const int64_t rows = panel_rows ? panel_rows : k;
+  for (int64_t p = 0; p < n; p += pw)
+    blas::brgemm(m, pw, k, lda, pw, ldc, accumulate, a, b_packed + p * rows, c + p, true);
+}
+
+}  // namespace
+
+at::Tensor unit_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+
+// Element (b, h, i, d) of a [B, H, L, D] tensor with unit stride in d.
+struct Rows {
+  const BFloat16* data;
+  int64_t sb, sh, sl;
+  explicit Rows(const at::Tensor& x)
+      : data(x.const_data_ptr<BFloat16>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+  const BFloat16* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+// The kernels' preconditions (kha.cpu_attention.applies checks them before calling).
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16,
+              "kha_cpu attention: q, k, v must be bf16");
+  const int64_t H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
+  TORCH_CHECK(k.size(2) == L && v.size(2) == L && L % BLK == 0, "kha_cpu attention: sequence length ", L,
+              " must equal the keys' and be a multiple of ", BLK);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "kha_cpu attention: ", H, " query heads not a multiple of ", KV);
+  TORCH_CHECK(D % 16 == 0 && (D <= 64 || D % 64 == 0), "kha_cpu attention: head_dim ", D,
+              " must be a multiple of 16 and either <= 64 or a multiple of 64");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& logsumexp, double scale_d, bool is_causal) {
+  auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
+  auto out = unit_stride(out_in), grad_out = unit_stride(grad_out_in);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
+  check_inputs(q, k, v);
+  TORCH_CHECK(grad_out.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+                  logsumexp.scalar_type() == at::kFloat,
+              "kha_cpu::attention_backward: out, grad_out must be bf16 and logsumexp fp32");
+  const int64_t G = H / KV;
+  const int64_t pw = D <= 64 ? D : 64;  // width of a packed panel of a right operand (oneDNN: 16, 32, 48 or 64)
+  const int64_t NB = L / BLK;
+  const float scale = static_cast<float>(scale_d);
+  const Rows qr(q), kr(k), vr(v), outr(out), dor(grad_out);
+  auto lse = logsumexp.contiguous();
+  const float* lsed = lse.const_data_ptr<float>();
+  auto dq = at::empty({B, H, L, D}, q.options());
+  auto dk = at::empty({B, KV, L, D}, q.options());
+  auto dv = at::empty({B, KV, L, D}, q.options());
+
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    BFloat16 *kt = scratch<BFloat16>(0, D * L), *qt_packed = scratch<BFloat16>(1, L * D),
+             *dot_packed = scratch<BFloat16>(2, L * D), *q_packed = scratch<BFloat16>(3, L * D),
+             *do_packed = scratch<BFloat16>(4, L * D), *p_t = scratch<BFloat16>(5, BLK * BLK),
+             *ds_t = scratch<BFloat16>(6, BLK * BLK), *ds_vnni = scratch<BFloat16>(7, BLK * BLK);
+    float *s = scratch<float>(0, BLK * BLK), *dp = scratch<float>(1, BLK * BLK), *dqt_acc = scratch<float>(2, D * L),
+          *dk_acc = scratch<float>(3, L * D), *dv_acc = scratch<float>(4, L * D), *dsum = scratch<float>(5, L);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / KV, kv = t % KV;
+      const BFloat16* k_bk = kr.head(b, kv);
+      const BFloat16* v_bk = vr.head(b, kv);
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t d = 0; d < D; ++d) kt[d * L + i] = k_bk[i * kr.sl + d];
+      std::fill(dk_acc, dk_acc + L * D, 0.f);
+      std::fill(dv_acc, dv_acc + L * D, 0.f);
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        const BFloat16* q_h = qr.head(b, h);
+        const BFloat16* do_h = dor.head(b, h);
+        const BFloat16* o_h = outr.head(b, h);
+        const float* lse_h = lsed + (b * H + h) * L;
+        for (int64_t m = 0; m < NB; ++m) {
+          pack_transposed(q_h + m * BLK * qr.sl, qr.sl, BLK, D, qt_packed + m * BLK * D);
+          pack_transposed(do_h + m * BLK * dor.sl, dor.sl, BLK, D, dot_packed + m * BLK * D);
+          pack_rows(q_h + m * BLK * qr.sl, qr.sl, BLK, D, pw, q_packed + m * BLK * D);
+          pack_rows(do_h + m * BLK * dor.sl, dor.sl, BLK, D, pw, do_packed + m * BLK * D);
+        }
+        for (int64_t i = 0; i < L; ++i) {  // rowsum(dO o O)
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(load_bf16(o_h + i * outr.sl + d), load_bf16(do_h + i * dor.sl + d), acc);
+          dsum[i] = _mm512_reduce_add_ps(acc);
+        }
+        std::fill(dqt_acc, dqt_acc + D * L, 0.f);
+        for (int64_t m = 0; m < NB; ++m) {
+          const int64_t n_end = is_causal ? m + 1 : NB;
+          const float* lse_m = lse_h + m * BLK;
+          const float* dsum_m = dsum + m * BLK;
+          for (int64_t n = 0; n < n_end; ++n) {
+            // S^T = K_n Q_m^T, dP^T = V_n dO_m^T   [key x query]
+            gemm(BLK, BLK, D, BLK, k_bk + n * BLK * kr.sl, kr.sl, qt_packed + m * BLK * D, s, BLK,
+                 false);
+            gemm(BLK, BLK, D, BLK, v_bk + n * BLK * vr.sl, vr.sl, dot_packed + m * BLK * D, dp, BLK,
+                 false);
+            softmax_grad_block(s, dp, lse_m, dsum_m, scale, is_causal && n == m, p_t,
+                               ds_t, ds_vnni);
+            // dV_n += P^T dO_m ; dK_n += dS^T Q_m ; dQ_m^T += K_n^T dS^T
+            gemm(BLK, D, BLK, pw, p_t, BLK, do_packed + m * BLK * D, dv_acc + n * BLK * D, D,
+                 true);
+            gemm(BLK, D, BLK, pw, ds_t, BLK, q_packed + m * BLK * D, dk_acc + n * BLK * D, D,
+                 true);
+            gemm(D, BLK, BLK, BLK, kt + n * BLK, L, ds_vnni, dqt_acc + m * BLK, L, true);
+          }
+        }
+        BFloat16* dq_h = dq.data_ptr<BFloat16>() + (b * H + h) * L * D;
+        const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(static_cast<int>(L)));
+        const __m512 scale_v = _mm512_set1_ps(scale);
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 x = _mm512_i32gather_ps(column, dqt_acc + d * L + i, 4);
+            store_bf16(dq_h + i * D + d, _mm512_mul_ps(x, scale_v));
+          }
+      }
+      BFloat16* dk_bk = dk.data_ptr<BFloat16>() + t * L * D;
+      BFloat16* dv_bk = dv.data_ptr<BFloat16>() + t * L * D;
+      for (int64_t i = 0; i < L * D; ++i) dk_acc[i] *= scale;
+      to_bf16(dk_acc, dk_bk, L * D);
+      to_bf16(dv_acc, dv_bk, L * D);
+    }
+    blas::brgemm_release(true);
+  });
+  return {dq, dk, dv};
+}
+
+// Forward: per (batch, KV head), K^T and V packed once for the group's query heads; per query head and
+// query block m, the block's scores against every key it sees, S = Q_m K^T (64 x up to L, fp32, in cache),
+// then the exact softmax of each row and O_m = P V in one product; it returns O and the rows' log-sum-exp
+// (lse), what the backward needs.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, double scale_d, bool is_causal) {
+  auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
+  check_inputs(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
+  const int64_t pw = D <= 64 ? D : 64, NB = L / BLK;
+  const float scale = static_cast<float>(scale_d);
+  const Rows qr(q), kr(k), vr(v);
+  auto out = at::empty({B, H, L, D}, q.options());
+  auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    BFloat16 *kt_packed = scratch<BFloat16>(0, L * D), *v_packed = scratch<BFloat16>(1, L * D),
+             *p = scratch<BFloat16>(2, BLK * L);
+    float *s = scratch<float>(0, BLK * L), *o = scratch<float>(1, BLK * D), *row_sum = scratch<float>(2, BLK);
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / KV, kv = t % KV;
+      for (int64_t n = 0; n < NB; ++n)
+        pack_transposed(kr.head(b, kv) + n * BLK * kr.sl, kr.sl, BLK, D, kt_packed + n * BLK * D);
+      pack_rows(vr.head(b, kv), vr.sl, L, D, pw, v_packed);
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        for (int64_t m = 0; m < NB; ++m) {
+          const int64_t keys = is_causal ? (m + 1) * BLK : L;
+          for (int64_t n = 0; n < keys / BLK; ++n)
+            gemm(BLK, BLK, D, BLK, qr.head(b, h) + m * BLK * qr.sl, qr.sl, kt_packed + n * BLK * D,
+                 s + n * BLK, L, false);
+          BFloat16* out_m = out.data_ptr<BFloat16>() + ((b * H + h) * L + m * BLK) * D;
+          float* lse_m = lse.data_ptr<float>() + (b * H + h) * L + m * BLK;
+          for (int64_t r = 0; r < BLK; ++r) {
+            const float* s_r = s + r * L;
+            const int64_t seen = is_causal ? m * BLK + r + 1 : L;  // keys c < seen
+            __m512 max_v = _mm512_set1_ps(-INFINITY);
+            for (int64_t c = 0; c < seen; c += 16) {
+              const __mmask16 in = c + 16 <= seen ? __mmask16(0xFFFF) : __mmask16((1u << (seen - c)) - 1);
+              max_v = _mm512_mask_max_ps(max_v, in, max_v, _mm512_loadu_ps(s_r + c));
+            }
+            const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(max_v));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t c = 0; c < keys; c += 16) {
+              const __mmask16 in = c + 16 <= seen ? __mmask16(0xFFFF)
+                                   : c >= seen   ? __mmask16(0)
+                                                 : __mmask16((1u << (seen - c)) - 1);
+              const __m512 pc = _mm512_maskz_mov_ps(
+                  in, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s_r + c), row_max), scale_v)));
+              sum = _mm512_add_ps(sum, pc);
+              store_bf16(p + r * L + c, pc);
+            }
+            row_sum[r] = _mm512_reduce_add_ps(sum);
+            lse_m[r] = _mm512_cvtss_f32(row_max) * scale + std::log(row_sum[r]);
+          }
+          gemm(BLK, D, keys, pw, p, L, v_packed, o, D, false, L);
+          for (int64_t r = 0; r < BLK; ++r) {
+            const __m512 inv = _mm512_set1_ps(1.f / row_sum[r]);
+            for (int64_t d = 0; d < D; d += 16)
+              store_bf16(out_m + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), inv));
+          }
+        }
+      }
+    }
+    blas::brgemm_release(true);
+  });
+  return {out, lse};
+}
+
+TORCH_LIBRARY(kha_cpu, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
+        "float scale, bool is_causal) -> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
+}

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kha import cpu_attention
+from kha import AttentionConfig, cpu_attention
 from kha.attention import sdpa_attention
+from kha.config import ModelConfig
+from kha.model import DecoderLM
 
 pytestmark = pytest.mark.skipif(not cpu_attention.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
 
@@ -102,6 +104,7 @@ def test_applies_only_where_it_can():
     assert not cpu_attention.applies(q[:, :, :64], k, v, None)  # decoding with a cache: fewer queries
     assert not cpu_attention.applies(*(x[..., :24] for x in (q, k, v)), None)  # head_dim % 16
     assert not cpu_attention.applies(*(leaves(2, h, 128, 96) for h in (8, 2, 2)), None)  # 96: not <= 64 or 64k
+    assert not cpu_attention.applies(q, k, v[..., :16], None)  # V narrower than Q, K (MLA)
     with torch.no_grad():
         assert not cpu_attention.applies(q, k, v, None)  # inference: torch's kernel
     fp32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -124,7 +127,7 @@ def test_switch_off_by_environment(monkeypatch):
     assert not cpu_attention.applies(q, k, v, None)
 
 
-def test_sdpa_kernel_uses_it_under_autocast_and_compiles():
+def test_sdpa_kernel_uses_it_under_autocast_and_compiles(monkeypatch):
     """``sdpa_attention`` (what the models call) takes the kernel under CPU bf16 autocast, with fp32 Q/K
     as RMSNorm and RoPE leave them; the compiled graph (no graph break) gives the eager gradients."""
     q, k, v, grad = inputs(2, 8, 2, 128, 32, seed=1)
@@ -135,18 +138,9 @@ def test_sdpa_kernel_uses_it_under_autocast_and_compiles():
             out = fn(*leaves_, None, True)
         return torch.autograd.grad(out, leaves_, grad.bfloat16())
 
-    calls = []
-    original = cpu_attention.attention
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    try:
-        cpu_attention.attention = counting
-        eager = grads(sdpa_attention)
-    finally:
-        cpu_attention.attention = original
+    calls = count_calls(monkeypatch)
+    eager = grads(sdpa_attention)
+    monkeypatch.undo()
     assert calls == [1]
     direct = kernel_grads(q, k, v.bfloat16(), grad, True)[1]
     for a, b in zip(eager, direct, strict=True):
@@ -154,3 +148,63 @@ def test_sdpa_kernel_uses_it_under_autocast_and_compiles():
     compiled = grads(torch.compile(sdpa_attention, fullgraph=True))
     for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)
+
+
+def count_calls(monkeypatch) -> list:
+    calls = []
+    original = cpu_attention.attention
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(cpu_attention, "attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("knock", ["none", "mlp", "linear"])
+def test_model_gradients_under_autocast(knock, monkeypatch):
+    """A GQA decoder (2 layers, 4 query / 2 KV heads of 32, 2 x 128 tokens) under bf16 autocast: with the
+    kernel, its parameter gradients are as close to the fp32 model's as with torch's SDPA (relative error
+    within 1.25x plus 1e-3), and both layers used the kernel."""
+    attn = AttentionConfig(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, knock=knock,
+                           knock_targets="qkv" if knock == "linear" else None)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(attention=attn, n_layers=2, d_ff=256, vocab_size=256))
+    with torch.no_grad():  # knocks off the identity, so that their path matters
+        for name, p in model.named_parameters():
+            if ".knocks." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 256, (2, 129))
+
+    def flat_grads(precision_context):
+        model.zero_grad()
+        with precision_context:
+            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = flat_grads(torch.autocast("cpu", enabled=False))
+    monkeypatch.setattr(cpu_attention, "_state", False)
+    with_torch = flat_grads(torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(cpu_attention, "_state", True)
+    calls = count_calls(monkeypatch)
+    with_kernel = flat_grads(torch.autocast("cpu", dtype=torch.bfloat16))
+    assert len(calls) == 2
+    error, torch_error = ((g - reference).norm() / reference.norm() for g in (with_kernel, with_torch))
+    assert error <= 1.25 * torch_error + 1e-3, f"relative gradient error {error:.4f} vs torch's {torch_error:.4f}"
+
+
+def test_failed_build_falls_back_with_a_warning(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_attention, "_state", None)
+    with pytest.warns(UserWarning, match="no compiler"):
+        assert cpu_attention.prepare() is False
+    q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
+    out = sdpa_attention(q, k, v, None, True)  # torch's kernel, same result as calling it directly
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))

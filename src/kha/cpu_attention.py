@@ -9,7 +9,7 @@ nothing changes:
 - a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_ATTENTION`` not set to ``0``;
 - training (gradients wanted) in bf16, or under CPU bf16 autocast, where SDPA would run in bf16 anyway;
 - no mask other than causal, as many queries as keys, the length a multiple of 64;
-- head_dim a multiple of 16 and at most 64 or a multiple of 64;
+- Q, K and V of one head_dim, a multiple of 16 and at most 64 or a multiple of 64;
 - at least as many (batch, KV head) pairs as threads (its unit of parallel work).
 
 The extension is compiled on first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under
@@ -82,6 +82,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         return False
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:  # e.g. MLA: V narrower than Q, K
+        return False
     if k.shape[2] != length or length % BLOCK or heads % kv_heads or batch * kv_heads < _threads():
         return False
     if head_dim % 16 or (head_dim > 64 and head_dim % 64):

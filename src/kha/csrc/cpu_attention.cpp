@@ -162,7 +162,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                   v.scalar_type() == at::kBFloat16,
               "kha_cpu attention: q, k, v must be bf16");
   const int64_t H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
-  TORCH_CHECK(k.size(2) == L && v.size(2) == L && L % BLK == 0, "kha_cpu attention: sequence length ", L,
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == D,
+              "kha_cpu attention: q (B, H, L, D), k and v (B, KV, L, D) expected");
+  TORCH_CHECK(k.size(2) == L && L % BLK == 0, "kha_cpu attention: sequence length ", L,
               " must equal the keys' and be a multiple of ", BLK);
   TORCH_CHECK(KV > 0 && H % KV == 0, "kha_cpu attention: ", H, " query heads not a multiple of ", KV);
   TORCH_CHECK(D % 16 == 0 && (D <= 64 || D % 64 == 0), "kha_cpu attention: head_dim ", D,

@@ -95,7 +95,7 @@ def causal_flops() -> float:
 
 def categorize(key: str) -> str:
     """A profiler event's category by its name; self times never count twice, so every event has one."""
-    if "flash_attention" in key or "attention_backward" in key:  # torch's kernels, kha.cpu_attention's backward
+    if "flash_attention" in key or key.startswith("kha_cpu::attention"):  # torch's kernels, kha.cpu_attention's
         return "attention backward" if "backward" in key else "attention forward"
     if key in MATMULS:
         return "matmul"

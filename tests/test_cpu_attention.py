@@ -208,3 +208,21 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch):
     q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
     out = sdpa_attention(q, k, v, None, True)  # torch's kernel, same result as calling it directly
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def test_covers_the_shipped_tiny_configs_not_mla():
+    """What the ``auto`` precision rule asks: the tiny presets at their shipped batch x length train on the
+    kernel; MLA (V narrower than Q, K), a length not a multiple of 64 and too few (batch, KV head) pairs
+    for the threads do not."""
+    from kha.config import get_preset
+
+    tiny = get_preset("tiny").attention
+    assert cpu_attention.covers(tiny, batch=8, seq_len=128)
+    assert not cpu_attention.covers(tiny, batch=8, seq_len=100)
+    assert not cpu_attention.covers(get_preset("mla-a0.8b").attention, batch=8, seq_len=128)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert not cpu_attention.covers(tiny, batch=1, seq_len=128)  # 1 x 4 KV heads < 8 threads
+    finally:
+        torch.set_num_threads(threads)

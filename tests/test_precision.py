@@ -138,6 +138,10 @@ def test_auto_precision_rule(monkeypatch):
     monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
     assert prec.resolve_precision("auto", cpu, prec.AUTO_BF16_MIN_D_MODEL - 1)[0] == "fp32"
     assert prec.resolve_precision("auto", cpu, prec.AUTO_BF16_MIN_D_MODEL)[0] == "bf16"
+    # where kha's AMX attention kernel covers the model, bf16 measured faster at every width
+    assert prec.resolve_precision("auto", cpu, 128, amx_attention=True) == (
+        "bf16", "auto: CPU with native bf16 and kha's AMX attention kernel for this model")
+    assert prec.resolve_precision("fp32", cpu, 4096, amx_attention=True)[0] == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert prec.resolve_precision("auto", cuda, 64)[0] == "bf16"
     with pytest.raises(ValueError, match="unknown precision 'fp16'; valid are auto, fp32, bf16"):
@@ -185,7 +189,7 @@ def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, c
     """An ``auto`` run resumed elsewhere (here: a rule that would now pick fp32) continues in its precision."""
     import kha.train.loop as loop
 
-    monkeypatch.setattr(loop, "resolve_precision", lambda asked, device, d: (
+    monkeypatch.setattr(loop, "resolve_precision", lambda asked, device, d, amx_attention=False: (
         (asked, "asked for") if asked != "auto" else ("fp32", "auto")))
     train(_bf16_run(data_dir, tmp_path / "r", precision="bf16", steps=3))
     train(_bf16_run(data_dir, tmp_path / "r", precision="auto", steps=6, resume=True))

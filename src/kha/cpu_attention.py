@@ -71,6 +71,19 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def supports(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> bool:
+    """Whether the kernel covers causal attention of this shape (queries = keys = ``length``)."""
+    return (length % BLOCK == 0 and heads % kv_heads == 0 and batch * kv_heads >= _threads()
+            and head_dim % 16 == 0 and (head_dim <= 64 or head_dim % 64 == 0))
+
+
+def covers(attention, batch: int, seq_len: int) -> bool:
+    """Whether a model with this ``AttentionConfig`` trains on the kernel (MHA/GQA/MQA layers, whose Q, K and
+    V share a head_dim) at ``batch x seq_len`` in bf16 on this machine; builds the kernel if needed."""
+    return (attention.variant == "gqa" and cpu_supports()
+            and supports(batch, attention.n_heads, attention.n_kv_heads, seq_len, attention.head_dim) and prepare())
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`attention` can replace SDPA for these inputs (``q``: ``(B, H, T, D)``)."""
     if q.device.type != "cpu" or mask is not None or not torch.is_grad_enabled():
@@ -81,12 +94,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if not autocast_bf16 and not q.dtype == k.dtype == v.dtype == torch.bfloat16:
         return False
     batch, heads, length, head_dim = q.shape
-    kv_heads = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:  # e.g. MLA: V narrower than Q, K
-        return False
-    if k.shape[2] != length or length % BLOCK or heads % kv_heads or batch * kv_heads < _threads():
-        return False
-    if head_dim % 16 or (head_dim > 64 and head_dim % 64):
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or k.shape[2] != length:
+        return False  # e.g. MLA (V narrower than Q, K) or decoding with a cache (fewer queries than keys)
+    if not supports(batch, heads, k.shape[1], length, head_dim):
         return False
     return _state if torch.compiler.is_compiling() else prepare()
 

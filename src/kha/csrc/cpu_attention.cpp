@@ -59,7 +59,6 @@ inline __m512 load_bf16(const BFloat16* src) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
 
-// 16 floats -> bf16, rounded to nearest even
 // Per-thread buffers kept across calls (a fresh vector of 100 KB or more would be mapped and page-faulted
 // on every call); slot numbers keep one kernel's buffers apart.
 template <typename T>
@@ -70,6 +69,7 @@ T* scratch(int slot, int64_t n) {
   return buffer.data();
 }
 
+// 16 floats -> bf16, rounded to nearest even
 inline void store_bf16(BFloat16* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
 }
@@ -143,8 +143,6 @@ inline void gemm(int64_t m, int64_t n, int64_t k, int64_t pw, const BFloat16* a,
     blas::brgemm(m, pw, k, lda, pw, ldc, accumulate, a, b_packed + p * rows, c + p, true);
 }
 
-}  // namespace
-
 at::Tensor unit_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
 
 // Element (b, h, i, d) of a [B, H, L, D] tensor with unit stride in d.
@@ -161,9 +159,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16,
               "kha_cpu attention: q, k, v must be bf16");
-  const int64_t H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == D,
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == v.sizes() && k.dim() == 4 && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(3),
               "kha_cpu attention: q (B, H, L, D), k and v (B, KV, L, D) expected");
+  const int64_t H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
   TORCH_CHECK(k.size(2) == L && L % BLK == 0, "kha_cpu attention: sequence length ", L,
               " must equal the keys' and be a multiple of ", BLK);
   TORCH_CHECK(KV > 0 && H % KV == 0, "kha_cpu attention: ", H, " query heads not a multiple of ", KV);
@@ -171,17 +170,20 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               " must be a multiple of 16 and either <= 64 or a multiple of 64");
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& logsumexp, double scale_d, bool is_causal) {
   auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
   auto out = unit_stride(out_in), grad_out = unit_stride(grad_out_in);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
   check_inputs(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   TORCH_CHECK(grad_out.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-                  logsumexp.scalar_type() == at::kFloat,
-              "kha_cpu::attention_backward: out, grad_out must be bf16 and logsumexp fp32");
-  const int64_t G = H / KV;
+                  logsumexp.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes() &&
+                  out.sizes() == q.sizes() && logsumexp.sizes() == at::IntArrayRef({B, H, L}),
+              "kha_cpu::attention_backward: out, grad_out (B, H, L, D) in bf16 and logsumexp (B, H, L) in fp32 "
+              "expected");
   const int64_t pw = D <= 64 ? D : 64;  // width of a packed panel of a right operand (oneDNN: 16, 32, 48 or 64)
   const int64_t NB = L / BLK;
   const float scale = static_cast<float>(scale_d);

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cpu_attention
 from ..data.loader import TokenBatches, read_manifest, verify_shards
 from ..errors import read_json
 from ..flops import model_flops_per_token, peak_flops
@@ -148,11 +149,13 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     resume_step = _claim_run(cfg, runtime, lock)
-    precision, why = resolve_precision(_started_precision(out, cfg), runtime.device, base_model_config(cfg).d_model)
+    precision, why, amx_attention = _precision(out, cfg, runtime)
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
+        if amx_attention:
+            print("attention: kha's AMX kernel (kha.cpu_attention; KHA_CPU_ATTENTION=0 for torch's)", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        saved = {**cfg.to_dict(), "resolved_precision": precision}
+        saved = {**cfg.to_dict(), "resolved_precision": precision, "amx_attention": amx_attention}
         # atomic: other processes may be reading the old file (_started_precision) at this moment
         atomic_write_text(out / "train_config.json", json.dumps(saved, indent=1))
     clean_partial(ckpt_root, runtime)
@@ -267,6 +270,16 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     if stop.agreed(runtime.device):  # during the last step or the final save: the run is complete, stop the caller
         raise stop.error(f"as the run finished; it is complete in {out}")
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
+
+
+def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, bool]:
+    """The run's precision, why, and whether its attention trains on ``kha.cpu_attention``'s kernel."""
+    asked = _started_precision(out, cfg)
+    model_cfg = base_model_config(cfg)
+    covered = (runtime.device.type == "cpu" and asked in ("auto", "bf16")
+               and cpu_attention.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
+    precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
+    return precision, why, covered and precision == "bf16"
 
 
 def _started_precision(out: Path, cfg: TrainConfig) -> str:

@@ -5,9 +5,10 @@ AdamW's state stay fp32; the loss, norms, RoPE and MoE routing are computed in f
 
 ``auto`` picks what ``benchmarks/precision.py`` measured to be faster (results in docs/benchmarks.md):
 - CUDA with bf16 support: bf16.
-- A CPU with native bf16 matmul (``amx_bf16`` or ``avx512_bf16`` on x86, ``bf16`` on Arm): bf16 once the
-  model is wide enough for matmuls to dominate (``d_model >= AUTO_BF16_MIN_D_MODEL``); below that a step is
-  bound by per-op overhead and the casts autocast adds make bf16 slower than fp32 (the tiny presets).
+- A CPU with native bf16 matmul (``amx_bf16`` or ``avx512_bf16`` on x86, ``bf16`` on Arm): bf16 where
+  ``kha.cpu_attention``'s AMX kernel covers the model's attention (bf16 then measured faster at every width,
+  the tiny presets included), else once the model is wide enough for matmuls to dominate
+  (``d_model >= AUTO_BF16_MIN_D_MODEL``); below that width, with torch's CPU attention, bf16 was slower.
 - Anything else: fp32 (bf16 without hardware support is emulated and slow).
 """
 
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# Measured on a 2-core Xeon with AMX (benchmarks/precision.py): at d_model 128 bf16 is slower than fp32, at
-# 256 and above it is faster, increasingly so with width.
+# Measured on a 2-core Xeon with AMX (benchmarks/precision.py) with torch's CPU attention: at d_model 128 bf16
+# is slower than fp32, at 256 and above it is faster, increasingly so with width.
 AUTO_BF16_MIN_D_MODEL = 256
 
 
@@ -50,8 +51,10 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; valid are {', '.join(PRECISIONS)}")
 
 
-def resolve_precision(precision: str, device: torch.device, d_model: int) -> tuple[str, str]:
-    """``(fp32 | bf16, reason)`` for a run asking for ``precision`` on ``device`` with this model width."""
+def resolve_precision(precision: str, device: torch.device, d_model: int,
+                      amx_attention: bool = False) -> tuple[str, str]:
+    """``(fp32 | bf16, reason)`` for a run asking for ``precision`` on ``device`` with this model width;
+    ``amx_attention``: whether ``kha.cpu_attention`` covers the run's attention (``cpu_attention.covers``)."""
     check_precision(precision)
     if precision != "auto":
         return precision, "asked for"
@@ -59,6 +62,8 @@ def resolve_precision(precision: str, device: torch.device, d_model: int) -> tup
         return "fp32", f"auto: {device.type} has no native bf16 matmul"
     if device.type == "cuda":
         return "bf16", "auto: CUDA with bf16"
+    if amx_attention:
+        return "bf16", "auto: CPU with native bf16 and kha's AMX attention kernel for this model"
     if d_model < AUTO_BF16_MIN_D_MODEL:
         return "fp32", f"auto: d_model {d_model} < {AUTO_BF16_MIN_D_MODEL}, too small for bf16 to pay on CPU"
     return "bf16", f"auto: CPU with native bf16 and d_model {d_model} >= {AUTO_BF16_MIN_D_MODEL}"

@@ -3,8 +3,10 @@
 One optimizer step exactly as ``kha train`` runs it (``DecoderLM`` with the loss inside, ``kha.train.precision``'s
 autocast, gradient clipping, ``kha.train.optim.build_optimizer``'s AdamW, ``kha.train.distributed.parallelize``
 for ``--compile``), for each shape in four settings: fp32 eager (the baseline of the shape), bf16 eager, fp32
-compiled, bf16 compiled. Ratios are tokens/s against fp32 eager of the same shape, cases interleaved round by
-round. The ``auto`` column says what ``--precision auto`` picks on this machine for the shape.
+compiled, bf16 compiled; where ``kha.cpu_attention``'s AMX kernel covers the shape (bf16 runs on it), bf16
+eager and compiled once more with torch's SDPA instead ("torch attention"). Ratios are tokens/s against fp32
+eager of the same shape, cases interleaved round by round. The ``auto`` column says what ``--precision auto``
+picks on this machine for the shape.
 
 Shapes (batch x seq): ``tiny`` (d 128, 32/4 heads of 16; 16 x 128, as ``make demo``), ``tiny-cfg`` (the same
 model at ``configs/tiny.toml``'s 8 x 128), ``study`` (d 256, 16/4 heads of 32; 16 x 256), ``small`` (the 32.5M
@@ -16,6 +18,7 @@ model of the other benchmarks, d 512, 32/4 heads of 64; 2 x 512). ``--quick``: t
 from __future__ import annotations
 
 import common
+from kha import cpu_attention
 from kha.config import get_preset
 from kha.model import DecoderLM
 from kha.train.precision import resolve_precision
@@ -26,6 +29,19 @@ SHAPES = {"tiny": ("tiny", 16, 128), "tiny-cfg": ("tiny", 8, 128), "study": ("st
 
 def model_config(name: str):
     return common.small_lm_config() if name == "small" else get_preset(name)
+
+
+def with_torch_attention(step):
+    """``step`` with kha's AMX attention kernel switched off (torch's SDPA instead)."""
+
+    def run():
+        saved, cpu_attention._state = cpu_attention._state, False
+        try:
+            step()
+        finally:
+            cpu_attention._state = saved
+
+    return run
 
 
 def main() -> None:
@@ -48,11 +64,17 @@ def main() -> None:
     for name in names:
         preset, batch, seq = SHAPES[name]
         cfg = model_config(preset)
-        auto, why = resolve_precision("auto", env.device, cfg.d_model)
+        amx = env.device.type == "cpu" and cpu_attention.covers(cfg.attention, batch, seq)
+        auto, why = resolve_precision("auto", env.device, cfg.d_model, amx_attention=amx)
         print(f"- {name}: {common.describe(cfg)}; {common.n_params(DecoderLM(cfg)):,} parameters; batch {batch} x "
               f"seq {seq}; auto picks {auto} ({why})", flush=True)
         cases = [common.Case(f"{prec}{' compiled' if comp else ''}",
                              common.kha_train_step(cfg, batch, seq, prec, comp, env.device)) for prec, comp in settings]
+        if amx:
+            for comp in sorted({comp for _, comp in settings}):
+                step = common.kha_train_step(cfg, batch, seq, "bf16", comp, env.device)
+                cases.append(common.Case(f"bf16{' compiled' if comp else ''}, torch attention",
+                                         with_torch_attention(step)))
         stats = common.summarize(common.measure(cases, env, name), "fp32")
         for case in cases:
             s = stats[case.name]

@@ -6,7 +6,7 @@ QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The ord
 
 Two interchangeable attention kernels: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
 GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it; when training in bf16 on
-a CPU with AMX, ``kha.cpu_attention``'s faster backward under torch's flash forward) and ``"eager"``
+a CPU with AMX, ``kha.cpu_attention``'s kernels where they apply) and ``"eager"``
 (an explicit softmax reference used by the tests).
 
 :class:`AttentionBase` holds what every variant (``kha.variants``) shares: input checks, masks, positions,

@@ -61,7 +61,7 @@ def prepare() -> bool:
                 _state = True
             except Exception as exc:  # a missing compiler or headers: torch's kernel still works
                 warnings.warn(f"kha: CPU attention kernel unavailable ({type(exc).__name__}: {exc}); "
-                              "using torch's SDPA backward", stacklevel=2)
+                              "using torch's SDPA", stacklevel=2)
     return _state
 
 
@@ -107,7 +107,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: boo
     return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal)
 
 
-def _attention_shapes(q, k, v, is_causal):
+def _attention_shapes(q, k, v, *_):
+    """Shapes of ``(output, lse)`` (both the op above and the C++ forward, which also takes the scale)."""
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -138,7 +139,7 @@ def _register_fakes() -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention (GQA when K/V have fewer heads) with the AMX backward; inputs are cast
-    to bf16 as CPU autocast would cast them for SDPA. Call only where :func:`applies`."""
+    """Scaled dot-product attention (GQA when K/V have fewer heads) on the AMX kernels; inputs are cast to bf16
+    as CPU autocast would cast them for SDPA. Call only where :func:`applies`."""
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     return _attention(q, k, v, is_causal)[0]

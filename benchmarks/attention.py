@@ -2,9 +2,10 @@
 
 Two parts, both at the 32.5M model's attention shape (batch 2 x 512, GQA 32 query / 4 KV heads of 64):
 
-1. Kernels, forward + backward of causal GQA attention on random inputs, against SDPA in bf16 (the kernel
-   ``kha train`` runs under bf16 autocast): SDPA in fp32; kha's explicit reference (``impl="eager"``: scores,
-   fp32 softmax, weighted values); SDPA's math backend; and ``matmuls only``, the seven batched matmuls of
+1. Kernels, forward + backward of causal GQA attention on random inputs, against SDPA in bf16 (torch's CPU
+   flash attention): kha's AMX kernels (``kha.cpu_attention``, what ``kha train`` runs in bf16 on a CPU with
+   AMX) and both forward alone; SDPA in fp32; kha's explicit reference (``impl="eager"``: scores, fp32
+   softmax, weighted values); SDPA's math backend; and ``matmuls only``, the seven batched matmuls of
    attention's forward and backward (scores and weighted values forward; scores recomputed, dV, dP, dQ, dK
    backward) in bf16 without softmax or masking: what attention would cost at plain matmul speed.
 2. The step: one optimizer step exactly as ``kha train --precision bf16 --compile`` runs it (the fastest setting;
@@ -47,6 +48,16 @@ def fwd_bwd(attend, dtype: torch.dtype):
     return run
 
 
+def forward_only(attend, dtype: torch.dtype):
+    q, k, v, _ = attention_inputs(dtype, **SHAPE)
+
+    def run():
+        with torch.no_grad():
+            attend(q, k, v)
+
+    return run
+
+
 def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
@@ -74,9 +85,13 @@ def matmuls_only():
 
 
 def kernel_cases() -> list[common.Case]:
-    ours = [common.Case("kha.cpu_attention bf16 (AMX backward)",
-                        fwd_bwd(lambda q, k, v: cpu_attention.attention(q, k, v, True), torch.bfloat16))]
+    def kha_amx(q, k, v):
+        return cpu_attention._attention(q, k, v, True)[0]  # the op itself: no_grad would route around it
+
+    ours = [common.Case("kha.cpu_attention bf16 (AMX kernels)", fwd_bwd(kha_amx, torch.bfloat16)),
+            common.Case("kha.cpu_attention bf16, forward only", forward_only(kha_amx, torch.bfloat16))]
     return [common.Case("SDPA bf16", fwd_bwd(sdpa, torch.bfloat16)),
+            common.Case("SDPA bf16, forward only", forward_only(sdpa, torch.bfloat16)),
             *(ours if cpu_attention.prepare() else []),
             common.Case("SDPA fp32", fwd_bwd(sdpa, torch.float32)),
             common.Case("kha eager bf16", fwd_bwd(lambda q, k, v: eager_attention(q, k, v, None, True),
@@ -142,6 +157,7 @@ def main() -> None:
     for case in cases:
         s = stats[case.name]
         flops = causal_flops() * (2 if case.name.startswith("matmuls") else 1)  # full scores there
+        flops /= 3.5 if case.name.endswith("forward only") else 1  # forward = 1 / 3.5 of forward + backward
         rows.append([case.name, common.fmt_time(s), f"{flops / s['median_s'] / 1e9:,.0f}", common.fmt_ratio(s)])
         results.append({"part": "kernels", "case": case.name, "gflop_per_s": flops / s["median_s"] / 1e9, **s})
     print()

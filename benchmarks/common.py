@@ -272,6 +272,17 @@ def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable
     return Case(name, step)
 
 
+def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
+    """What ``kha train --precision auto`` picks for this model and batch on ``device``, why, and whether its
+    attention then trains on kha's AMX kernel (``kha.cpu_attention``), as ``kha.train.loop`` decides it."""
+    from kha import cpu_attention
+    from kha.train.precision import resolve_precision
+
+    amx = device.type == "cpu" and cpu_attention.covers(cfg.attention, batch, seq)
+    precision, why = resolve_precision("auto", device, cfg.d_model, amx_attention=amx)
+    return precision, why, amx and precision == "bf16"
+
+
 def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device):
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
     inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as

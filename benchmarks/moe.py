@@ -19,7 +19,6 @@ import common
 import kha.model
 from kha.config import MoEConfig, get_preset
 from kha.model import count_parameters
-from kha.train.precision import resolve_precision
 
 EXPERTS = {"grouped": kha.model.run_experts_grouped, "padded": kha.model.run_experts_padded,
            "loop": kha.model.run_experts_loop}
@@ -60,7 +59,7 @@ def main() -> None:
         dense_n, moe_n = count_parameters(dense), count_parameters(moe)
         router = moe.n_layers * moe.moe.n_experts * moe.d_model
         assert moe_n["activated"] == dense_n["activated"] + router, (dense_n, moe_n)  # the router's own weights
-        precision, _ = resolve_precision("auto", env.device, dense.d_model)
+        precision, _, _ = common.auto_precision(dense, batch, seq, env.device)
         print(f"- {name}: dense {common.describe(dense)}; MoE {moe.moe.n_experts} experts of {moe.moe.d_expert}, "
               f"top-{moe.moe.top_k}; activated {dense_n['activated']:,} (MoE: + {router:,} router weights), MoE "
               f"total {moe_n['total']:,}; {precision}; batch {batch} x seq {seq}", flush=True)

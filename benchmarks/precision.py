@@ -21,7 +21,6 @@ import common
 from kha import cpu_attention
 from kha.config import get_preset
 from kha.model import DecoderLM
-from kha.train.precision import resolve_precision
 
 SHAPES = {"tiny": ("tiny", 16, 128), "tiny-cfg": ("tiny", 8, 128), "study": ("study", 16, 256),
           "small": ("small", 2, 512)}
@@ -64,8 +63,7 @@ def main() -> None:
     for name in names:
         preset, batch, seq = SHAPES[name]
         cfg = model_config(preset)
-        amx = env.device.type == "cpu" and cpu_attention.covers(cfg.attention, batch, seq)
-        auto, why = resolve_precision("auto", env.device, cfg.d_model, amx_attention=amx)
+        auto, why, amx = common.auto_precision(cfg, batch, seq, env.device)
         print(f"- {name}: {common.describe(cfg)}; {common.n_params(DecoderLM(cfg)):,} parameters; batch {batch} x "
               f"seq {seq}; auto picks {auto} ({why})", flush=True)
         cases = [common.Case(f"{prec}{' compiled' if comp else ''}",

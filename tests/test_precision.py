@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kha import AttentionConfig
-from kha.config import ModelConfig, MoEConfig
+from kha.config import ModelConfig, MoEConfig, get_preset
 from kha.model import DecoderLM, MoE, run_experts_grouped, run_experts_loop, run_experts_padded
 from kha.train import TrainConfig, train
 from kha.train import precision as prec
@@ -166,19 +166,26 @@ def _bf16_run(data_dir, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("seq_len", [32, 64], ids=["torch-attention", "amx-attention-where-available"])
+def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys, seq_len):
     """Same seed, device and precision: a run resumed from its step-3 checkpoint equals the straight run
-    bit for bit, and two straight runs are identical."""
-    train(_bf16_run(data_dir, tmp_path / "a"))
-    assert "precision: bf16 (asked for)" in capsys.readouterr().out
+    bit for bit, and two straight runs are identical; at length 64 on a CPU with AMX, with attention on kha's
+    kernels (which the run prints and records)."""
+    from kha import cpu_attention
+
+    amx = cpu_attention.covers(get_preset("tiny-moe").attention, 4, seq_len)
+    assert amx == (seq_len == 64 and cpu_attention.prepare())
+    train(_bf16_run(data_dir, tmp_path / "a", seq_len=seq_len))
+    out = capsys.readouterr().out
+    assert "precision: bf16 (asked for)" in out and ("attention: kha's AMX kernel" in out) == amx
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16"
-    train(_bf16_run(data_dir, tmp_path / "b"))
+    assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16" and saved["amx_attention"] == amx
+    train(_bf16_run(data_dir, tmp_path / "b", seq_len=seq_len))
     # b loses everything after step 3, as if killed there, and is resumed
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000006")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000003")
     (tmp_path / "b" / "model.safetensors").unlink()
-    train(_bf16_run(data_dir, tmp_path / "b", resume=True))
+    train(_bf16_run(data_dir, tmp_path / "b", resume=True, seq_len=seq_len))
     straight, resumed = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for key in ("loss", "grad_norm", "val_loss"):

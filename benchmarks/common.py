@@ -145,8 +145,8 @@ def compiled_graphs() -> int:
 def keep_freed_memory() -> bool:
     """glibc only: freed memory stays in the process (no trimming of the heap's top; blocks up to glibc's
     32 MiB cap come from the heap, not fresh mappings). Several models timed in one process otherwise pay
-    page faults for each other's freed memory: measured, fp32 eager at the 32.5M shape ran 1.8x slower next
-    to five other training cases than alone."""
+    page faults for each other's freed memory: fp32 eager at the 32.5M shape took 2.26-2.41 s next to five
+    other training cases against 1.23 s alone (docs/benchmarks.md, section e)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

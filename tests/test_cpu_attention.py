@@ -19,6 +19,16 @@ from kha.model import DecoderLM
 pytestmark = pytest.mark.skipif(not cpu_attention.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The shapes here have 4-16 (batch, KV head) pairs, the kernel's unit of parallel work; more threads
+    than pairs would route them to torch's kernel (a rule tested on its own below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 def inputs(batch, heads, kv_heads, length, head_dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, head_dim, generator=g)
@@ -45,6 +55,7 @@ SHAPES = [  # batch, heads, kv heads, length, head_dim, causal
     (2, 4, 1, 64, 16, True),  # MQA
     (1, 6, 2, 128, 48, False),  # full attention
     (2, 4, 2, 128, 128, True),  # head_dim > 64: two packed panels
+    (1, 2, 2, 64, 256, True),  # four panels
 ]
 
 
@@ -80,16 +91,20 @@ def test_logsumexp_rows():
 
 
 def test_strided_inputs_and_determinism():
-    """Heads interleaved in memory (``(B, T, H, D)`` transposed, as the model's projections give them)
-    change nothing, bit for bit, and two runs agree exactly."""
+    """Heads interleaved in memory (``(B, T, H, D)`` transposed, as the model's projections give them, also
+    for the incoming gradient) and rows with an odd stride change nothing, bit for bit; two runs agree
+    exactly."""
     q, k, v, grad = (x.bfloat16() for x in inputs(2, 8, 2, 128, 32))
     _, dense = kernel_grads(q, k, v, grad, True)
-    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, grad)]
     assert not strided[0].is_contiguous()
-    _, from_strided = kernel_grads(*strided, grad, True)
+    _, from_strided = kernel_grads(*strided, True)
+    odd = [torch.cat((x, x[..., :1]), dim=-1)[..., :-1] for x in (q, k, v, grad)]  # row stride 33: copied first
+    assert odd[0].stride(2) == 33
+    _, from_odd = kernel_grads(*odd, True)
     _, again = kernel_grads(q, k, v, grad, True)
-    for a, b, c in zip(dense, from_strided, again, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b, c, d in zip(dense, from_strided, again, from_odd, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
 
 
 def leaves(*shape, dtype=torch.bfloat16):

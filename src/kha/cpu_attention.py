@@ -33,6 +33,7 @@ ENV_SWITCH = "KHA_CPU_ATTENTION"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 _state: bool | None = None  # None: not tried yet; then whether the kernel is loaded
+_fakes_registered = False
 
 
 def cpu_supports() -> bool:
@@ -57,7 +58,8 @@ def prepare() -> bool:
                 if time.perf_counter() - start > 2:
                     print(f"kha: built the AMX attention kernel in {time.perf_counter() - start:.0f} s "
                           "(cached for later runs)", file=sys.stderr, flush=True)
-                _register_fakes()
+                if not _fakes_registered:
+                    _register_fakes()
                 _state = True
             except Exception as exc:  # a missing compiler or headers: torch's kernel still works
                 warnings.warn(f"kha: CPU attention kernel unavailable ({type(exc).__name__}: {exc}); "
@@ -72,9 +74,11 @@ def _threads() -> int:
 
 
 def supports(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> bool:
-    """Whether the kernel covers causal attention of this shape (queries = keys = ``length``)."""
-    return (length % BLOCK == 0 and heads % kv_heads == 0 and batch * kv_heads >= _threads()
-            and head_dim % 16 == 0 and (head_dim <= 64 or head_dim % 64 == 0))
+    """Whether the kernel covers causal attention of this shape (queries = keys = ``length``) here: oneDNN
+    (which runs its micro-kernel) enabled, and enough (batch, KV head) pairs for the threads."""
+    return (torch.backends.mkldnn.enabled and length > 0 and length % BLOCK == 0 and kv_heads > 0
+            and heads % kv_heads == 0 and batch * kv_heads >= _threads()
+            and head_dim > 0 and head_dim % 16 == 0 and (head_dim <= 64 or head_dim % 64 == 0))
 
 
 def covers(attention, batch: int, seq_len: int) -> bool:
@@ -92,6 +96,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         return False
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if not autocast_bf16 and not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        return False
+    if q.dim() != 4 or k.dim() != 4:
         return False
     batch, heads, length, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or k.shape[2] != length:
@@ -134,6 +140,8 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 
 def _register_fakes() -> None:
     """Output shapes of the C++ ops, for ``torch.compile``'s tracing (once the library is loaded)."""
+    global _fakes_registered
+    _fakes_registered = True
     torch.library.register_fake("kha_cpu::attention_forward", _attention_shapes)
     torch.library.register_fake("kha_cpu::attention_backward", _backward_shapes)
 

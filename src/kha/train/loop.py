@@ -272,6 +272,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
 
 
+_ATTENTION_KERNELS = {True: "kha's AMX kernels", False: "torch's SDPA"}
+
+
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, bool]:
     """The run's precision, why, and whether its attention trains on ``kha.cpu_attention``'s kernel."""
     asked = _started_precision(out, cfg)
@@ -279,7 +282,15 @@ def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str,
     covered = (runtime.device.type == "cpu" and asked in ("auto", "bf16")
                and cpu_attention.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
     precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
-    return precision, why, covered and precision == "bf16"
+    amx = covered and precision == "bf16"
+    path = out / "train_config.json"
+    if cfg.resume and path.is_file() and runtime.is_main:
+        before = read_json(path).get("amx_attention", False)
+        if before != amx:
+            print(f"warning: this run trained its attention on {_ATTENTION_KERNELS[before]} and resumes on "
+                  f"{_ATTENTION_KERNELS[amx]}: the same run, but no longer bit for bit the uninterrupted one "
+                  f"({cpu_attention.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
+    return precision, why, amx
 
 
 def _started_precision(out: Path, cfg: TrainConfig) -> str:

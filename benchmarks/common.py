@@ -287,12 +287,15 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
     inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as
     ``kha train --compile`` (``kha.train.distributed.parallelize``)."""
+    from kha import cpu_attention
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
     from kha.train.optim import build_optimizer
     from kha.train.precision import autocast_context
 
+    if precision == "bf16" and device.type == "cpu":
+        cpu_attention.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
     torch.manual_seed(0)
     model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
     optimizer = build_optimizer(model, TrainConfig())

@@ -14,7 +14,8 @@ nothing changes:
 
 The extension is compiled on first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under
 ``TORCH_EXTENSIONS_DIR``); a failed build warns once and falls back to torch's kernel. Under
-``torch.compile`` the build is not started: call :func:`prepare` first (``kha train --compile`` does).
+``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does, through
+:func:`covers`, when it decides the run's precision).
 """
 
 from __future__ import annotations

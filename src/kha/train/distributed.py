@@ -14,8 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import cpu_attention
-
 
 @dataclass(frozen=True)
 class Runtime:
@@ -60,11 +58,8 @@ def parallelize(model: nn.Module, runtime: Runtime, compile: bool = False) -> nn
 
     One process compiles the whole model, LM head and loss included (measured faster than per-block compile:
     docs/benchmarks.md); under FSDP each block is compiled on its own, as FSDP2 wraps blocks. Both compile in
-    place, so parameter names (and so checkpoints) stay unchanged. A compiled model on CPU trains on the AMX
-    attention kernels only if they are built before tracing: ``kha.cpu_attention.prepare``.
+    place, so parameter names (and so checkpoints) stay unchanged.
     """
-    if compile and runtime.device.type == "cpu":
-        cpu_attention.prepare()
     if compile and not runtime.distributed:
         model.compile()
     elif compile:

@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             print("attention: kha's AMX kernel (kha.cpu_attention; KHA_CPU_ATTENTION=0 for torch's)", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         saved = {**cfg.to_dict(), "resolved_precision": precision, "amx_attention": amx_attention}
-        # atomic: other processes may be reading the old file (_started_precision) at this moment
+        # atomic: other processes may be reading the old file (_precision) at this moment
         atomic_write_text(out / "train_config.json", json.dumps(saved, indent=1))
     clean_partial(ckpt_root, runtime)
 
@@ -276,29 +276,22 @@ _ATTENTION_KERNELS = {True: "kha's AMX kernels", False: "torch's SDPA"}
 
 
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, bool]:
-    """The run's precision, why, and whether its attention trains on ``kha.cpu_attention``'s kernel."""
-    asked = _started_precision(out, cfg)
+    """The run's precision, why, and whether its attention trains on ``kha.cpu_attention``'s kernels. A resumed
+    ``auto`` run keeps the precision it started in; one that lands on the other attention kernel says so."""
+    path = out / "train_config.json"
+    started = read_json(path) if cfg.resume and path.is_file() else None
+    asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     model_cfg = base_model_config(cfg)
     covered = (runtime.device.type == "cpu" and asked in ("auto", "bf16")
                and cpu_attention.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
     precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
     amx = covered and precision == "bf16"
-    path = out / "train_config.json"
-    if cfg.resume and path.is_file() and runtime.is_main:
-        before = read_json(path).get("amx_attention", False)
-        if before != amx:
-            print(f"warning: this run trained its attention on {_ATTENTION_KERNELS[before]} and resumes on "
-                  f"{_ATTENTION_KERNELS[amx]}: the same run, but no longer bit for bit the uninterrupted one "
-                  f"({cpu_attention.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
+    before = started.get("amx_attention", False) if started else amx
+    if before != amx and runtime.is_main:
+        print(f"warning: this run trained its attention on {_ATTENTION_KERNELS[before]} and resumes on "
+              f"{_ATTENTION_KERNELS[amx]}: the same run, but no longer bit for bit the uninterrupted one "
+              f"({cpu_attention.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
     return precision, why, amx
-
-
-def _started_precision(out: Path, cfg: TrainConfig) -> str:
-    """The precision to ask for: a resumed ``auto`` run keeps the precision it started in."""
-    path = out / "train_config.json"
-    if cfg.resume and cfg.precision == "auto" and path.is_file():
-        return read_json(path).get("resolved_precision", "auto")
-    return cfg.precision
 
 
 def _progress(cfg: TrainConfig, runtime: Runtime, start_step: int):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kha import AttentionConfig, cpu_attention
-from kha.attention import sdpa_attention
+from kha.attention import RMSNorm, RotaryEmbedding, sdpa_attention
 from kha.config import ModelConfig
 from kha.model import DecoderLM
 
@@ -88,6 +88,61 @@ def test_logsumexp_rows():
     scores = q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-1, -2) / 32**0.5
     scores = scores.masked_fill(torch.ones(128, 128, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-4, atol=1e-4)
+
+
+def reference_norm_rope(x, weight, positions):
+    """RMSNorm then RoPE as ``kha.attention`` computes them, on float64 copies of the inputs (fp32 inside the
+    modules, as they compute)."""
+    norm = RMSNorm(x.shape[-1]).double()
+    rope = RotaryEmbedding(x.shape[-1], 10_000.0)
+    x = x.detach().double().requires_grad_()
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    return x, norm.weight, rope(norm(x), positions)
+
+
+@pytest.mark.parametrize("shape", [(2, 128, 8, 64, False), (3, 64, 4, 16, False), (2, 64, 3, 128, True)])
+def test_norm_rope_matches_reference(shape):
+    """The fused QK-norm + RoPE, output and gradients (x, weight), against float64 autograd of the module
+    path: within 1.5x (plus 1e-3 of the reference's largest entry) of the module path's own error in bf16,
+    whose output the attention kernels would round to bf16 anyway. Positions (T,) or per sequence (B, T)."""
+    batch, length, heads, head_dim, per_sequence = shape
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(batch, length, heads, head_dim, generator=g)).bfloat16()
+    weight = 0.5 + torch.rand(head_dim, generator=g)
+    grad = torch.randn(batch, length, heads, head_dim, generator=g)
+    positions = (torch.stack([torch.randperm(length, generator=g) for _ in range(batch)]) if per_sequence
+                 else torch.arange(length))
+    x64, w64, ref = reference_norm_rope(x, weight, positions)
+    ref_grads = torch.autograd.grad(ref, (x64, w64), grad.double())
+    xb = x.clone().requires_grad_()  # bf16 leaf, as Q and K are under autocast
+    norm, rope = RMSNorm(head_dim), RotaryEmbedding(head_dim, 10_000.0)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    module_out = rope(norm(xb), positions)
+    module_grads = torch.autograd.grad(module_out, (xb, norm.weight), grad)
+    xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused = cpu_attention.norm_rope(xf, wf, *rope.cos_sin(positions), norm.eps)
+    assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
+    fused_grads = torch.autograd.grad(fused, (xf, wf), grad.bfloat16())
+    cases = [("output", fused, module_out.bfloat16(), ref)] + [
+        (name, a, b, r) for name, a, b, r in zip(("dx", "dweight"), fused_grads, module_grads, ref_grads, strict=True)]
+    for name, ours, theirs, reference in cases:
+        error = (ours.double() - reference).abs().max().item()
+        bound = 1.5 * (theirs.double() - reference).abs().max().item() + 1e-3 * reference.abs().max().item()
+        assert error <= bound, f"{name}: error {error:.4g} > {bound:.4g}"
+
+
+def test_norm_rope_used_only_where_it_applies(monkeypatch):
+    """bf16 CPU training only: fp32 Q/K, no gradient wanted, or the kernel off keep the module path."""
+    x = torch.randn(2, 64, 4, 32).bfloat16().requires_grad_()
+    assert cpu_attention.fuses_norm_rope(x)
+    assert not cpu_attention.fuses_norm_rope(x.float())
+    assert not cpu_attention.fuses_norm_rope(x.detach())
+    with torch.no_grad():
+        assert not cpu_attention.fuses_norm_rope(x)
+    monkeypatch.setattr(cpu_attention, "_state", False)
+    assert not cpu_attention.fuses_norm_rope(x)
 
 
 def test_strided_inputs_and_determinism():

@@ -178,13 +178,16 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles of ``positions`` (``(T,)`` or ``(B, T)``), each ``(1 or B, T, D/2)``, fp32."""
+        freqs = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        if freqs.dim() == 2:
+            freqs = freqs[None]
+        return freqs.cos(), freqs.sin()
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape ``(B, T, H, D)`` by ``positions`` of shape ``(T,)`` or ``(B, T)``."""
-        freqs = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        if angles.dim() == 2:
-            angles = angles[None]
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        cos, sin = (torch.cat((a, a), dim=-1)[:, :, None, :] for a in self.cos_sin(positions))
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
         return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -397,6 +400,11 @@ class Attention(AttentionBase):
         q = self._knock("q", self.q_proj(x).view(b, t, self.cfg.n_heads, hd))
         k = self._knock("k", self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
         v = self._knock("v", self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
+        if self.q_norm is not None and self.rotary is not None and cpu_attention.fuses_norm_rope(q):
+            cos, sin = self.rotary.cos_sin(positions)
+            q = cpu_attention.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            k = cpu_attention.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:

@@ -31,7 +31,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 BLOCK = 64  # the kernel's block of queries and of keys
 ENV_SWITCH = "KHA_CPU_ATTENTION"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 _state: bool | None = None  # None: not tried yet; then whether the kernel is loaded
 _fakes_registered = False
@@ -55,7 +55,8 @@ def prepare() -> bool:
 
                 getattr(torch.cpu, "_init_amx", lambda: None)()
                 start = time.perf_counter()
-                load(name="kha_cpu_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False)
+                load(name="kha_cpu_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                     is_python_module=False)
                 if time.perf_counter() - start > 2:
                     print(f"kha: built the AMX attention kernel in {time.perf_counter() - start:.0f} s "
                           "(cached for later runs)", file=sys.stderr, flush=True)
@@ -145,6 +146,46 @@ def _register_fakes() -> None:
     _fakes_registered = True
     torch.library.register_fake("kha_cpu::attention_forward", _attention_shapes)
     torch.library.register_fake("kha_cpu::attention_backward", _backward_shapes)
+    torch.library.register_fake("kha_cpu::norm_rope_forward",
+                                lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.library.register_fake("kha_cpu::norm_rope_backward",
+                                lambda grad_out, x, weight, *_: (torch.empty_like(x), torch.empty_like(weight)))
+
+
+def fuses_norm_rope(x: torch.Tensor) -> bool:
+    """Whether :func:`norm_rope` replaces QK-norm + RoPE for ``x`` (``(B, T, heads, D)``, Q or K after its
+    projection): training on CPU with ``x`` in bf16 (as under CPU bf16 autocast), the extension loaded."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[-1] % 2:
+        return False
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return _state if torch.compiler.is_compiling() else prepare()
+
+
+@torch.library.custom_op("kha::norm_rope", mutates_args=())
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (fp32, rounded to bf16, times ``weight``) then RoPE by ``cos``, ``sin``
+    (``(1 or B, T, D/2)``, from :meth:`kha.attention.RotaryEmbedding.cos_sin`), in one pass; bf16 out. The same
+    math as ``RMSNorm`` then ``RotaryEmbedding``, up to rounding (tests/test_cpu_attention.py)."""
+    return torch.ops.kha_cpu.norm_rope_forward(x.contiguous(), weight, cos.contiguous(), sin.contiguous(), eps)
+
+
+def _norm_rope_setup(ctx, inputs, output):
+    x, weight, cos, sin, eps = inputs
+    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.eps = eps
+
+
+def _norm_rope_backward(ctx, grad_out):
+    x, weight, cos, sin = ctx.saved_tensors
+    dx, dw = torch.ops.kha_cpu.norm_rope_backward(grad_out, x.contiguous(), weight, cos.contiguous(),
+                                                  sin.contiguous(), ctx.eps)
+    return dx, dw, None, None, None
+
+
+norm_rope.register_fake(lambda x, weight, cos, sin, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+norm_rope.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:

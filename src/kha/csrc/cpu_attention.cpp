@@ -346,12 +346,162 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   return {out, lse};
 }
 
+// ---------------------------------------------------------------- QK-norm + RoPE
+//
+// The prologue of every Qwen3-style attention layer, per head of Q or K: an RMSNorm over head_dim in fp32,
+// rounded back to the input's bf16, times the norm's fp32 weight, then RoPE in the rotate-half layout
+// (feature j pairs with j + D/2). torch runs it as about a dozen elementwise kernels forward and as many
+// backward over the (B, T, heads, D) tensor; here one pass each way, output in bf16 (what the attention
+// kernels read). Forward per row x: r = 1 / sqrt(mean(x^2) + eps), n = bf16(x r), y = w n,
+//   out_lo = y_lo cos - y_hi sin, out_hi = y_hi cos + y_lo sin   (lo/hi: the two halves of the row).
+// Backward from dout: g = RoPE^-1(dout), dw += g n, dn = g w, dx = r (dn - (x r) mean(dn x r)).
+
+namespace {
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+inline __m512 load_bf16(const BFloat16* src, __mmask16 m) {
+  const __m256i x = _mm256_maskz_loadu_epi16(m, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+inline void store_bf16(BFloat16* dst, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// x rounded to bf16 and back (nearest even), as torch's .to(bfloat16) rounds
+inline __m512 round_bf16(__m512 x) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline float inv_rms(const BFloat16* x, int64_t D, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; j += 16) {
+    const __m512 v = load_bf16(x + j, tail(D - j));
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
+}
+
+void check_norm_rope(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(),
+              "kha_cpu norm_rope: x must be a contiguous bf16 (B, T, heads, head_dim) tensor");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  weight.sizes() == at::IntArrayRef({D}),
+              "kha_cpu norm_rope: an even head_dim and an fp32 weight of head_dim values expected");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.sizes() == sin.sizes() && cos.dim() == 3 &&
+                  (cos.size(0) == 1 || cos.size(0) == B) && cos.size(1) == T && cos.size(2) == D / 2 &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "kha_cpu norm_rope: cos and sin must be contiguous fp32 (1 or B, T, head_dim / 2)");
+}
+
+}  // namespace
+
+at::Tensor norm_rope_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps_d) {
+  check_norm_rope(x, weight, cos, sin);
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  const bool per_batch = cos.size(0) == B && B > 1;
+  const float eps = static_cast<float>(eps_d);
+  auto out = at::empty_like(x);
+  const BFloat16* xd = x.const_data_ptr<BFloat16>();
+  BFloat16* od = out.data_ptr<BFloat16>();
+  const float *w = weight.const_data_ptr<float>(), *cd = cos.const_data_ptr<float>(), *sd = sin.const_data_ptr<float>();
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t angle = (per_batch ? bt : bt % T) * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const BFloat16* xr = xd + (bt * H + h) * D;
+        BFloat16* outr = od + (bt * H + h) * D;
+        const __m512 r = _mm512_set1_ps(inv_rms(xr, D, eps));
+        for (int64_t j = 0; j < half; j += 16) {
+          const __mmask16 m = tail(half - j);
+          const __m512 c = _mm512_maskz_loadu_ps(m, cd + angle + j), s = _mm512_maskz_loadu_ps(m, sd + angle + j);
+          const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + j), round_bf16(_mm512_mul_ps(load_bf16(xr + j, m), r)));
+          const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + half + j),
+                                          round_bf16(_mm512_mul_ps(load_bf16(xr + half + j, m), r)));
+          store_bf16(outr + j, _mm512_fmsub_ps(lo, c, _mm512_mul_ps(hi, s)), m);
+          store_bf16(outr + half + j, _mm512_fmadd_ps(hi, c, _mm512_mul_ps(lo, s)), m);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_rope_backward(const at::Tensor& grad_out_in, const at::Tensor& x,
+                                                      const at::Tensor& weight, const at::Tensor& cos,
+                                                      const at::Tensor& sin, double eps_d) {
+  check_norm_rope(x, weight, cos, sin);
+  auto grad_out = grad_out_in.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "kha_cpu norm_rope_backward: grad_out must have x's shape");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  const bool per_batch = cos.size(0) == B && B > 1;
+  const float eps = static_cast<float>(eps_d);
+  auto dx = at::empty_like(x);
+  // one row of dw per thread's chunk of rows, summed in chunk order: the same sum for the same thread count
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), B * T);
+  auto dw_parts = at::zeros({chunks, D}, weight.options());
+  const BFloat16 *xd = x.const_data_ptr<BFloat16>(), *gd = grad_out.const_data_ptr<BFloat16>();
+  BFloat16* dxd = dx.data_ptr<BFloat16>();
+  const float *w = weight.const_data_ptr<float>(), *cd = cos.const_data_ptr<float>(), *sd = sin.const_data_ptr<float>();
+  float* parts = dw_parts.data_ptr<float>();
+  const int64_t per_chunk = (B * T + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    float* dn = scratch<float>(0, D);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      float* dw = parts + chunk * D;
+      for (int64_t bt = chunk * per_chunk; bt < std::min(B * T, (chunk + 1) * per_chunk); ++bt) {
+        const int64_t angle = (per_batch ? bt : bt % T) * half;
+        for (int64_t h = 0; h < H; ++h) {
+          const BFloat16* xr = xd + (bt * H + h) * D;
+          const BFloat16* gr = gd + (bt * H + h) * D;
+          const float rs = inv_rms(xr, D, eps);
+          const __m512 r = _mm512_set1_ps(rs);
+          __m512 dot = _mm512_setzero_ps();  // sum of dn * x r
+          for (int64_t j = 0; j < half; j += 16) {
+            const __mmask16 m = tail(half - j);
+            const __m512 c = _mm512_maskz_loadu_ps(m, cd + angle + j), s = _mm512_maskz_loadu_ps(m, sd + angle + j);
+            const __m512 go_lo = load_bf16(gr + j, m), go_hi = load_bf16(gr + half + j, m);
+            const __m512 g_lo = _mm512_fmadd_ps(go_lo, c, _mm512_mul_ps(go_hi, s));
+            const __m512 g_hi = _mm512_fmsub_ps(go_hi, c, _mm512_mul_ps(go_lo, s));
+            const __m512 n_lo = _mm512_mul_ps(load_bf16(xr + j, m), r), n_hi = _mm512_mul_ps(load_bf16(xr + half + j, m), r);
+            _mm512_mask_storeu_ps(dw + j, m, _mm512_fmadd_ps(g_lo, round_bf16(n_lo), _mm512_maskz_loadu_ps(m, dw + j)));
+            _mm512_mask_storeu_ps(dw + half + j, m,
+                                  _mm512_fmadd_ps(g_hi, round_bf16(n_hi), _mm512_maskz_loadu_ps(m, dw + half + j)));
+            const __m512 dn_lo = _mm512_mul_ps(g_lo, _mm512_maskz_loadu_ps(m, w + j));
+            const __m512 dn_hi = _mm512_mul_ps(g_hi, _mm512_maskz_loadu_ps(m, w + half + j));
+            dot = _mm512_fmadd_ps(dn_lo, n_lo, _mm512_fmadd_ps(dn_hi, n_hi, dot));
+            _mm512_mask_storeu_ps(dn + j, m, dn_lo);
+            _mm512_mask_storeu_ps(dn + half + j, m, dn_hi);
+          }
+          const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(D));
+          BFloat16* dxr = dxd + (bt * H + h) * D;
+          for (int64_t j = 0; j < D; j += 16) {
+            const __mmask16 m = tail(D - j);
+            const __m512 n = _mm512_mul_ps(load_bf16(xr + j, m), r);
+            store_bf16(dxr + j, _mm512_mul_ps(r, _mm512_fnmadd_ps(n, mean, _mm512_maskz_loadu_ps(m, dn + j))), m);
+          }
+        }
+      }
+    }
+  });
+  return {dx, dw_parts.sum(0)};
+}
+
 TORCH_LIBRARY(kha_cpu, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
         "float scale, bool is_causal) -> (Tensor, Tensor, Tensor)");
+  m.def("norm_rope_forward(Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor");
+  m.def("norm_rope_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) "
+        "-> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
+  m.impl("norm_rope_forward", &norm_rope_forward);
+  m.impl("norm_rope_backward", &norm_rope_backward);
 }

@@ -3,7 +3,7 @@
 Two parts, both at the 32.5M model's attention shape (batch 2 x 512, GQA 32 query / 4 KV heads of 64):
 
 1. Kernels, forward + backward of causal GQA attention on random inputs, against SDPA in bf16 (torch's CPU
-   flash attention): kha's AMX kernels (``kha.cpu_attention``, what ``kha train`` runs in bf16 on a CPU with
+   flash attention): kha's AMX kernels (``kha.cpu_kernels``, what ``kha train`` runs in bf16 on a CPU with
    AMX) and both forward alone; SDPA in fp32; kha's explicit reference (``impl="eager"``: scores, fp32
    softmax, weighted values); SDPA's math backend; and ``matmuls only``, the seven batched matmuls of
    attention's forward and backward (scores and weighted values forward; scores recomputed, dV, dP, dQ, dK
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
-from kha import cpu_attention
+from kha import cpu_kernels
 from kha.attention import eager_attention
 
 SHAPE = {"batch": 2, "heads": 32, "kv_heads": 4, "seq": 512, "head_dim": 64}
@@ -86,13 +86,13 @@ def matmuls_only():
 
 def kernel_cases() -> list[common.Case]:
     def kha_amx(q, k, v):
-        return cpu_attention._attention(q, k, v, True)[0]  # the op itself: no_grad would route around it
+        return cpu_kernels._attention(q, k, v, True)[0]  # the op itself: no_grad would route around it
 
-    ours = [common.Case("kha.cpu_attention bf16 (AMX kernels)", fwd_bwd(kha_amx, torch.bfloat16)),
-            common.Case("kha.cpu_attention bf16, forward only", forward_only(kha_amx, torch.bfloat16))]
+    ours = [common.Case("kha.cpu_kernels bf16 (AMX kernels)", fwd_bwd(kha_amx, torch.bfloat16)),
+            common.Case("kha.cpu_kernels bf16, forward only", forward_only(kha_amx, torch.bfloat16))]
     return [common.Case("SDPA bf16", fwd_bwd(sdpa, torch.bfloat16)),
             common.Case("SDPA bf16, forward only", forward_only(sdpa, torch.bfloat16)),
-            *(ours if cpu_attention.prepare() else []),
+            *(ours if cpu_kernels.prepare() else []),
             common.Case("SDPA fp32", fwd_bwd(sdpa, torch.float32)),
             common.Case("kha eager bf16", fwd_bwd(lambda q, k, v: eager_attention(q, k, v, None, True),
                                                   torch.bfloat16)),
@@ -110,7 +110,7 @@ def causal_flops() -> float:
 
 def categorize(key: str) -> str:
     """A profiler event's category by its name; self times never count twice, so every event has one."""
-    if "flash_attention" in key or key.startswith("kha_cpu::attention"):  # torch's kernels, kha.cpu_attention's
+    if "flash_attention" in key or key.startswith("kha_cpu::attention"):  # torch's kernels, kha.cpu_kernels's
         return "attention backward" if "backward" in key else "attention forward"
     if key in MATMULS:
         return "matmul"

@@ -274,11 +274,11 @@ def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable
 
 def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
     """What ``kha train --precision auto`` picks for this model and batch on ``device``, why, and whether its
-    attention then trains on kha's AMX kernel (``kha.cpu_attention``), as ``kha.train.loop`` decides it."""
-    from kha import cpu_attention
+    attention then trains on kha's AMX kernel (``kha.cpu_kernels``), as ``kha.train.loop`` decides it."""
+    from kha import cpu_kernels
     from kha.train.precision import resolve_precision
 
-    amx = device.type == "cpu" and cpu_attention.covers(cfg.attention, batch, seq)
+    amx = device.type == "cpu" and cpu_kernels.covers(cfg.attention, batch, seq)
     precision, why = resolve_precision("auto", device, cfg.d_model, amx_attention=amx)
     return precision, why, amx and precision == "bf16"
 
@@ -287,7 +287,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
     inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as
     ``kha train --compile`` (``kha.train.distributed.parallelize``)."""
-    from kha import cpu_attention
+    from kha import cpu_kernels
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
@@ -295,7 +295,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     from kha.train.precision import autocast_context
 
     if precision == "bf16" and device.type == "cpu":
-        cpu_attention.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
+        cpu_kernels.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
     torch.manual_seed(0)
     model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
     optimizer = build_optimizer(model, TrainConfig())

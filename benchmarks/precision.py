@@ -3,7 +3,7 @@
 One optimizer step exactly as ``kha train`` runs it (``DecoderLM`` with the loss inside, ``kha.train.precision``'s
 autocast, gradient clipping, ``kha.train.optim.build_optimizer``'s AdamW, ``kha.train.distributed.parallelize``
 for ``--compile``), for each shape in four settings: fp32 eager (the baseline of the shape), bf16 eager, fp32
-compiled, bf16 compiled; where ``kha.cpu_attention``'s AMX kernel covers the shape (bf16 runs on it), bf16
+compiled, bf16 compiled; where ``kha.cpu_kernels``'s AMX kernel covers the shape (bf16 runs on it), bf16
 eager and compiled once more with torch's SDPA instead ("torch attention"). Ratios are tokens/s against fp32
 eager of the same shape, cases interleaved round by round. The ``auto`` column says what ``--precision auto``
 picks on this machine for the shape.
@@ -18,7 +18,7 @@ model of the other benchmarks, d 512, 32/4 heads of 64; 2 x 512). ``--quick``: t
 from __future__ import annotations
 
 import common
-from kha import cpu_attention
+from kha import cpu_kernels
 from kha.config import get_preset
 from kha.model import DecoderLM
 
@@ -34,11 +34,11 @@ def with_torch_attention(step):
     """``step`` with kha's AMX attention kernel switched off (torch's SDPA instead)."""
 
     def run():
-        saved, cpu_attention._state = cpu_attention._state, False
+        saved, cpu_kernels._state = cpu_kernels._state, False
         try:
             step()
         finally:
-            cpu_attention._state = saved
+            cpu_kernels._state = saved
 
     return run
 

@@ -171,9 +171,9 @@ def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys
     """Same seed, device and precision: a run resumed from its step-3 checkpoint equals the straight run
     bit for bit, and two straight runs are identical; at length 64 on a CPU with AMX, with attention on kha's
     kernels (which the run prints and records)."""
-    from kha import cpu_attention
+    from kha import cpu_kernels
 
-    amx = cpu_attention.covers(get_preset("tiny-moe").attention, 4, seq_len)
+    amx = cpu_kernels.covers(get_preset("tiny-moe").attention, 4, seq_len)
     assert not amx or seq_len == 64  # 32 is not a multiple of the kernel's 64-token blocks
     train(_bf16_run(data_dir, tmp_path / "a", seq_len=seq_len))
     out = capsys.readouterr().out
@@ -193,15 +193,15 @@ def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys
 
 
 def test_resume_onto_the_other_attention_kernel_says_so(data_dir, tmp_path, monkeypatch, capsys):
-    """A bf16 run begun on kha's AMX attention kernels and resumed where they are off (KHA_CPU_ATTENTION=0)
+    """A bf16 run begun on kha's AMX attention kernels and resumed where they are off (KHA_CPU_KERNELS=0)
     continues, with a warning that it is no longer bit for bit the uninterrupted run."""
-    from kha import cpu_attention
+    from kha import cpu_kernels
 
-    if not cpu_attention.covers(get_preset("tiny-moe").attention, 4, 64):
+    if not cpu_kernels.covers(get_preset("tiny-moe").attention, 4, 64):
         pytest.skip("kha's AMX attention kernels do not run here")
     train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=3))
-    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
-    monkeypatch.setattr(cpu_attention, "_state", None)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    monkeypatch.setattr(cpu_kernels, "_state", None)
     capsys.readouterr()
     train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=6, resume=True))
     out = capsys.readouterr().out

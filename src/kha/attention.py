@@ -6,7 +6,7 @@ QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The ord
 
 Two interchangeable attention kernels: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
 GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it; when training in bf16 on
-a CPU with AMX, ``kha.cpu_attention``'s kernels where they apply) and ``"eager"``
+a CPU with AMX, ``kha.cpu_kernels``'s kernels where they apply) and ``"eager"``
 (an explicit softmax reference used by the tests).
 
 :class:`AttentionBase` holds what every variant (``kha.variants``) shares: input checks, masks, positions,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_attention
+from . import cpu_kernels
 from .knock import fold_into_linear, make_knocks, parse_targets
 
 ATTENTION_IMPLS = ("sdpa", "eager")
@@ -273,8 +273,8 @@ def eager_attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
-    if cpu_attention.applies(q, k, v, mask):
-        return cpu_attention.attention(q, k, v, is_causal)
+    if cpu_kernels.attention_applies(q, k, v, mask):
+        return cpu_kernels.attention(q, k, v, is_causal)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
@@ -400,10 +400,10 @@ class Attention(AttentionBase):
         q = self._knock("q", self.q_proj(x).view(b, t, self.cfg.n_heads, hd))
         k = self._knock("k", self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
         v = self._knock("v", self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
-        if self.q_norm is not None and self.rotary is not None and cpu_attention.fuses_norm_rope(q):
+        if self.q_norm is not None and self.rotary is not None and cpu_kernels.fuses(q):
             cos, sin = self.rotary.cos_sin(positions)
-            q = cpu_attention.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
-            k = cpu_attention.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
+            q = cpu_kernels.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            k = cpu_kernels.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

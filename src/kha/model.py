@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .attention import RMSNorm
 from .config import ModelConfig, MoEConfig
 from .variants import build_attention
@@ -33,7 +34,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(cpu_kernels.silu_mul(gate, up) if cpu_kernels.fuses(gate) else F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -254,7 +256,10 @@ class DecoderLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if cpu_kernels.fuses(logits):
+                loss = cpu_kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            else:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return LMOutput(logits, loss)
 
     def new_caches(self) -> list:

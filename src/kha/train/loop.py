@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cpu_attention
+from .. import cpu_kernels
 from ..data.loader import TokenBatches, read_manifest, verify_shards
 from ..errors import read_json
 from ..flops import model_flops_per_token, peak_flops
@@ -153,7 +153,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
         if amx_attention:
-            print("attention: kha's AMX kernel (kha.cpu_attention; KHA_CPU_ATTENTION=0 for torch's)", flush=True)
+            print("attention: kha's AMX kernel (kha.cpu_kernels; KHA_CPU_KERNELS=0 for torch's)", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         saved = {**cfg.to_dict(), "resolved_precision": precision, "amx_attention": amx_attention}
         # atomic: other processes may be reading the old file (_precision) at this moment
@@ -276,21 +276,21 @@ _ATTENTION_KERNELS = {True: "kha's AMX kernels", False: "torch's SDPA"}
 
 
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, bool]:
-    """The run's precision, why, and whether its attention trains on ``kha.cpu_attention``'s kernels. A resumed
+    """The run's precision, why, and whether its attention trains on ``kha.cpu_kernels``'s kernels. A resumed
     ``auto`` run keeps the precision it started in; one that lands on the other attention kernel says so."""
     path = out / "train_config.json"
     started = read_json(path) if cfg.resume and path.is_file() else None
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     model_cfg = base_model_config(cfg)
     covered = (runtime.device.type == "cpu" and asked in ("auto", "bf16")
-               and cpu_attention.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
+               and cpu_kernels.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
     precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
     amx = covered and precision == "bf16"
     before = started.get("amx_attention", False) if started else amx
     if before != amx and runtime.is_main:
         print(f"warning: this run trained its attention on {_ATTENTION_KERNELS[before]} and resumes on "
               f"{_ATTENTION_KERNELS[amx]}: the same run, but no longer bit for bit the uninterrupted one "
-              f"({cpu_attention.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
+              f"({cpu_kernels.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
     return precision, why, amx
 
 

@@ -6,7 +6,7 @@ AdamW's state stay fp32; the loss, norms, RoPE and MoE routing are computed in f
 ``auto`` picks what ``benchmarks/precision.py`` measured to be faster (results in docs/benchmarks.md):
 - CUDA with bf16 support: bf16.
 - A CPU with native bf16 matmul (``amx_bf16`` or ``avx512_bf16`` on x86, ``bf16`` on Arm): bf16 where
-  ``kha.cpu_attention``'s AMX kernel covers the model's attention (bf16 then measured faster at every width,
+  ``kha.cpu_kernels``'s AMX kernel covers the model's attention (bf16 then measured faster at every width,
   the tiny presets included), else once the model is wide enough for matmuls to dominate
   (``d_model >= AUTO_BF16_MIN_D_MODEL``); below that width, with torch's CPU attention, bf16 was slower.
 - Anything else: fp32 (bf16 without hardware support is emulated and slow).
@@ -54,7 +54,7 @@ def check_precision(precision: str) -> None:
 def resolve_precision(precision: str, device: torch.device, d_model: int,
                       amx_attention: bool = False) -> tuple[str, str]:
     """``(fp32 | bf16, reason)`` for a run asking for ``precision`` on ``device`` with this model width;
-    ``amx_attention``: whether ``kha.cpu_attention`` covers the run's attention (``cpu_attention.covers``)."""
+    ``amx_attention``: whether ``kha.cpu_kernels`` covers the run's attention (``cpu_kernels.covers``)."""
     check_precision(precision)
     if precision != "auto":
         return precision, "asked for"

@@ -1,4 +1,4 @@
-"""The AMX attention kernels (kha.cpu_attention) against fp32 autograd of SDPA, and when they are used.
+"""The AMX attention kernels (kha.cpu_kernels) against fp32 autograd of SDPA, and when they are used.
 
 Tolerance: bf16 rounding of inputs and outputs dominates any kernel's error, so the kernels' largest
 error in the output and each gradient against the fp32 reference must be within 1.5x (plus 1e-3) of the
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kha import AttentionConfig, cpu_attention
+from kha import AttentionConfig, cpu_kernels
 from kha.attention import RMSNorm, RotaryEmbedding, sdpa_attention
 from kha.config import ModelConfig
 from kha.model import DecoderLM
 
-pytestmark = pytest.mark.skipif(not cpu_attention.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def sdpa_grads(q, k, v, grad, is_causal):
 
 def kernel_grads(q, k, v, grad, is_causal):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = cpu_attention.attention(q, k, v, is_causal)
+    out = cpu_kernels.attention(q, k, v, is_causal)
     return out.detach(), torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
 
 
@@ -84,7 +84,7 @@ def test_logsumexp_rows():
     """The forward's second output, which the backward relies on: log-sum-exp of each row's scaled,
     causally masked scores, against fp32 (tolerance: bf16 inputs, fp32 arithmetic, 1e-4 relative)."""
     q, k, v, _ = (x.bfloat16() for x in inputs(1, 4, 2, 128, 32))
-    _, lse = cpu_attention._attention(q, k, v, True)
+    _, lse = cpu_kernels._attention(q, k, v, True)
     scores = q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-1, -2) / 32**0.5
     scores = scores.masked_fill(torch.ones(128, 128, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-4, atol=1e-4)
@@ -122,7 +122,7 @@ def test_norm_rope_matches_reference(shape):
     module_out = rope(norm(xb), positions)
     module_grads = torch.autograd.grad(module_out, (xb, norm.weight), grad)
     xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    fused = cpu_attention.norm_rope(xf, wf, *rope.cos_sin(positions), norm.eps)
+    fused = cpu_kernels.norm_rope(xf, wf, *rope.cos_sin(positions), norm.eps)
     assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
     fused_grads = torch.autograd.grad(fused, (xf, wf), grad.bfloat16())
     cases = [("output", fused, module_out.bfloat16(), ref)] + [
@@ -133,16 +133,67 @@ def test_norm_rope_matches_reference(shape):
         assert error <= bound, f"{name}: error {error:.4g} > {bound:.4g}"
 
 
-def test_norm_rope_used_only_where_it_applies(monkeypatch):
-    """bf16 CPU training only: fp32 Q/K, no gradient wanted, or the kernel off keep the module path."""
+def max_error(ours, reference):
+    return (ours.double() - reference).abs().max().item()
+
+
+def test_silu_mul_matches_reference():
+    """silu(a) * b and its gradients against float64 autograd: within 1.5x of torch's own bf16 ops' error
+    (plus 1e-3 of the reference's largest entry); an odd size exercises the vector tail."""
+    g = torch.Generator().manual_seed(4)
+    a, b = ((4 * torch.randn(3, 50, 37, generator=g)).bfloat16() for _ in range(2))
+    grad = torch.randn(3, 50, 37, generator=g).bfloat16()
+    a64, b64 = (x.double().requires_grad_() for x in (a, b))
+    ref = F.silu(a64) * b64
+    refs = [ref, *torch.autograd.grad(ref, (a64, b64), grad.double())]
+    at, bt = (x.clone().requires_grad_() for x in (a, b))
+    theirs = F.silu(at) * bt
+    theirs = [theirs, *torch.autograd.grad(theirs, (at, bt), grad)]
+    af, bf = (x.clone().requires_grad_() for x in (a, b))
+    ours = cpu_kernels.silu_mul(af, bf)
+    ours = [ours, *torch.autograd.grad(ours, (af, bf), grad)]
+    for name, o, t, r in zip(("output", "da", "db"), ours, theirs, refs, strict=True):
+        assert o.dtype == torch.bfloat16
+        bound = 1.5 * max_error(t, r) + 1e-3 * r.abs().max().item()
+        assert max_error(o, r) <= bound, f"{name}: error {max_error(o, r):.4g} > {bound:.4g}"
+
+
+def test_cross_entropy_matches_reference():
+    """Mean cross-entropy of bf16 logits with ignored rows: the loss within 1e-5 (relative) of float64, the
+    bf16 gradient within 1.5x of torch's (fp32 loss, bf16 leaf) error plus one bf16 rounding step of the
+    largest entry; a target out of range is an error naming it."""
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(300, 1000, generator=g)).bfloat16()
+    targets = torch.randint(0, 1000, (300,), generator=g)
+    targets[::7] = -100
+    l64 = logits.double().requires_grad_()
+    ref = F.cross_entropy(l64, targets, ignore_index=-100)
+    ref_grad = 2.5 * torch.autograd.grad(ref, l64)[0]
+    lt = logits.clone().requires_grad_()
+    torch_grad = torch.autograd.grad(2.5 * F.cross_entropy(lt.float(), targets, ignore_index=-100), lt)[0]
+    lf = logits.clone().requires_grad_()
+    loss = cpu_kernels.cross_entropy(lf, targets)
+    grad = torch.autograd.grad(2.5 * loss, lf)[0]
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    assert grad.dtype == torch.bfloat16
+    bound = 1.5 * max_error(torch_grad, ref_grad) + 2**-8 * ref_grad.abs().max().item()
+    assert max_error(grad, ref_grad) <= bound
+    assert (grad[::7] == 0).all()
+    targets[3] = 1000
+    with pytest.raises(RuntimeError, match="target 1000 is out of bounds for 1000 classes"):
+        cpu_kernels.cross_entropy(lf, targets)
+
+
+def test_fused_kernels_used_only_where_they_apply(monkeypatch):
+    """bf16 CPU training only: fp32 tensors, no gradient wanted, or the kernels off keep torch's ops."""
     x = torch.randn(2, 64, 4, 32).bfloat16().requires_grad_()
-    assert cpu_attention.fuses_norm_rope(x)
-    assert not cpu_attention.fuses_norm_rope(x.float())
-    assert not cpu_attention.fuses_norm_rope(x.detach())
+    assert cpu_kernels.fuses(x)
+    assert not cpu_kernels.fuses(x.float())
+    assert not cpu_kernels.fuses(x.detach())
     with torch.no_grad():
-        assert not cpu_attention.fuses_norm_rope(x)
-    monkeypatch.setattr(cpu_attention, "_state", False)
-    assert not cpu_attention.fuses_norm_rope(x)
+        assert not cpu_kernels.fuses(x)
+    monkeypatch.setattr(cpu_kernels, "_state", False)
+    assert not cpu_kernels.fuses(x)
 
 
 def test_strided_inputs_and_determinism():
@@ -168,33 +219,33 @@ def leaves(*shape, dtype=torch.bfloat16):
 
 def test_applies_only_where_it_can():
     q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
-    assert cpu_attention.applies(q, k, v, None)
-    assert not cpu_attention.applies(q, k, v, torch.ones(128, 128, dtype=torch.bool))  # a mask
-    assert not cpu_attention.applies(q[:, :, :96], k[:, :, :96], v[:, :, :96], None)  # length % 64
-    assert not cpu_attention.applies(q[:, :, :64], k, v, None)  # decoding with a cache: fewer queries
-    assert not cpu_attention.applies(*(x[..., :24] for x in (q, k, v)), None)  # head_dim % 16
-    assert not cpu_attention.applies(*(leaves(2, h, 128, 96) for h in (8, 2, 2)), None)  # 96: not <= 64 or 64k
-    assert not cpu_attention.applies(q, k, v[..., :16], None)  # V narrower than Q, K (MLA)
+    assert cpu_kernels.attention_applies(q, k, v, None)
+    assert not cpu_kernels.attention_applies(q, k, v, torch.ones(128, 128, dtype=torch.bool))  # a mask
+    assert not cpu_kernels.attention_applies(q[:, :, :96], k[:, :, :96], v[:, :, :96], None)  # length % 64
+    assert not cpu_kernels.attention_applies(q[:, :, :64], k, v, None)  # decoding with a cache: fewer queries
+    assert not cpu_kernels.attention_applies(*(x[..., :24] for x in (q, k, v)), None)  # head_dim % 16
+    assert not cpu_kernels.attention_applies(*(leaves(2, h, 128, 96) for h in (8, 2, 2)), None)  # 96: not <= 64 or 64k
+    assert not cpu_kernels.attention_applies(q, k, v[..., :16], None)  # V narrower than Q, K (MLA)
     with torch.no_grad():
-        assert not cpu_attention.applies(q, k, v, None)  # inference: torch's kernel
+        assert not cpu_kernels.attention_applies(q, k, v, None)  # inference: torch's kernel
     fp32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    assert not cpu_attention.applies(*fp32, None)  # fp32 training stays fp32
+    assert not cpu_kernels.attention_applies(*fp32, None)  # fp32 training stays fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_attention.applies(*fp32, None)  # ... unless autocast would run SDPA in bf16
+        assert cpu_kernels.attention_applies(*fp32, None)  # ... unless autocast would run SDPA in bf16
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(8)  # 2 x 2 (batch, KV head) pairs cannot feed 8 threads
-        assert not cpu_attention.applies(q, k, v, None)
+        assert not cpu_kernels.attention_applies(q, k, v, None)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_switch_off_by_environment(monkeypatch):
-    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
-    monkeypatch.setattr(cpu_attention, "_state", None)
-    assert cpu_attention.prepare() is False
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    monkeypatch.setattr(cpu_kernels, "_state", None)
+    assert cpu_kernels.prepare() is False
     q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
-    assert not cpu_attention.applies(q, k, v, None)
+    assert not cpu_kernels.attention_applies(q, k, v, None)
 
 
 def test_sdpa_kernel_uses_it_under_autocast_and_compiles(monkeypatch):
@@ -222,13 +273,13 @@ def test_sdpa_kernel_uses_it_under_autocast_and_compiles(monkeypatch):
 
 def count_calls(monkeypatch) -> list:
     calls = []
-    original = cpu_attention.attention
+    original = cpu_kernels.attention
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(cpu_attention, "attention", counting)
+    monkeypatch.setattr(cpu_kernels, "attention", counting)
     return calls
 
 
@@ -255,9 +306,9 @@ def test_model_gradients_under_autocast(knock, monkeypatch):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     reference = flat_grads(torch.autocast("cpu", enabled=False))
-    monkeypatch.setattr(cpu_attention, "_state", False)
+    monkeypatch.setattr(cpu_kernels, "_state", False)
     with_torch = flat_grads(torch.autocast("cpu", dtype=torch.bfloat16))
-    monkeypatch.setattr(cpu_attention, "_state", True)
+    monkeypatch.setattr(cpu_kernels, "_state", True)
     calls = count_calls(monkeypatch)
     with_kernel = flat_grads(torch.autocast("cpu", dtype=torch.bfloat16))
     assert len(calls) == 2
@@ -272,9 +323,9 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_attention, "_state", None)
+    monkeypatch.setattr(cpu_kernels, "_state", None)
     with pytest.warns(UserWarning, match="no compiler"):
-        assert cpu_attention.prepare() is False
+        assert cpu_kernels.prepare() is False
     q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
     out = sdpa_attention(q, k, v, None, True)  # torch's kernel, same result as calling it directly
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
@@ -287,12 +338,12 @@ def test_covers_the_shipped_tiny_configs_not_mla():
     from kha.config import get_preset
 
     tiny = get_preset("tiny").attention
-    assert cpu_attention.covers(tiny, batch=8, seq_len=128)
-    assert not cpu_attention.covers(tiny, batch=8, seq_len=100)
-    assert not cpu_attention.covers(get_preset("mla-a0.8b").attention, batch=8, seq_len=128)
+    assert cpu_kernels.covers(tiny, batch=8, seq_len=128)
+    assert not cpu_kernels.covers(tiny, batch=8, seq_len=100)
+    assert not cpu_kernels.covers(get_preset("mla-a0.8b").attention, batch=8, seq_len=128)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
-        assert not cpu_attention.covers(tiny, batch=1, seq_len=128)  # 1 x 4 KV heads < 8 threads
+        assert not cpu_kernels.covers(tiny, batch=1, seq_len=128)  # 1 x 4 KV heads < 8 threads
     finally:
         torch.set_num_threads(threads)

@@ -1,12 +1,12 @@
-"""Attention kernels for bf16 training on CPUs with AMX (``csrc/cpu_attention.cpp``).
+"""Attention kernels for bf16 training on CPUs with AMX (``csrc/cpu_kernels.cpp``).
 
 torch's CPU flash-attention backward takes about six times its forward and was the largest single cost of
 a bf16 training step on such CPUs (docs/benchmarks.md, section i). :func:`attention` runs the forward and
 the backward on the AMX matrix unit in 64 x 64 blocks instead (the forward about as fast as torch's, the
-backward about twice as fast). The ``"sdpa"`` kernel uses it when :func:`applies` says so, and otherwise
+backward about twice as fast). The ``"sdpa"`` kernel uses it when :func:`attention_applies` says so, and otherwise
 nothing changes:
 
-- a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_ATTENTION`` not set to ``0``;
+- a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_KERNELS`` not set to ``0``;
 - training (gradients wanted) in bf16, or under CPU bf16 autocast, where SDPA would run in bf16 anyway;
 - no mask other than causal, as many queries as keys, the length a multiple of 64;
 - Q, K and V of one head_dim, a multiple of 16 and at most 64 or a multiple of 64;
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 BLOCK = 64  # the kernel's block of queries and of keys
-ENV_SWITCH = "KHA_CPU_ATTENTION"
+ENV_SWITCH = "KHA_CPU_KERNELS"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 _state: bool | None = None  # None: not tried yet; then whether the kernel is loaded
@@ -55,7 +55,7 @@ def prepare() -> bool:
 
                 getattr(torch.cpu, "_init_amx", lambda: None)()
                 start = time.perf_counter()
-                load(name="kha_cpu_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                load(name="kha_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                      is_python_module=False)
                 if time.perf_counter() - start > 2:
                     print(f"kha: built the AMX attention kernel in {time.perf_counter() - start:.0f} s "
@@ -90,7 +90,7 @@ def covers(attention, batch: int, seq_len: int) -> bool:
             and supports(batch, attention.n_heads, attention.n_kv_heads, seq_len, attention.head_dim) and prepare())
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`attention` can replace SDPA for these inputs (``q``: ``(B, H, T, D)``)."""
     if q.device.type != "cpu" or mask is not None or not torch.is_grad_enabled():
         return False
@@ -109,7 +109,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return _state if torch.compiler.is_compiling() else prepare()
 
 
-@torch.library.custom_op("kha::cpu_attention", mutates_args=())
+@torch.library.custom_op("kha::cpu_kernels", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and log-sum-exp rows; an op of its own so that autograd saves both for the backward."""
     return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal)
@@ -150,14 +150,19 @@ def _register_fakes() -> None:
                                 lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("kha_cpu::norm_rope_backward",
                                 lambda grad_out, x, weight, *_: (torch.empty_like(x), torch.empty_like(weight)))
+    torch.library.register_fake("kha_cpu::silu_mul_forward", lambda a, b: torch.empty_like(a))
+    torch.library.register_fake("kha_cpu::silu_mul_backward",
+                                lambda grad_out, a, b: (torch.empty_like(a), torch.empty_like(b)))
+    torch.library.register_fake("kha_cpu::cross_entropy_forward", lambda logits, targets, ignore_index: (
+        logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)))
+    torch.library.register_fake("kha_cpu::cross_entropy_backward", lambda grad, logits, *_: torch.empty_like(logits))
 
 
-def fuses_norm_rope(x: torch.Tensor) -> bool:
-    """Whether :func:`norm_rope` replaces QK-norm + RoPE for ``x`` (``(B, T, heads, D)``, Q or K after its
-    projection): training on CPU with ``x`` in bf16 (as under CPU bf16 autocast), the extension loaded."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[-1] % 2:
-        return False
-    if not (torch.is_grad_enabled() and x.requires_grad):
+def fuses(x: torch.Tensor) -> bool:
+    """Whether the fused kernels (:func:`norm_rope`, :func:`silu_mul`, :func:`cross_entropy`) replace torch's
+    ops for ``x``: training on CPU with ``x`` in bf16 (as linear layers leave it under CPU bf16 autocast), the
+    extension loaded."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not (torch.is_grad_enabled() and x.requires_grad):
         return False
     return _state if torch.compiler.is_compiling() else prepare()
 
@@ -167,7 +172,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
               eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (fp32, rounded to bf16, times ``weight``) then RoPE by ``cos``, ``sin``
     (``(1 or B, T, D/2)``, from :meth:`kha.attention.RotaryEmbedding.cos_sin`), in one pass; bf16 out. The same
-    math as ``RMSNorm`` then ``RotaryEmbedding``, up to rounding (tests/test_cpu_attention.py)."""
+    math as ``RMSNorm`` then ``RotaryEmbedding``, up to rounding (tests/test_cpu_kernels.py)."""
     return torch.ops.kha_cpu.norm_rope_forward(x.contiguous(), weight, cos.contiguous(), sin.contiguous(), eps)
 
 
@@ -188,8 +193,56 @@ norm_rope.register_fake(lambda x, weight, cos, sin, eps: torch.empty_like(x, mem
 norm_rope.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
 
 
+@torch.library.custom_op("kha::silu_mul", mutates_args=())
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` (SwiGLU's gate) in one pass, fp32 inside, bf16 in and out."""
+    return torch.ops.kha_cpu.silu_mul_forward(a.contiguous(), b.contiguous())
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, grad_out):
+    a, b = ctx.saved_tensors
+    return torch.ops.kha_cpu.silu_mul_backward(grad_out, a.contiguous(), b.contiguous())
+
+
+silu_mul.register_fake(lambda a, b: torch.empty_like(a, memory_format=torch.contiguous_format))
+silu_mul.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+@torch.library.custom_op("kha::cross_entropy", mutates_args=())
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and each row's log-sum-exp (saved for the backward)."""
+    return torch.ops.kha_cpu.cross_entropy_forward(logits.contiguous(), targets, ignore_index)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _cross_entropy_backward(ctx, grad, _grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return (torch.ops.kha_cpu.cross_entropy_backward(grad, logits.contiguous(), targets, lse, ctx.ignore_index),
+            None, None)
+
+
+_cross_entropy.register_fake(lambda logits, targets, ignore_index: (
+    logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)))
+_cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)`` (mean) for bf16 ``logits``
+    ``(N, V)``, in one pass each way: fp32 inside, the gradient in bf16."""
+    return _cross_entropy(logits, targets, ignore_index)[0]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
     """Scaled dot-product attention (GQA when K/V have fewer heads) on the AMX kernels; inputs are cast to bf16
-    as CPU autocast would cast them for SDPA. Call only where :func:`applies`."""
+    as CPU autocast would cast them for SDPA. Call only where :func:`attention_applies`."""
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     return _attention(q, k, v, is_causal)[0]

@@ -13,7 +13,7 @@
 // so no block is ever transposed; right operands are repacked into the VNNI layout (pairs of rows
 // interleaved) that bf16 AMX needs. dK, dV sum over the group's query heads in place (GQA).
 //
-// Preconditions (check_inputs; kha.cpu_attention.applies tests them first): bf16, as many queries as
+// Preconditions (check_inputs; kha.cpu_kernels.attention_applies tests them first): bf16, as many queries as
 // keys, a multiple of 64 of them, head_dim a multiple of 16 and <= 64 or a multiple of 64,
 // n_heads % n_kv_heads == 0, a CPU with AMX-BF16 and AVX512-BF16.
 #include <ATen/ATen.h>
@@ -161,7 +161,7 @@ struct Rows {
   const BFloat16* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
-// The kernels' preconditions (kha.cpu_attention.applies checks them before calling).
+// The kernels' preconditions (kha.cpu_kernels.attention_applies checks them before calling).
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16,
@@ -491,6 +491,153 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_backward(const at::Tensor& grad_out
   return {dx, dw_parts.sum(0)};
 }
 
+// ---------------------------------------------------------------- SwiGLU gate and cross-entropy
+//
+// silu(a) * b (the SwiGLU gate) and the LM loss, each one pass forward and one backward in fp32 from bf16
+// inputs, where torch runs several kernels with a bf16 or fp32 copy between each.
+
+namespace {
+
+inline __m512 sigmoid_ps(__m512 x) {
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// f(offset, count, mask) over [0, n) in vectors of 16, split across threads
+template <typename F>
+void for_each_vector(int64_t n, const F& f) {
+  constexpr int64_t grain = 16 * 2048;
+  at::parallel_for(0, (n + grain - 1) / grain, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * grain; i < std::min(n, end * grain); i += 16) f(i, tail(n - i));
+  });
+}
+
+void check_same_bf16(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.sizes() == b.sizes() &&
+                  a.is_contiguous() && b.is_contiguous(),
+              "kha_cpu ", what, ": contiguous bf16 tensors of one shape expected");
+}
+
+}  // namespace
+
+at::Tensor silu_mul_forward(const at::Tensor& a, const at::Tensor& b) {
+  check_same_bf16(a, b, "silu_mul");
+  auto out = at::empty_like(a);
+  const BFloat16 *ad = a.const_data_ptr<BFloat16>(), *bd = b.const_data_ptr<BFloat16>();
+  BFloat16* od = out.data_ptr<BFloat16>();
+  for_each_vector(a.numel(), [&](int64_t i, __mmask16 m) {
+    const __m512 x = load_bf16(ad + i, m);
+    store_bf16(od + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid_ps(x)), load_bf16(bd + i, m)), m);
+  });
+  return out;
+}
+
+// d/da silu(a) b = b sig(a) (1 + a (1 - sig(a))), d/db = silu(a)
+std::tuple<at::Tensor, at::Tensor> silu_mul_backward(const at::Tensor& grad_out_in, const at::Tensor& a,
+                                                     const at::Tensor& b) {
+  check_same_bf16(a, b, "silu_mul_backward");
+  auto grad_out = grad_out_in.to(at::kBFloat16).contiguous();
+  check_same_bf16(grad_out, a, "silu_mul_backward");
+  auto da = at::empty_like(a), db = at::empty_like(b);
+  const BFloat16 *ad = a.const_data_ptr<BFloat16>(), *bd = b.const_data_ptr<BFloat16>(),
+                 *gd = grad_out.const_data_ptr<BFloat16>();
+  BFloat16 *dad = da.data_ptr<BFloat16>(), *dbd = db.data_ptr<BFloat16>();
+  const __m512 one = _mm512_set1_ps(1.f);
+  for_each_vector(a.numel(), [&](int64_t i, __mmask16 m) {
+    const __m512 x = load_bf16(ad + i, m), g = load_bf16(gd + i, m), sig = sigmoid_ps(x);
+    store_bf16(dbd + i, _mm512_mul_ps(g, _mm512_mul_ps(x, sig)), m);
+    const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sig), one));
+    store_bf16(dad + i, _mm512_mul_ps(_mm512_mul_ps(g, load_bf16(bd + i, m)), dsilu), m);
+  });
+  return {da, db};
+}
+
+namespace {
+
+// Rows of logits with a target that counts (not ignore_index); raises on a target outside [0, V).
+int64_t counted_rows(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16 && logits.dim() == 2 && logits.is_contiguous() &&
+                  targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "kha_cpu cross_entropy: contiguous bf16 logits (N, V) and int64 targets (N) expected");
+  const int64_t V = logits.size(1);
+  auto t = targets.contiguous();
+  const int64_t* td = t.const_data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (td[i] == ignore_index) continue;
+    TORCH_CHECK(td[i] >= 0 && td[i] < V, "cross_entropy: target ", td[i], " is out of bounds for ", V,
+                " classes (valid: 0 to ", V - 1, ", or ignore_index ", ignore_index, ")");
+    ++count;
+  }
+  return count;
+}
+
+}  // namespace
+
+// Mean over counted rows of lse - logit[target], fp32 inside (a sum in double, in row order); also each
+// row's log-sum-exp for the backward.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets_in,
+                                                         int64_t ignore_index) {
+  const int64_t count = counted_rows(logits, targets_in, ignore_index);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto targets = targets_in.contiguous();
+  auto lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  std::vector<float> row_loss(N, 0.f);
+  const BFloat16* xd = logits.const_data_ptr<BFloat16>();
+  const int64_t* td = targets.const_data_ptr<int64_t>();
+  float* lsed = lse.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const BFloat16* x = xd + i * V;
+      __m512 max_v = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < V; j += 16) max_v = _mm512_mask_max_ps(max_v, tail(V - j), max_v, load_bf16(x + j, tail(V - j)));
+      const float row_max = _mm512_reduce_max_ps(max_v);
+      const __m512 max_b = _mm512_set1_ps(row_max);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < V; j += 16) {
+        const __mmask16 m = tail(V - j);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(load_bf16(x + j, m), max_b))));
+      }
+      lsed[i] = row_max + std::log(_mm512_reduce_add_ps(sum));
+      if (td[i] != ignore_index) row_loss[i] = lsed[i] - static_cast<float>(x[td[i]]);
+    }
+  });
+  double total = 0;
+  for (float l : row_loss) total += l;
+  return {at::full({}, static_cast<float>(total / static_cast<double>(count)), lse.options()), lse};
+}
+
+// d loss / d logit[i, j] = grad (softmax_ij - [j == target_i]) / count, rows with ignore_index zero
+at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets_in,
+                                  const at::Tensor& lse, int64_t ignore_index) {
+  const int64_t count = counted_rows(logits, targets_in, ignore_index);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto targets = targets_in.contiguous();
+  auto lse_c = lse.contiguous();
+  auto dx = at::empty_like(logits);
+  const float scale = grad.item<float>() / static_cast<float>(count);
+  const BFloat16* xd = logits.const_data_ptr<BFloat16>();
+  BFloat16* dxd = dx.data_ptr<BFloat16>();
+  const int64_t* td = targets.const_data_ptr<int64_t>();
+  const float* lsed = lse_c.const_data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const BFloat16* x = xd + i * V;
+      BFloat16* dxr = dxd + i * V;
+      const bool counted = td[i] != ignore_index;
+      const __m512 lse_b = _mm512_set1_ps(lsed[i]), scale_b = _mm512_set1_ps(counted ? scale : 0.f);
+      for (int64_t j = 0; j < V; j += 16) {
+        const __mmask16 m = tail(V - j);
+        __m512 p = _mm512_mul_ps(exp_ps(_mm512_sub_ps(load_bf16(x + j, m), lse_b)), scale_b);
+        const int64_t hit = td[i] - j;
+        if (counted && hit >= 0 && hit < 16)
+          p = _mm512_mask_sub_ps(p, __mmask16(1u << hit), p, _mm512_set1_ps(scale));
+        store_bf16(dxr + j, p, m);
+      }
+    }
+  });
+  return dx;
+}
+
 TORCH_LIBRARY(kha_cpu, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
@@ -498,10 +645,18 @@ TORCH_LIBRARY(kha_cpu, m) {
   m.def("norm_rope_forward(Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor");
   m.def("norm_rope_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) "
         "-> (Tensor, Tensor)");
+  m.def("silu_mul_forward(Tensor a, Tensor b) -> Tensor");
+  m.def("silu_mul_backward(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("cross_entropy_forward(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
   m.impl("norm_rope_forward", &norm_rope_forward);
   m.impl("norm_rope_backward", &norm_rope_backward);
+  m.impl("silu_mul_forward", &silu_mul_forward);
+  m.impl("silu_mul_backward", &silu_mul_backward);
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
 }

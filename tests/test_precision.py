@@ -169,17 +169,20 @@ def _bf16_run(data_dir, out, **overrides) -> TrainConfig:
 @pytest.mark.parametrize("seq_len", [32, 64], ids=["torch-attention", "amx-attention-where-available"])
 def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys, seq_len):
     """Same seed, device and precision: a run resumed from its step-3 checkpoint equals the straight run
-    bit for bit, and two straight runs are identical; at length 64 on a CPU with AMX, with attention on kha's
-    kernels (which the run prints and records)."""
+    bit for bit, and two straight runs are identical; on a CPU with AMX on kha's fused kernels, and at length
+    64 with attention on kha's kernels too (which the run prints and records)."""
     from kha import cpu_kernels
 
     amx = cpu_kernels.covers(get_preset("tiny-moe").attention, 4, seq_len)
     assert not amx or seq_len == 64  # 32 is not a multiple of the kernel's 64-token blocks
     train(_bf16_run(data_dir, tmp_path / "a", seq_len=seq_len))
     out = capsys.readouterr().out
-    assert "precision: bf16 (asked for)" in out and ("attention: kha's AMX kernel" in out) == amx
+    fused = cpu_kernels.prepare()  # the fused kernels run wherever the extension does, at any length
+    assert "precision: bf16 (asked for)" in out and ("kha's AMX attention and fused kernels" in out) == amx
+    assert ("CPU kernels: " in out) == fused
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16" and saved["amx_attention"] == amx
+    assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16"
+    assert saved["amx_attention"] == amx and saved["cpu_kernels"] == fused
     train(_bf16_run(data_dir, tmp_path / "b", seq_len=seq_len))
     # b loses everything after step 3, as if killed there, and is resumed
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000006")
@@ -193,7 +196,7 @@ def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys
 
 
 def test_resume_onto_the_other_attention_kernel_says_so(data_dir, tmp_path, monkeypatch, capsys):
-    """A bf16 run begun on kha's AMX attention kernels and resumed where they are off (KHA_CPU_KERNELS=0)
+    """A bf16 run begun on kha's CPU kernels and resumed where they are off (KHA_CPU_KERNELS=0)
     continues, with a warning that it is no longer bit for bit the uninterrupted run."""
     from kha import cpu_kernels
 
@@ -205,8 +208,9 @@ def test_resume_onto_the_other_attention_kernel_says_so(data_dir, tmp_path, monk
     capsys.readouterr()
     train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=6, resume=True))
     out = capsys.readouterr().out
-    assert "trained its attention on kha's AMX kernels and resumes on torch's SDPA" in out
-    assert json.loads((tmp_path / "r" / "train_config.json").read_text())["amx_attention"] is False
+    assert "trained on kha's AMX attention and fused kernels and resumes on torch's ops" in out
+    saved = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert saved["amx_attention"] is False and saved["cpu_kernels"] is False
 
 
 def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, capsys):

@@ -1,21 +1,24 @@
-"""Attention kernels for bf16 training on CPUs with AMX (``csrc/cpu_kernels.cpp``).
+"""bf16 training kernels for CPUs with AMX (``csrc/cpu_kernels.cpp``), built on first use.
 
-torch's CPU flash-attention backward takes about six times its forward and was the largest single cost of
-a bf16 training step on such CPUs (docs/benchmarks.md, section i). :func:`attention` runs the forward and
-the backward on the AMX matrix unit in 64 x 64 blocks instead (the forward about as fast as torch's, the
-backward about twice as fast). The ``"sdpa"`` kernel uses it when :func:`attention_applies` says so, and otherwise
-nothing changes:
+On such CPUs a bf16 training step spent most of its non-matmul time in torch's CPU flash-attention backward
+(about six times its forward) and in chains of small elementwise kernels with a bf16/fp32 copy between
+each (docs/benchmarks.md, sections e and i). This module replaces them where they run:
 
-- a CPU with AMX-BF16 and AVX512-BF16, a C++ compiler, and ``KHA_CPU_KERNELS`` not set to ``0``;
-- training (gradients wanted) in bf16, or under CPU bf16 autocast, where SDPA would run in bf16 anyway;
-- no mask other than causal, as many queries as keys, the length a multiple of 64;
-- Q, K and V of one head_dim, a multiple of 16 and at most 64 or a multiple of 64;
-- at least as many (batch, KV head) pairs as threads (its unit of parallel work).
+- :func:`attention`: causal or full GQA/MHA/MQA attention, forward and backward on the AMX tiles. The
+  ``"sdpa"`` kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or CPU bf16
+  autocast, no mask other than causal, as many queries as keys, the length a multiple of 64, one head_dim
+  for Q, K and V that is a multiple of 16, and at least as many (batch, KV head) pairs as threads (its unit
+  of parallel work);
+- :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
+  LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
+  (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast).
 
-The extension is compiled on first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under
-``TORCH_EXTENSIONS_DIR``); a failed build warns once and falls back to torch's kernel. Under
-``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does, through
-:func:`covers`, when it decides the run's precision).
+Everything else (fp32, inference, MLA and GTA attention, GPUs, CPUs without AMX-BF16 and AVX512-BF16)
+runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is compiled on
+first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) with
+OpenMP (its parallel loops run on torch's threads); a failed build warns once and falls back to torch's
+ops. Under ``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does,
+through :func:`covers`, when it decides the run's precision).
 """
 
 from __future__ import annotations
@@ -31,21 +34,22 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 BLOCK = 64  # the kernel's block of queries and of keys
 ENV_SWITCH = "KHA_CPU_KERNELS"
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+          "-mamx-tile", "-mamx-bf16"]
 
-_state: bool | None = None  # None: not tried yet; then whether the kernel is loaded
+_state: bool | None = None  # None: not tried yet; then whether the extension is loaded
 _fakes_registered = False
 
 
 def cpu_supports() -> bool:
-    """Whether this CPU has what the kernel runs on (AMX tiles, AVX512-BF16)."""
+    """Whether this CPU has what the kernels run on (AMX tiles, AVX512-BF16)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     return bool(amx() and bf16())
 
 
 def prepare() -> bool:
-    """Build (or load the cached build of) the kernel if this machine can run it; True when it is ready."""
+    """Build (or load the cached build of) the extension if this machine can run it; True when it is ready."""
     global _state
     if _state is None:
         _state = False
@@ -58,14 +62,14 @@ def prepare() -> bool:
                 load(name="kha_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                      is_python_module=False)
                 if time.perf_counter() - start > 2:
-                    print(f"kha: built the AMX attention kernel in {time.perf_counter() - start:.0f} s "
+                    print(f"kha: built the CPU kernels in {time.perf_counter() - start:.0f} s "
                           "(cached for later runs)", file=sys.stderr, flush=True)
                 if not _fakes_registered:
                     _register_fakes()
                 _state = True
-            except Exception as exc:  # a missing compiler or headers: torch's kernel still works
-                warnings.warn(f"kha: CPU attention kernel unavailable ({type(exc).__name__}: {exc}); "
-                              "using torch's SDPA", stacklevel=2)
+            except Exception as exc:  # a missing compiler or headers: torch's ops still work
+                warnings.warn(f"kha: CPU kernels unavailable ({type(exc).__name__}: {exc}); using torch's ops",
+                              stacklevel=2)
     return _state
 
 
@@ -80,7 +84,7 @@ def supports(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) 
     (which runs its micro-kernel) enabled, and enough (batch, KV head) pairs for the threads."""
     return (torch.backends.mkldnn.enabled and length > 0 and length % BLOCK == 0 and kv_heads > 0
             and heads % kv_heads == 0 and batch * kv_heads >= _threads()
-            and head_dim > 0 and head_dim % 16 == 0 and (head_dim <= 64 or head_dim % 64 == 0))
+            and head_dim > 0 and head_dim % 16 == 0)
 
 
 def covers(attention, batch: int, seq_len: int) -> bool:

@@ -1,21 +1,24 @@
-// Scaled dot-product attention, causal or full, forward and backward, for bf16 on x86 CPUs with AMX.
+// bf16 training kernels for x86 CPUs with AMX and AVX512-BF16: scaled dot-product attention (causal or full,
+// forward and backward), the QK-norm + RoPE prologue, the SwiGLU gate and the LM's cross-entropy.
 //
-// torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
-// takes about six times its forward. Here every product runs on oneDNN's AMX micro-kernel
-// (at::native::cpublas::brgemm) on 64 x 64 blocks kept in cache, with the softmax in AVX-512.
-// Forward (flash style): per query block m, S = Q_m K_n^T for key blocks n (<= m when causal), an online
-// softmax, O_m += P V_n; it returns O and the rows' log-sum-exp (lse). Backward:
-//   per (batch, KV head): for each query head of the group, query block m, key block n (<= m):
+// Attention. torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
+// takes about six times its forward. Here every product runs on the AMX tiles (tile_gemm, below) on 64 x 64
+// blocks, the softmax in AVX-512, per (batch, KV head), so that a group's query heads share packed K and V and
+// dK, dV sum in place (GQA). Forward: per query block m, S = Q_m K^T over the keys it sees, the exact softmax
+// of each row, O_m = P V; it returns O and the rows' log-sum-exp (lse). Backward, per query head, per key
+// block n, against every query block m that sees it:
 //     S^T = K_n Q_m^T, dP^T = V_n dO_m^T              (keys x queries, fp32)
 //     P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - rowsum(dO o O))
-//     dV_n += P^T dO_m, dK_n += dS^T Q_m, dQ_m^T += K_n^T dS^T   (fp32 accumulators)
-// Working in the transposed (key-major) orientation makes every left operand a plain row-major block,
-// so no block is ever transposed; right operands are repacked into the VNNI layout (pairs of rows
-// interleaved) that bf16 AMX needs. dK, dV sum over the group's query heads in place (GQA).
+//     dV_n += P^T dO, dK_n += dS^T Q   (one product over all those queries), and every 8 key blocks
+//     dQ_m^T += K^T dS^T over them.
+// Working in the transposed (key-major) orientation makes every left operand a plain row-major block, so
+// no block is ever transposed; right operands are repacked into the VNNI layout (pairs of rows
+// interleaved) that bf16 AMX needs. Per-thread buffers of L columns have rows L + 32 values apart: rows
+// 1 or 2 KB apart would all map to a few L1 sets.
 //
 // Preconditions (check_inputs; kha.cpu_kernels.attention_applies tests them first): bf16, as many queries as
-// keys, a multiple of 64 of them, head_dim a multiple of 16 and <= 64 or a multiple of 64,
-// n_heads % n_kv_heads == 0, a CPU with AMX-BF16 and AVX512-BF16.
+// keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0, a CPU with AMX-BF16
+// and AVX512-BF16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -64,7 +67,7 @@ inline __m512 load_bf16(const BFloat16* src) {
 // 22 L D bytes per thread for the backward (0.7 MB at L = 512, D = 64).
 template <typename T>
 T* scratch(int slot, int64_t n) {
-  thread_local std::vector<T> buffers[8];
+  thread_local std::vector<T> buffers[10];
   std::vector<T>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
@@ -80,12 +83,13 @@ inline void to_bf16(const float* src, BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) store_bf16(dst + i, _mm512_loadu_ps(src + i));
 }
 
-// One block's softmax gradient, from S^T and dP^T (fp32, [BLK keys x BLK queries], row j = key j):
-// P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - dsum), both in bf16, and dS^T again in VNNI layout
-// (rows j, j + 1 interleaved) as the right operand of dQ^T += K^T dS^T. On a causal diagonal block,
-// key j is seen by queries i >= j only.
-inline void softmax_grad_block(const float* s, const float* dp, const float* lse, const float* dsum, float scale,
-                               bool diagonal, BFloat16* p_t, BFloat16* ds_t, BFloat16* ds_vnni) {
+// One block's softmax gradient, from S^T and dP^T (fp32 rows of ld_in values, row j = key j, BLK queries):
+// P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - dsum), both in bf16 (rows of ld_out values), and dS^T
+// again in VNNI layout (rows j, j + 1 interleaved; rows of 2 BLK values) as the right operand of
+// dQ^T = K^T dS^T. On a causal diagonal block, key j is seen by queries i >= j only.
+inline void softmax_grad_block(const float* s, const float* dp, int64_t ld_in, const float* lse, const float* dsum,
+                               float scale, bool diagonal, BFloat16* p_t, BFloat16* ds_t, int64_t ld_out,
+                               BFloat16* ds_vnni) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512i pairs = interleave_idx();
   for (int64_t j = 0; j < BLK; j += 2) {
@@ -93,14 +97,14 @@ inline void softmax_grad_block(const float* s, const float* dp, const float* lse
       const __m512 lse_i = _mm512_loadu_ps(lse + i), dsum_i = _mm512_loadu_ps(dsum + i);
       __m512 ds[2];
       for (int64_t r = 0; r < 2; ++r) {
-        const int64_t row = (j + r) * BLK + i, first = diagonal ? j + r : 0;
+        const int64_t in = (j + r) * ld_in + i, out = (j + r) * ld_out + i, first = diagonal ? j + r : 0;
         const __mmask16 seen = i >= first ? __mmask16(0xFFFF)
                                : i + 16 <= first ? __mmask16(0)
                                : __mmask16(0xFFFF << (first - i));
-        const __m512 p = _mm512_maskz_mov_ps(seen, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + row), scale_v, lse_i)));
-        ds[r] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + row), dsum_i));
-        store_bf16(p_t + row, p);
-        store_bf16(ds_t + row, ds[r]);
+        const __m512 p = _mm512_maskz_mov_ps(seen, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + in), scale_v, lse_i)));
+        ds[r] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + in), dsum_i));
+        store_bf16(p_t + out, p);
+        store_bf16(ds_t + out, ds[r]);
       }
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // lanes 0-15 key j, 16-31 key j + 1
       _mm512_storeu_si512(ds_vnni + j * BLK + 2 * i, _mm512_permutexvar_epi16(pairs, both));
@@ -108,40 +112,115 @@ inline void softmax_grad_block(const float* s, const float* dp, const float* lse
   }
 }
 
-// VNNI layout of a [k x n] right-hand operand (k even) for brgemm, in panels of width pw:
-// panel p, element (r, c) at p*k*pw + (r/2)*2*pw + 2*c + r%2.
-void pack_rows(const BFloat16* src, int64_t ld, int64_t k, int64_t n, int64_t pw, BFloat16* dst) {
-  for (int64_t p = 0; p < n; p += pw) {
-    BFloat16* panel = dst + p * k;
-    for (int64_t r = 0; r < k; r += 2) {
-      const BFloat16* a = src + r * ld + p;
-      const BFloat16* b = a + ld;
-      BFloat16* out = panel + r * pw;
-      for (int64_t c = 0; c < pw; c += 16) {
-        const __m512i ab = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)), 1);
-        _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(interleave_idx(), ab));
-      }
+// VNNI layout of a [k x n] right-hand operand (k even): element (r, c) at (r/2)*2n + 2c + r%2, i.e. rows of
+// 2n values, each the pairs (r, r + 1) of one column; n a multiple of 16.
+void pack_rows(const BFloat16* src, int64_t ld, int64_t k, int64_t n, BFloat16* dst) {
+  const __m512i pairs = interleave_idx();
+  for (int64_t r = 0; r < k; r += 2) {
+    const BFloat16* a = src + r * ld;
+    const BFloat16* b = a + ld;
+    BFloat16* out = dst + r * n;
+    for (int64_t c = 0; c < n; c += 16) {
+      const __m512i ab = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)), 1);
+      _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(pairs, ab));
     }
   }
 }
 
-// VNNI layout of the transpose of a [rows x cols] matrix (cols even): B = src^T, k = cols, n = rows <= 64.
-void pack_transposed(const BFloat16* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* dst) {
+// VNNI layout of the transpose of a [rows x cols] matrix (cols even), B = src^T with k = cols, n = rows: the
+// 32-bit words (pairs) of src transposed, zero rows of B up to k_padded; B's rows hold ldb >= 2 rows values.
+// (Rows of B far apart in memory, e.g. 2 KB, would map to few L1 sets: used on 64-row blocks.)
+void pack_transposed(const BFloat16* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_padded, BFloat16* dst,
+                     int64_t ldb) {
   const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  const int64_t words = ldb / 2;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols / 2; ++c) d[c * rows + r] = s[r * (ld / 2) + c];
+    for (int64_t c = 0; c < cols / 2; ++c) d[c * words + r] = s[r * (ld / 2) + c];
+  for (int64_t c = cols / 2; c < k_padded / 2; ++c) std::fill(d + c * words, d + c * words + rows, 0u);
 }
 
-// C[m x n] (+)= A[m x k] B[k x n], B in VNNI panels of width pw, each panel packed with panel_rows >= k rows
-// (the product uses the first k).
-inline void gemm(int64_t m, int64_t n, int64_t k, int64_t pw, const BFloat16* a, int64_t lda,
-                 const BFloat16* b_packed, float* c, int64_t ldc, bool accumulate, int64_t panel_rows = 0) {
-  const int64_t rows = panel_rows ? panel_rows : k;
-  for (int64_t p = 0; p < n; p += pw)
-    blas::brgemm(m, pw, k, lda, pw, ldc, accumulate, a, b_packed + p * rows, c + p, true);
+// rows x cols (cols % 16 == 0) copied to a dense [rows x cols_padded] buffer, zeros after column cols
+void copy_padded(const BFloat16* src, int64_t ld, int64_t rows, int64_t cols, int64_t cols_padded, BFloat16* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(src + r * ld, src + r * ld + cols, dst + r * cols_padded);
+    std::fill(dst + r * cols_padded + cols, dst + (r + 1) * cols_padded, BFloat16(0.f));
+  }
+}
+
+// ---- the AMX micro-kernel: every tile 16 rows x 64 bytes (C: 16 x 16 fp32; A: 16 x 32 bf16; B: 16 pairs
+// of rows x 16 columns). Tiles 0-3 hold a 32 x 32 block of C (block (i, j) in tile 2i + j), 4-5 A, 6-7 B.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Once per thread before tile_gemm. torch's own micro-kernel wrapper (at::native::cpublas::brgemm) caches
+// which tile configuration is loaded, so release_tiles also tells it that its configuration is gone.
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline void release_tiles() {
+  _tile_release();
+  blas::brgemm_release(true);
+}
+
+// C[16 MI x 16 NJ] (+)= A[16 MI x k] B[k x 16 NJ]
+template <int MI, int NJ>
+inline void tile_block(int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c,
+                       int64_t ldc, bool accumulate) {
+  const int64_t c_stride = ldc * 4, a_stride = lda * 2, b_stride = ldb * 2;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if constexpr (NJ > 1) _tile_loadd(1, c + 16, c_stride);
+    if constexpr (MI > 1) _tile_loadd(2, c + 16 * ldc, c_stride);
+    if constexpr (MI > 1 && NJ > 1) _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (NJ > 1) _tile_zero(1);
+    if constexpr (MI > 1) _tile_zero(2);
+    if constexpr (MI > 1 && NJ > 1) _tile_zero(3);
+  }
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    _tile_loadd(4, a + kk, a_stride);
+    if constexpr (MI > 1) _tile_loadd(5, a + 16 * lda + kk, a_stride);
+    _tile_loadd(6, b + kk / 2 * ldb, b_stride);
+    if constexpr (NJ > 1) _tile_loadd(7, b + kk / 2 * ldb + 32, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NJ > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MI > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MI > 1 && NJ > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (NJ > 1) _tile_stored(1, c + 16, c_stride);
+  if constexpr (MI > 1) _tile_stored(2, c + 16 * ldc, c_stride);
+  if constexpr (MI > 1 && NJ > 1) _tile_stored(3, c + 16 * ldc + 16, c_stride);
+}
+
+// C[m x n] (+)= A[m x k] B[k x n] on the tiles: m, n multiples of 16, k of 32; A row-major (lda), B in the
+// VNNI layout of pack_rows with rows of ldb values (ldb = 2 x B's width).
+void tile_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < m; i += 32)
+    for (int64_t j = 0; j < n; j += 32) {
+      const BFloat16* ai = a + i * lda;
+      const BFloat16* bj = b + 2 * j;
+      float* cij = c + i * ldc + j;
+      const bool two_rows = m - i >= 32, two_cols = n - j >= 32;
+      if (two_rows && two_cols) tile_block<2, 2>(k, ai, lda, bj, ldb, cij, ldc, accumulate);
+      else if (two_rows) tile_block<2, 1>(k, ai, lda, bj, ldb, cij, ldc, accumulate);
+      else if (two_cols) tile_block<1, 2>(k, ai, lda, bj, ldb, cij, ldc, accumulate);
+      else tile_block<1, 1>(k, ai, lda, bj, ldb, cij, ldc, accumulate);
+    }
 }
 
 // Rows are read as pairs of bf16 (32-bit words) when packed: unit stride along head_dim, even strides and a
@@ -175,8 +254,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(k.size(2) == L && L > 0 && L % BLK == 0, "kha_cpu attention: sequence length ", L,
               " must equal the keys' and be a multiple of ", BLK);
   TORCH_CHECK(KV > 0 && H % KV == 0, "kha_cpu attention: ", H, " query heads not a multiple of ", KV);
-  TORCH_CHECK(D > 0 && D % 16 == 0 && (D <= 64 || D % 64 == 0), "kha_cpu attention: head_dim ", D,
-              " must be a multiple of 16 and either <= 64 or a multiple of 64");
+  TORCH_CHECK(D > 0 && D % 16 == 0, "kha_cpu attention: head_dim ", D, " must be a multiple of 16");
 }
 
 }  // namespace
@@ -193,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                   out.sizes() == q.sizes() && logsumexp.sizes() == at::IntArrayRef({B, H, L}),
               "kha_cpu::attention_backward: out, grad_out (B, H, L, D) in bf16 and logsumexp (B, H, L) in fp32 "
               "expected");
-  const int64_t pw = D <= 64 ? D : 64;  // width of a packed panel of a right operand (oneDNN: 16, 32, 48 or 64)
+  const int64_t Dp = (D + 31) / 32 * 32;  // head_dim as the tiles' reduction length: zeros after D
   const int64_t NB = L / BLK;
   const float scale = static_cast<float>(scale_d);
   const Rows qr(q), kr(k), vr(v), outr(out), dor(grad_out);
@@ -203,19 +281,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   auto dk = at::empty({B, KV, L, D}, q.options());
   auto dv = at::empty({B, KV, L, D}, q.options());
 
+  // dQ^T sums over key blocks; it is taken every CHUNK key blocks, from the chunk's dS^T kept in VNNI layout
+  constexpr int64_t CHUNK = 8;
+  const int64_t Ls = L + 32;  // row stride of the per-thread [x L] buffers (see padded_stride)
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    BFloat16 *kt = scratch<BFloat16>(0, D * L), *qt_packed = scratch<BFloat16>(1, L * D),
-             *dot_packed = scratch<BFloat16>(2, L * D), *q_packed = scratch<BFloat16>(3, L * D),
-             *do_packed = scratch<BFloat16>(4, L * D), *p_t = scratch<BFloat16>(5, BLK * BLK),
-             *ds_t = scratch<BFloat16>(6, BLK * BLK), *ds_vnni = scratch<BFloat16>(7, BLK * BLK);
-    float *s = scratch<float>(0, BLK * BLK), *dp = scratch<float>(1, BLK * BLK), *dqt_acc = scratch<float>(2, D * L),
+    BFloat16 *kt = scratch<BFloat16>(0, D * Ls), *qt_packed = scratch<BFloat16>(1, L * Dp),
+             *dot_packed = scratch<BFloat16>(2, L * Dp), *q_packed = scratch<BFloat16>(3, L * D),
+             *do_packed = scratch<BFloat16>(4, L * D), *p_t = scratch<BFloat16>(5, BLK * Ls),
+             *ds_t = scratch<BFloat16>(6, BLK * Ls), *ds_vnni = scratch<BFloat16>(7, NB * CHUNK * BLK * BLK),
+             *k_rows = scratch<BFloat16>(8, L * Dp), *v_rows = scratch<BFloat16>(9, L * Dp);
+    float *s = scratch<float>(0, BLK * Ls), *dp = scratch<float>(1, BLK * Ls), *dqt = scratch<float>(2, D * Ls),
           *dk_acc = scratch<float>(3, L * D), *dv_acc = scratch<float>(4, L * D), *dsum = scratch<float>(5, L);
+    configure_tiles();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / KV, kv = t % KV;
       const BFloat16* k_bk = kr.head(b, kv);
-      const BFloat16* v_bk = vr.head(b, kv);
+      copy_padded(k_bk, kr.sl, L, D, Dp, k_rows);
+      copy_padded(vr.head(b, kv), vr.sl, L, D, Dp, v_rows);
       for (int64_t i = 0; i < L; ++i)
-        for (int64_t d = 0; d < D; ++d) kt[d * L + i] = k_bk[i * kr.sl + d];
+        for (int64_t d = 0; d < D; ++d) kt[d * Ls + i] = k_bk[i * kr.sl + d];
       std::fill(dk_acc, dk_acc + L * D, 0.f);
       std::fill(dv_acc, dv_acc + L * D, 0.f);
       for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
@@ -223,46 +307,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
         const BFloat16* do_h = dor.head(b, h);
         const BFloat16* o_h = outr.head(b, h);
         const float* lse_h = lsed + (b * H + h) * L;
-        for (int64_t m = 0; m < NB; ++m) {
-          pack_transposed(q_h + m * BLK * qr.sl, qr.sl, BLK, D, qt_packed + m * BLK * D);
-          pack_transposed(do_h + m * BLK * dor.sl, dor.sl, BLK, D, dot_packed + m * BLK * D);
-          pack_rows(q_h + m * BLK * qr.sl, qr.sl, BLK, D, pw, q_packed + m * BLK * D);
-          pack_rows(do_h + m * BLK * dor.sl, dor.sl, BLK, D, pw, do_packed + m * BLK * D);
+        for (int64_t m = 0; m < NB; ++m) {  // Q^T, dO^T per query block: Dp/2 rows of 2 BLK values
+          pack_transposed(q_h + m * BLK * qr.sl, qr.sl, BLK, D, Dp, qt_packed + m * BLK * Dp, 2 * BLK);
+          pack_transposed(do_h + m * BLK * dor.sl, dor.sl, BLK, D, Dp, dot_packed + m * BLK * Dp, 2 * BLK);
         }
+        pack_rows(q_h, qr.sl, L, D, q_packed);
+        pack_rows(do_h, dor.sl, L, D, do_packed);
         for (int64_t i = 0; i < L; ++i) {  // rowsum(dO o O)
           __m512 acc = _mm512_setzero_ps();
           for (int64_t d = 0; d < D; d += 16)
             acc = _mm512_fmadd_ps(load_bf16(o_h + i * outr.sl + d), load_bf16(do_h + i * dor.sl + d), acc);
           dsum[i] = _mm512_reduce_add_ps(acc);
         }
-        std::fill(dqt_acc, dqt_acc + D * L, 0.f);
-        for (int64_t m = 0; m < NB; ++m) {
-          const int64_t n_end = is_causal ? m + 1 : NB;
-          const float* lse_m = lse_h + m * BLK;
-          const float* dsum_m = dsum + m * BLK;
-          for (int64_t n = 0; n < n_end; ++n) {
-            // S^T = K_n Q_m^T, dP^T = V_n dO_m^T   [key x query]
-            gemm(BLK, BLK, D, BLK, k_bk + n * BLK * kr.sl, kr.sl, qt_packed + m * BLK * D, s, BLK,
-                 false);
-            gemm(BLK, BLK, D, BLK, v_bk + n * BLK * vr.sl, vr.sl, dot_packed + m * BLK * D, dp, BLK,
-                 false);
-            softmax_grad_block(s, dp, lse_m, dsum_m, scale, is_causal && n == m, p_t,
-                               ds_t, ds_vnni);
-            // dV_n += P^T dO_m ; dK_n += dS^T Q_m ; dQ_m^T += K_n^T dS^T
-            gemm(BLK, D, BLK, pw, p_t, BLK, do_packed + m * BLK * D, dv_acc + n * BLK * D, D,
-                 true);
-            gemm(BLK, D, BLK, pw, ds_t, BLK, q_packed + m * BLK * D, dk_acc + n * BLK * D, D,
-                 true);
-            gemm(D, BLK, BLK, BLK, kt + n * BLK, L, ds_vnni, dqt_acc + m * BLK, L, true);
+        for (int64_t n0 = 0; n0 < NB; n0 += CHUNK) {
+          const int64_t n1 = std::min(NB, n0 + CHUNK);
+          for (int64_t n = n0; n < n1; ++n) {
+            // key block n against every query that sees it (q0 onwards): S^T, dP^T [64 keys x Lq queries]
+            const int64_t q0 = is_causal ? n * BLK : 0, Lq = L - q0;
+            for (int64_t m = q0 / BLK; m < NB; ++m) {
+              const int64_t c = m * BLK - q0;  // the query block's first column
+              tile_gemm(BLK, BLK, Dp, k_rows + n * BLK * Dp, Dp, qt_packed + m * BLK * Dp, 2 * BLK, s + c, Ls, false);
+              tile_gemm(BLK, BLK, Dp, v_rows + n * BLK * Dp, Dp, dot_packed + m * BLK * Dp, 2 * BLK, dp + c, Ls, false);
+              softmax_grad_block(s + c, dp + c, Ls, lse_h + m * BLK, dsum + m * BLK, scale, is_causal && m == n,
+                                 p_t + c, ds_t + c, Ls, ds_vnni + (m * CHUNK + n - n0) * BLK * BLK);
+            }
+            // dV_n += P^T dO, dK_n += dS^T Q over those queries
+            tile_gemm(BLK, D, Lq, p_t, Ls, do_packed + q0 * D, 2 * D, dv_acc + n * BLK * D, D, true);
+            tile_gemm(BLK, D, Lq, ds_t, Ls, q_packed + q0 * D, 2 * D, dk_acc + n * BLK * D, D, true);
+          }
+          // dQ_m^T += K^T dS^T over the chunk's key blocks that query block m sees
+          for (int64_t m = is_causal ? n0 : 0; m < NB; ++m) {
+            const int64_t blocks = (is_causal ? std::min(n1, m + 1) : n1) - n0;
+            tile_gemm(D, BLK, blocks * BLK, kt + n0 * BLK, Ls, ds_vnni + m * CHUNK * BLK * BLK, 2 * BLK,
+                      dqt + m * BLK, Ls, n0 > 0);
           }
         }
         BFloat16* dq_h = dq.data_ptr<BFloat16>() + (b * H + h) * L * D;
         const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int>(L)));
+                                                  _mm512_set1_epi32(static_cast<int>(Ls)));
         const __m512 scale_v = _mm512_set1_ps(scale);
         for (int64_t i = 0; i < L; ++i)
           for (int64_t d = 0; d < D; d += 16) {
-            const __m512 x = _mm512_i32gather_ps(column, dqt_acc + d * L + i, 4);
+            const __m512 x = _mm512_i32gather_ps(column, dqt + d * Ls + i, 4);
             store_bf16(dq_h + i * D + d, _mm512_mul_ps(x, scale_v));
           }
       }
@@ -272,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
       to_bf16(dk_acc, dk_bk, L * D);
       to_bf16(dv_acc, dv_bk, L * D);
     }
-    blas::brgemm_release(true);
+    release_tiles();
   });
   return {dq, dk, dv};
 }
@@ -286,32 +372,34 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
   check_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
-  const int64_t pw = D <= 64 ? D : 64, NB = L / BLK;
+  const int64_t Dp = (D + 31) / 32 * 32, NB = L / BLK, Ls = L + 32;
   const float scale = static_cast<float>(scale_d);
   const Rows qr(q), kr(k), vr(v);
   auto out = at::empty({B, H, L, D}, q.options());
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
 
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    BFloat16 *kt_packed = scratch<BFloat16>(0, L * D), *v_packed = scratch<BFloat16>(1, L * D),
-             *p = scratch<BFloat16>(2, BLK * L);
-    float *s = scratch<float>(0, BLK * L), *o = scratch<float>(1, BLK * D), *row_sum = scratch<float>(2, BLK);
+    BFloat16 *kt_packed = scratch<BFloat16>(0, L * Dp), *v_packed = scratch<BFloat16>(1, L * D),
+             *p = scratch<BFloat16>(2, BLK * Ls), *q_rows = scratch<BFloat16>(3, L * Dp);
+    float *s = scratch<float>(0, BLK * Ls), *o = scratch<float>(1, BLK * D), *row_sum = scratch<float>(2, BLK);
     const __m512 scale_v = _mm512_set1_ps(scale);
+    configure_tiles();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / KV, kv = t % KV;
       for (int64_t n = 0; n < NB; ++n)
-        pack_transposed(kr.head(b, kv) + n * BLK * kr.sl, kr.sl, BLK, D, kt_packed + n * BLK * D);
-      pack_rows(vr.head(b, kv), vr.sl, L, D, pw, v_packed);
+        pack_transposed(kr.head(b, kv) + n * BLK * kr.sl, kr.sl, BLK, D, Dp, kt_packed + n * BLK * Dp, 2 * BLK);
+      pack_rows(vr.head(b, kv), vr.sl, L, D, v_packed);
       for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        copy_padded(qr.head(b, h), qr.sl, L, D, Dp, q_rows);
         for (int64_t m = 0; m < NB; ++m) {
           const int64_t keys = is_causal ? (m + 1) * BLK : L;
           for (int64_t n = 0; n < keys / BLK; ++n)
-            gemm(BLK, BLK, D, BLK, qr.head(b, h) + m * BLK * qr.sl, qr.sl, kt_packed + n * BLK * D,
-                 s + n * BLK, L, false);
+            tile_gemm(BLK, BLK, Dp, q_rows + m * BLK * Dp, Dp, kt_packed + n * BLK * Dp, 2 * BLK, s + n * BLK, Ls,
+                      false);
           BFloat16* out_m = out.data_ptr<BFloat16>() + ((b * H + h) * L + m * BLK) * D;
           float* lse_m = lse.data_ptr<float>() + (b * H + h) * L + m * BLK;
           for (int64_t r = 0; r < BLK; ++r) {
-            const float* s_r = s + r * L;
+            const float* s_r = s + r * Ls;
             const int64_t seen = is_causal ? m * BLK + r + 1 : L;  // keys c < seen
             __m512 max_v = _mm512_set1_ps(-INFINITY);
             for (int64_t c = 0; c < seen; c += 16) {
@@ -327,12 +415,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
               const __m512 pc = _mm512_maskz_mov_ps(
                   in, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s_r + c), row_max), scale_v)));
               sum = _mm512_add_ps(sum, pc);
-              store_bf16(p + r * L + c, pc);
+              store_bf16(p + r * Ls + c, pc);
             }
             row_sum[r] = _mm512_reduce_add_ps(sum);
             lse_m[r] = _mm512_cvtss_f32(row_max) * scale + std::log(row_sum[r]);
           }
-          gemm(BLK, D, keys, pw, p, L, v_packed, o, D, false, L);
+          tile_gemm(BLK, D, keys, p, Ls, v_packed, 2 * D, o, D, false);
           for (int64_t r = 0; r < BLK; ++r) {
             const __m512 inv = _mm512_set1_ps(1.f / row_sum[r]);
             for (int64_t d = 0; d < D; d += 16)
@@ -341,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
         }
       }
     }
-    blas::brgemm_release(true);
+    release_tiles();
   });
   return {out, lse};
 }

@@ -149,13 +149,14 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     resume_step = _claim_run(cfg, runtime, lock)
-    precision, why, amx_attention = _precision(out, cfg, runtime)
+    precision, why, kernels = _precision(out, cfg, runtime)
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
-        if amx_attention:
-            print("attention: kha's AMX kernel (kha.cpu_kernels; KHA_CPU_KERNELS=0 for torch's)", flush=True)
+        if kernels["cpu_kernels"]:
+            print(f"CPU kernels: {_kernels_label(kernels)} (kha.cpu_kernels; {cpu_kernels.ENV_SWITCH}=0 for "
+                  "torch's ops)", flush=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        saved = {**cfg.to_dict(), "resolved_precision": precision, "amx_attention": amx_attention}
+        saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels}
         # atomic: other processes may be reading the old file (_precision) at this moment
         atomic_write_text(out / "train_config.json", json.dumps(saved, indent=1))
     clean_partial(ckpt_root, runtime)
@@ -272,26 +273,32 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
 
 
-_ATTENTION_KERNELS = {True: "kha's AMX kernels", False: "torch's SDPA"}
+def _kernels_label(kernels: dict[str, bool]) -> str:
+    if kernels["amx_attention"]:
+        return "kha's AMX attention and fused kernels"
+    return "kha's fused kernels, torch's SDPA" if kernels["cpu_kernels"] else "torch's ops"
 
 
-def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, bool]:
-    """The run's precision, why, and whether its attention trains on ``kha.cpu_kernels``'s kernels. A resumed
-    ``auto`` run keeps the precision it started in; one that lands on the other attention kernel says so."""
+def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, dict[str, bool]]:
+    """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
+    its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
+    keeps the precision it started in; one that lands on other kernels says so."""
     path = out / "train_config.json"
     started = read_json(path) if cfg.resume and path.is_file() else None
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     model_cfg = base_model_config(cfg)
-    covered = (runtime.device.type == "cpu" and asked in ("auto", "bf16")
-               and cpu_kernels.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
+    on_cpu = runtime.device.type == "cpu"
+    covered = on_cpu and asked in ("auto", "bf16") and cpu_kernels.covers(model_cfg.attention, cfg.batch_size,
+                                                                          cfg.seq_len)
     precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
-    amx = covered and precision == "bf16"
-    before = started.get("amx_attention", False) if started else amx
-    if before != amx and runtime.is_main:
-        print(f"warning: this run trained its attention on {_ATTENTION_KERNELS[before]} and resumes on "
-              f"{_ATTENTION_KERNELS[amx]}: the same run, but no longer bit for bit the uninterrupted one "
-              f"({cpu_kernels.ENV_SWITCH}=0 selects torch's SDPA)", flush=True)
-    return precision, why, amx
+    bf16_cpu = on_cpu and precision == "bf16"
+    kernels = {"amx_attention": covered and bf16_cpu, "cpu_kernels": bf16_cpu and cpu_kernels.prepare()}
+    before = {name: started.get(name, False) for name in kernels} if started else kernels
+    if before != kernels and runtime.is_main:
+        print(f"warning: this run trained on {_kernels_label(before)} and resumes on {_kernels_label(kernels)}: "
+              f"the same run, but no longer bit for bit the uninterrupted one ({cpu_kernels.ENV_SWITCH}=0 "
+              "selects torch's ops)", flush=True)
+    return precision, why, kernels
 
 
 def _progress(cfg: TrainConfig, runtime: Runtime, start_step: int):

@@ -291,7 +291,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
-    from kha.train.optim import build_optimizer
+    from kha.train.optim import build_optimizer, clip_gradients
     from kha.train.precision import autocast_context
 
     if precision == "bf16" and device.type == "cpu":
@@ -305,7 +305,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
         with autocast_context(precision, device):
             loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -142,6 +142,35 @@ def max_error(ours, reference):
     return (ours.double() - reference).abs().max().item()
 
 
+def test_rms_norm_matches_reference():
+    """The residual stream's RMSNorm (fp32 in and out), output and gradients (x, weight), against float64
+    autograd of the module: within 1.5x of the module's own error in fp32, plus 1e-6 of the reference's
+    largest entry; a width that is not a multiple of 16 exercises the vector tail."""
+    g = torch.Generator().manual_seed(6)
+    x = 2 * torch.randn(3, 50, 200, generator=g, dtype=torch.float64)
+    weight = 0.5 + torch.rand(200, generator=g, dtype=torch.float64)
+    grad = torch.randn(3, 50, 200, generator=g, dtype=torch.float64)
+
+    def module_path(dtype):
+        norm = RMSNorm(200).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        xs = x.to(dtype).requires_grad_()
+        out = norm(xs)
+        return [out, *torch.autograd.grad(out, (xs, norm.weight), grad.to(dtype))]
+
+    refs, theirs = module_path(torch.float64), module_path(torch.float32)
+    xf, wf = x.float().requires_grad_(), weight.float().requires_grad_()
+    ours = cpu_kernels.rms_norm(xf, wf, 1e-6)
+    ours = [ours, *torch.autograd.grad(ours, (xf, wf), grad.float())]
+    for name, o, t, r in zip(("output", "dx", "dweight"), ours, theirs, refs, strict=True):
+        bound = 1.5 * max_error(t, r) + 1e-6 * r.abs().max().item()
+        assert max_error(o, r) <= bound, f"{name}: error {max_error(o, r):.4g} > {bound:.4g}"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.fuses_rms_norm(xf)
+    assert not cpu_kernels.fuses_rms_norm(xf)  # fp32 training keeps torch's ops
+
+
 def test_silu_mul_matches_reference():
     """silu(a) * b and its gradients against float64 autograd: within 1.5x of torch's own bf16 ops' error
     (plus 1e-3 of the reference's largest entry); an odd size exercises the vector tail."""

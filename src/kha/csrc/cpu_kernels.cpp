@@ -231,13 +231,26 @@ at::Tensor unit_stride(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
+// Outputs are new (B, L, H, D) tensors, written through their (B, H, L, D) view: the layout the layers
+// around attention use, so that neither its output nor the gradients it returns need a transposing copy.
+at::Tensor heads_view(const at::Tensor& token_major) { return token_major.permute({0, 2, 1, 3}); }
+
 // Element (b, h, i, d) of a [B, H, L, D] tensor with unit stride in d.
-struct Rows {
-  const BFloat16* data;
+template <typename T>
+struct RowsOf {
+  T* data;
   int64_t sb, sh, sl;
-  explicit Rows(const at::Tensor& x)
-      : data(x.const_data_ptr<BFloat16>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
-  const BFloat16* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  explicit RowsOf(T* data_, const at::Tensor& x) : data(data_), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+  T* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+struct Rows : RowsOf<const BFloat16> {
+  explicit Rows(const at::Tensor& x) : RowsOf(x.const_data_ptr<BFloat16>(), x) {}
+};
+
+struct OutRows : RowsOf<BFloat16> {
+  explicit OutRows(const at::Tensor& token_major)
+      : RowsOf(token_major.data_ptr<BFloat16>(), heads_view(token_major)) {}
 };
 
 // The kernels' preconditions (kha.cpu_kernels.attention_applies checks them before calling).
@@ -277,9 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const Rows qr(q), kr(k), vr(v), outr(out), dor(grad_out);
   auto lse = logsumexp.contiguous();
   const float* lsed = lse.const_data_ptr<float>();
-  auto dq = at::empty({B, H, L, D}, q.options());
-  auto dk = at::empty({B, KV, L, D}, q.options());
-  auto dv = at::empty({B, KV, L, D}, q.options());
+  auto dq = at::empty({B, L, H, D}, q.options());
+  auto dk = at::empty({B, L, KV, D}, q.options());
+  auto dv = at::empty({B, L, KV, D}, q.options());
+  const OutRows dqr(dq), dkr(dk), dvr(dv);
 
   // dQ^T sums over key blocks; it is taken every CHUNK key blocks, from the chunk's dS^T kept in VNNI layout
   constexpr int64_t CHUNK = 8;
@@ -342,21 +356,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                       dqt + m * BLK, Ls, n0 > 0);
           }
         }
-        BFloat16* dq_h = dq.data_ptr<BFloat16>() + (b * H + h) * L * D;
+        BFloat16* dq_h = dqr.head(b, h);
         const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(static_cast<int>(Ls)));
         const __m512 scale_v = _mm512_set1_ps(scale);
         for (int64_t i = 0; i < L; ++i)
           for (int64_t d = 0; d < D; d += 16) {
             const __m512 x = _mm512_i32gather_ps(column, dqt + d * Ls + i, 4);
-            store_bf16(dq_h + i * D + d, _mm512_mul_ps(x, scale_v));
+            store_bf16(dq_h + i * dqr.sl + d, _mm512_mul_ps(x, scale_v));
           }
       }
-      BFloat16* dk_bk = dk.data_ptr<BFloat16>() + t * L * D;
-      BFloat16* dv_bk = dv.data_ptr<BFloat16>() + t * L * D;
       for (int64_t i = 0; i < L * D; ++i) dk_acc[i] *= scale;
-      to_bf16(dk_acc, dk_bk, L * D);
-      to_bf16(dv_acc, dv_bk, L * D);
+      for (int64_t i = 0; i < L; ++i) {
+        to_bf16(dk_acc + i * D, dkr.head(b, kv) + i * dkr.sl, D);
+        to_bf16(dv_acc + i * D, dvr.head(b, kv) + i * dvr.sl, D);
+      }
     }
     release_tiles();
   });
@@ -375,7 +389,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   const int64_t Dp = (D + 31) / 32 * 32, NB = L / BLK, Ls = L + 32;
   const float scale = static_cast<float>(scale_d);
   const Rows qr(q), kr(k), vr(v);
-  auto out = at::empty({B, H, L, D}, q.options());
+  auto out = at::empty({B, L, H, D}, q.options());
+  const OutRows outr(out);
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
 
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
@@ -396,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
           for (int64_t n = 0; n < keys / BLK; ++n)
             tile_gemm(BLK, BLK, Dp, q_rows + m * BLK * Dp, Dp, kt_packed + n * BLK * Dp, 2 * BLK, s + n * BLK, Ls,
                       false);
-          BFloat16* out_m = out.data_ptr<BFloat16>() + ((b * H + h) * L + m * BLK) * D;
+          BFloat16* out_m = outr.head(b, h) + m * BLK * outr.sl;
           float* lse_m = lse.data_ptr<float>() + (b * H + h) * L + m * BLK;
           for (int64_t r = 0; r < BLK; ++r) {
             const float* s_r = s + r * Ls;
@@ -424,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
           for (int64_t r = 0; r < BLK; ++r) {
             const __m512 inv = _mm512_set1_ps(1.f / row_sum[r]);
             for (int64_t d = 0; d < D; d += 16)
-              store_bf16(out_m + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), inv));
+              store_bf16(out_m + r * outr.sl + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), inv));
           }
         }
       }

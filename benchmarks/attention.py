@@ -10,7 +10,8 @@ Two parts, both at the 32.5M model's attention shape (batch 2 x 512, GQA 32 quer
    backward) in bf16 without softmax or masking: what attention would cost at plain matmul speed.
 2. The step: one optimizer step exactly as ``kha train --precision bf16 --compile`` runs it (the fastest setting;
    ``common.kha_train_step``) under ``torch.profiler``; self time per category (attention forward / backward
-   kernels, matmuls, the compiled fused kernels, AdamW, the rest) as a share of the profiled time. Eager steps
+   kernels, matmuls, kha's fused kernels, the compiled fused kernels, AdamW, the rest) as a share of the
+   profiled time. Eager steps
    are left out: their thousands of small ops inflate under the profiler, so their shares would mislead.
 
     .venv/bin/python benchmarks/attention.py [--no-profile --json PATH]
@@ -114,6 +115,8 @@ def categorize(key: str) -> str:
         return "attention backward" if "backward" in key else "attention forward"
     if key in MATMULS:
         return "matmul"
+    if key.startswith("kha_cpu::"):
+        return "kha's fused kernels (QK-norm + RoPE, RMSNorm, SwiGLU gate, loss)"
     if "_fused_adamw" in key:
         return "AdamW"
     if "CompiledFxGraph" in key:

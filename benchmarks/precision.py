@@ -3,8 +3,9 @@
 One optimizer step exactly as ``kha train`` runs it (``DecoderLM`` with the loss inside, ``kha.train.precision``'s
 autocast, gradient clipping, ``kha.train.optim.build_optimizer``'s AdamW, ``kha.train.distributed.parallelize``
 for ``--compile``), for each shape in four settings: fp32 eager (the baseline of the shape), bf16 eager, fp32
-compiled, bf16 compiled; where ``kha.cpu_kernels``'s AMX kernel covers the shape (bf16 runs on it), bf16
-eager and compiled once more with torch's SDPA instead ("torch attention"). Ratios are tokens/s against fp32
+compiled, bf16 compiled; where ``kha.cpu_kernels``'s AMX attention covers the shape (bf16 runs on it and on
+the fused kernels), bf16 eager and compiled once more with all of them off ("torch's ops", as with
+``KHA_CPU_KERNELS=0``). Ratios are tokens/s against fp32
 eager of the same shape, cases interleaved round by round. The ``auto`` column says what ``--precision auto``
 picks on this machine for the shape.
 
@@ -30,8 +31,8 @@ def model_config(name: str):
     return common.small_lm_config() if name == "small" else get_preset(name)
 
 
-def with_torch_attention(step):
-    """``step`` with kha's AMX attention kernel switched off (torch's SDPA instead)."""
+def with_torch_ops(step):
+    """``step`` with ``kha.cpu_kernels`` switched off (torch's SDPA and ops instead)."""
 
     def run():
         saved, cpu_kernels._state = cpu_kernels._state, False
@@ -71,8 +72,8 @@ def main() -> None:
         if amx:
             for comp in sorted({comp for _, comp in settings}):
                 step = common.kha_train_step(cfg, batch, seq, "bf16", comp, env.device)
-                cases.append(common.Case(f"bf16{' compiled' if comp else ''}, torch attention",
-                                         with_torch_attention(step)))
+                cases.append(common.Case(f"bf16{' compiled' if comp else ''}, torch's ops",
+                                         with_torch_ops(step)))
         stats = common.summarize(common.measure(cases, env, name), "fp32")
         for case in cases:
             s = stats[case.name]

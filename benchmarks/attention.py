@@ -11,8 +11,8 @@ Two parts, both at the 32.5M model's attention shape (batch 2 x 512, GQA 32 quer
 2. The step: one optimizer step exactly as ``kha train --precision bf16 --compile`` runs it (the fastest setting;
    ``common.kha_train_step``) under ``torch.profiler``; self time per category (attention forward / backward
    kernels, matmuls, kha's fused kernels, the compiled fused kernels, AdamW, the rest) as a share of the
-   profiled time. Eager steps
-   are left out: their thousands of small ops inflate under the profiler, so their shares would mislead.
+   profiled time. Eager steps are left out: their thousands of small ops inflate under the profiler, so their
+   shares would mislead.
 
     .venv/bin/python benchmarks/attention.py [--no-profile --json PATH]
 """
@@ -87,7 +87,7 @@ def matmuls_only():
 
 def kernel_cases() -> list[common.Case]:
     def kha_amx(q, k, v):
-        return cpu_kernels._attention(q, k, v, True)[0]  # the op itself: no_grad would route around it
+        return cpu_kernels.attention(q, k, v, True)  # directly: sdpa_attention would route no_grad calls to torch
 
     ours = [common.Case("kha.cpu_kernels bf16 (AMX kernels)", fwd_bwd(kha_amx, torch.bfloat16)),
             common.Case("kha.cpu_kernels bf16, forward only", forward_only(kha_amx, torch.bfloat16))]

@@ -46,11 +46,13 @@ def main() -> None:
             out = args.out / f"{precision}_seed_{seed}"
             metrics = out / "metrics.jsonl"
             records = read_metrics(metrics) if metrics.exists() else []
-            if not (records and records[-1]["step"] == args.steps and "val_loss" in records[-1]):
+            reused = bool(records and records[-1]["step"] == args.steps and "val_loss" in records[-1])
+            if not reused:
                 train(replace(base, out=str(out), seed=seed, precision=precision, overwrite=True))
                 records = read_metrics(metrics)
             losses[precision][seed] = records[-1]["val_loss"]
-            print(f"seed {seed} {precision}: val_loss {losses[precision][seed]:.4f}", flush=True)
+            note = f" (finished run reused from {out}: delete it to train again after a code change)" if reused else ""
+            print(f"seed {seed} {precision}: val_loss {losses[precision][seed]:.4f}{note}", flush=True)
     delta = paired_delta(losses["bf16"], losses["fp32"])
     spread = summarize(losses["fp32"].values())
     print("\n| quantity | value |\n|---|---|")

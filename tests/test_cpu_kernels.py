@@ -167,8 +167,9 @@ def test_rms_norm_matches_reference():
         bound = 1.5 * max_error(t, r) + 1e-6 * r.abs().max().item()
         assert max_error(o, r) <= bound, f"{name}: error {max_error(o, r):.4g} > {bound:.4g}"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_kernels.fuses_rms_norm(xf)
-    assert not cpu_kernels.fuses_rms_norm(xf)  # fp32 training keeps torch's ops
+        assert cpu_kernels.fuses_rms_norm(xf, wf)
+        assert not cpu_kernels.fuses_rms_norm(xf, wf.bfloat16())  # a model cast to bf16 as a whole
+    assert not cpu_kernels.fuses_rms_norm(xf, wf)  # fp32 training keeps torch's ops
 
 
 def test_silu_mul_matches_reference():
@@ -221,7 +222,8 @@ def test_cross_entropy_matches_reference():
 def test_fused_kernels_used_only_where_they_apply(monkeypatch):
     """bf16 CPU training only: fp32 tensors, no gradient wanted, or the kernels off keep torch's ops."""
     x = torch.randn(2, 64, 4, 32).bfloat16().requires_grad_()
-    assert cpu_kernels.fuses(x)
+    assert cpu_kernels.fuses(x) and cpu_kernels.fuses(x, torch.ones(32))
+    assert not cpu_kernels.fuses(x, torch.ones(32, dtype=torch.bfloat16))  # a norm's weight in bf16
     assert not cpu_kernels.fuses(x.float())
     assert not cpu_kernels.fuses(x.detach())
     with torch.no_grad():
@@ -348,6 +350,40 @@ def test_model_gradients_under_autocast(knock, monkeypatch):
     assert len(calls) == 2
     error, torch_error = ((g - reference).norm() / reference.norm() for g in (with_kernel, with_torch))
     assert error <= 1.25 * torch_error + 1e-3, f"relative gradient error {error:.4f} vs torch's {torch_error:.4f}"
+
+
+def test_whole_model_compiles_without_graph_breaks(monkeypatch):
+    """A decoder under bf16 autocast compiled with ``fullgraph=True`` (a graph break would raise): the traced
+    graph calls every kernel, and with inductor its loss and gradients match the eager model's within bf16
+    rounding (the compiled graph fuses the remaining torch ops differently)."""
+    attn = AttentionConfig(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(attention=attn, n_layers=2, d_ff=256, vocab_size=256))
+    ids = torch.randint(0, 256, (2, 129))
+    calls = count_calls(monkeypatch)
+
+    def loss_and_grads(module):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    assert len(calls) == 2  # both layers' attention on the kernel (the count covers eager calls only)
+    traced = set()
+
+    def record_ops(graph_module, example_inputs):
+        traced.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    loss_and_grads(torch.compile(model, backend=record_ops, fullgraph=True))
+    for op in ("attention", "norm_rope", "rms_norm", "silu_mul", "cross_entropy"):
+        assert any(name.startswith(f"kha.{op}.") for name in traced), op
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    assert (compiled_grads - eager_grads).norm() <= 2e-2 * eager_grads.norm()
 
 
 def test_failed_build_falls_back_with_a_warning(monkeypatch):

@@ -165,7 +165,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.fuses_rms_norm(x):
+        if cpu_kernels.fuses_rms_norm(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -402,7 +402,8 @@ class Attention(AttentionBase):
         q = self._knock("q", self.q_proj(x).view(b, t, self.cfg.n_heads, hd))
         k = self._knock("k", self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
         v = self._knock("v", self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
-        if self.q_norm is not None and self.rotary is not None and cpu_kernels.fuses(q):
+        if (self.q_norm is not None and self.rotary is not None and cpu_kernels.fuses(q, self.q_norm.weight)
+                and cpu_kernels.fuses(k, self.k_norm.weight)):
             cos, sin = self.rotary.cos_sin(positions)
             q = cpu_kernels.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
             k = cpu_kernels.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)

@@ -11,10 +11,11 @@ each (docs/benchmarks.md, sections e and i). This module replaces them where the
   of parallel work);
 - :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
   LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
-  (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast).
+  (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast), and
+  :func:`rms_norm` for the fp32 residual stream under CPU bf16 autocast (:func:`fuses_rms_norm`).
 
-Everything else (fp32, inference, MLA and GTA attention, GPUs, CPUs without AMX-BF16 and AVX512-BF16)
-runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is compiled on
+Everything else (fp32, inference, MLA, GLA and talking-heads attention, GPUs, CPUs without AMX-BF16 and
+AVX512-BF16) runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is compiled on
 first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) with
 OpenMP (its parallel loops run on torch's threads); a failed build warns once and falls back to torch's
 ops. Under ``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does,
@@ -80,17 +81,18 @@ def _threads() -> int:
 
 
 def supports(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> bool:
-    """Whether the kernel covers causal attention of this shape (queries = keys = ``length``) here: oneDNN
-    (which runs its micro-kernel) enabled, and enough (batch, KV head) pairs for the threads."""
-    return (torch.backends.mkldnn.enabled and length > 0 and length % BLOCK == 0 and kv_heads > 0
+    """Whether the kernel covers causal attention of this shape (queries = keys = ``length``) here, with enough
+    (batch, KV head) pairs for the threads."""
+    return (length > 0 and length % BLOCK == 0 and kv_heads > 0
             and heads % kv_heads == 0 and batch * kv_heads >= _threads()
             and head_dim > 0 and head_dim % 16 == 0)
 
 
 def covers(attention, batch: int, seq_len: int) -> bool:
-    """Whether a model with this ``AttentionConfig`` trains on the kernel (MHA/GQA/MQA layers, whose Q, K and
-    V share a head_dim) at ``batch x seq_len`` in bf16 on this machine; builds the kernel if needed."""
-    return (attention.variant == "gqa" and cpu_supports()
+    """Whether a model with this ``AttentionConfig`` trains its attention on the kernel at ``batch x seq_len``
+    in bf16 on this machine (MHA/GQA/MQA and GTA, whose Q, K and V share a head_dim; MLA's and GLA's keys are
+    wider than their values, talking heads mixes the scores); builds the extension if needed."""
+    return (attention.variant in ("gqa", "gta") and cpu_supports()
             and supports(batch, attention.n_heads, attention.n_kv_heads, seq_len, attention.head_dim) and prepare())
 
 
@@ -178,12 +180,14 @@ def _register_fakes() -> None:
     torch.library.register_fake("kha_cpu::cross_entropy_backward", lambda grad, logits, *_: torch.empty_like(logits))
 
 
-def fuses(x: torch.Tensor) -> bool:
+def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     """Whether the fused kernels (:func:`norm_rope`, :func:`silu_mul`, :func:`cross_entropy`) replace torch's
-    ops for ``x``: training on CPU with ``x`` in bf16 (as linear layers leave it under CPU bf16 autocast), the
-    extension loaded."""
+    ops for ``x``: training on CPU with ``x`` in bf16 (as linear layers leave it under CPU bf16 autocast) and
+    ``weight`` (a norm's, if any) in fp32, the extension loaded."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not (torch.is_grad_enabled() and x.requires_grad):
         return False
+    if weight is not None and weight.dtype != torch.float32:
+        return False  # e.g. a model cast to bf16 as a whole
     return _state if torch.compiler.is_compiling() else prepare()
 
 
@@ -213,10 +217,12 @@ norm_rope.register_fake(lambda x, weight, cos, sin, eps: torch.empty_like(x, mem
 norm_rope.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
 
 
-def fuses_rms_norm(x: torch.Tensor) -> bool:
+def fuses_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` replaces ``RMSNorm``'s ops for ``x``: training on CPU under bf16 autocast with
-    ``x`` in fp32 (the residual stream), the extension loaded; fp32 training keeps torch's ops."""
+    ``x`` (the residual stream) and ``weight`` in fp32, the extension loaded; fp32 training keeps torch's ops."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if weight.dtype != torch.float32:
         return False
     if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False

@@ -1,5 +1,6 @@
 // bf16 training kernels for x86 CPUs with AMX and AVX512-BF16: scaled dot-product attention (causal or full,
-// forward and backward), the QK-norm + RoPE prologue, the SwiGLU gate and the LM's cross-entropy.
+// forward and backward), the QK-norm + RoPE prologue, RMSNorm of the fp32 residual stream, the SwiGLU gate
+// and the LM's cross-entropy.
 //
 // Attention. torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
 // takes about six times its forward. Here every product runs on the AMX tiles (tile_gemm, below) on 64 x 64
@@ -17,8 +18,8 @@
 // 1 or 2 KB apart would all map to a few L1 sets.
 //
 // Preconditions (check_inputs; kha.cpu_kernels.attention_applies tests them first): bf16, as many queries as
-// keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0, a CPU with AMX-BF16
-// and AVX512-BF16.
+// keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0; a CPU with AMX-BF16
+// and AVX512-BF16 (kha.cpu_kernels.cpu_supports, before the extension is built).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -34,9 +35,10 @@ namespace blas = at::native::cpublas;
 
 constexpr int64_t BLK = 64;  // rows of a query block and of a key block
 
-// exp(x) for x <= 0 to ~1e-7 relative: 2^n e^r with |r| <= ln2/2, degree-6 Taylor polynomial for e^r.
+// exp(x) to ~1e-7 relative: 2^n e^r with |r| <= ln2/2, degree-6 Taylor polynomial for e^r; 0 below -88
+// (about the smallest normal float), inf above 88, NaN for NaN.
 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-88.f), x);  // max(a, b) returns b where either is NaN: NaN stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
@@ -64,7 +66,7 @@ inline __m512 load_bf16(const BFloat16* src) {
 
 // Per-thread buffers kept across calls (a fresh vector of 100 KB or more would be mapped and page-faulted
 // on every call); slot numbers keep one kernel's buffers apart. They live as long as the thread: about
-// 22 L D bytes per thread for the backward (0.7 MB at L = 512, D = 64).
+// 2 L^2 + 48 L D bytes per thread for the backward (about 2 MB at L = 512, D = 64).
 template <typename T>
 T* scratch(int slot, int64_t n) {
   thread_local std::vector<T> buffers[10];
@@ -262,8 +264,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                   k.size(3) == q.size(3),
               "kha_cpu attention: q (B, H, L, D), k and v (B, KV, L, D) expected");
   const int64_t H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1);
-  TORCH_CHECK(blas::could_pack(at::kBFloat16), "kha_cpu attention: no bf16 AMX micro-kernel here (a CPU with "
-              "AMX-BF16 and torch's oneDNN enabled are needed)");
   TORCH_CHECK(k.size(2) == L && L > 0 && L % BLK == 0, "kha_cpu attention: sequence length ", L,
               " must equal the keys' and be a multiple of ", BLK);
   TORCH_CHECK(KV > 0 && H % KV == 0, "kha_cpu attention: ", H, " query heads not a multiple of ", KV);
@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
   // dQ^T sums over key blocks; it is taken every CHUNK key blocks, from the chunk's dS^T kept in VNNI layout
   constexpr int64_t CHUNK = 8;
-  const int64_t Ls = L + 32;  // row stride of the per-thread [x L] buffers (see padded_stride)
+  const int64_t Ls = L + 32;  // row stride of the per-thread [x L] buffers (see the top of this file)
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     BFloat16 *kt = scratch<BFloat16>(0, D * Ls), *qt_packed = scratch<BFloat16>(1, L * Dp),
              *dot_packed = scratch<BFloat16>(2, L * Dp), *q_packed = scratch<BFloat16>(3, L * D),
@@ -545,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_backward(const at::Tensor& grad_out
   const float eps = static_cast<float>(eps_d);
   auto dx = at::empty_like(x);
   // one row of dw per thread's chunk of rows, summed in chunk order: the same sum for the same thread count
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), B * T);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
   auto dw_parts = at::zeros({chunks, D}, weight.options());
   const BFloat16 *xd = x.const_data_ptr<BFloat16>(), *gd = grad_out.const_data_ptr<BFloat16>();
   BFloat16* dxd = dx.data_ptr<BFloat16>();

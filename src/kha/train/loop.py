@@ -273,9 +273,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
 
 
 def _kernels_label(kernels: dict[str, bool]) -> str:
-    if kernels["amx_attention"]:
-        return "kha's AMX attention and fused kernels"
-    return "kha's fused kernels, torch's SDPA" if kernels["cpu_kernels"] else "torch's ops"
+    if not (kernels["amx_attention"] or kernels["cpu_kernels"]):
+        return "torch's ops"
+    attention = "kha's AMX attention" if kernels["amx_attention"] else "torch's SDPA"
+    return f"{attention} and {'kha' if kernels['cpu_kernels'] else 'torch'}'s elementwise kernels"
 
 
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, dict[str, bool]]:

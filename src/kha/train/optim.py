@@ -48,7 +48,7 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     pass over all of them (about 7 ms a step at the 32.5M benchmark shape on CPU)."""
     params = [p for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm = (total.full_tensor() if hasattr(total, "full_tensor") else total).item()
-    if not math.isfinite(norm) or max_norm / (norm + 1e-6) < 1.0:
+    full = total.full_tensor() if hasattr(total, "full_tensor") else total
+    if not (max_norm / (full + 1e-6) >= 1.0):  # clip_grads_with_norm_'s factor, in its precision (NaN: scale)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return norm
+    return full.item()

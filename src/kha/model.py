@@ -26,6 +26,11 @@ from .config import ModelConfig, MoEConfig
 from .variants import build_attention
 
 
+def swiglu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, on ``kha.cpu_kernels``' fused kernel where it applies (bf16 training on CPU)."""
+    return cpu_kernels.silu_mul(gate, up) if cpu_kernels.fuses(gate) else F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -34,8 +39,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(cpu_kernels.silu_mul(gate, up) if cpu_kernels.fuses(gate) else F.silu(gate) * up)
+        return self.down_proj(swiglu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -107,7 +111,7 @@ def run_experts_padded(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down)
     slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(sizes, 0) - sizes)[expert]
     padded = x.new_zeros(n_experts, capacity, x.shape[-1])
     padded[expert, slot] = x
-    hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up)
+    hidden = swiglu_gate(torch.bmm(padded, w_gate), torch.bmm(padded, w_up))
     return torch.bmm(hidden, w_down)[expert, slot]
 
 
@@ -121,7 +125,7 @@ def run_experts_grouped(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down
     dtype = _compute_dtype(x)
     offsets = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
-    hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offsets)) * torch._grouped_mm(x, w_up, offs=offsets)
+    hidden = swiglu_gate(torch._grouped_mm(x, w_gate, offs=offsets), torch._grouped_mm(x, w_up, offs=offsets))
     return torch._grouped_mm(hidden, w_down, offs=offsets)
 
 

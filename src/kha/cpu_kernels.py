@@ -74,6 +74,22 @@ def prepare() -> bool:
     return _state
 
 
+def _loaded() -> bool:
+    """Whether the extension is loaded; under ``torch.compile`` whether it was before tracing (``prepare`` can
+    not be traced)."""
+    return _state if torch.compiler.is_compiling() else prepare()
+
+
+def _training_on_cpu(*tensors: torch.Tensor) -> bool:
+    """CPU tensors in a step that wants gradients of at least one of them."""
+    return (all(t.device.type == "cpu" for t in tensors) and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors))
+
+
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 @torch._dynamo.assume_constant_result
 def _threads() -> int:
     """torch's thread count, read as a constant when compiling (dynamo cannot trace the call)."""
@@ -98,21 +114,16 @@ def covers(attention, batch: int, seq_len: int) -> bool:
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`attention` can replace SDPA for these inputs (``q``: ``(B, H, T, D)``)."""
-    if q.device.type != "cpu" or mask is not None or not torch.is_grad_enabled():
+    if mask is not None or not _training_on_cpu(q, k, v):
         return False
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if not autocast_bf16 and not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+    if not _autocast_bf16() and not q.dtype == k.dtype == v.dtype == torch.bfloat16:
         return False
     if q.dim() != 4 or k.dim() != 4:
         return False
     batch, heads, length, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or k.shape[2] != length:
         return False  # e.g. MLA (V narrower than Q, K) or decoding with a cache (fewer queries than keys)
-    if not supports(batch, heads, k.shape[1], length, head_dim):
-        return False
-    return _state if torch.compiler.is_compiling() else prepare()
+    return supports(batch, heads, k.shape[1], length, head_dim) and _loaded()
 
 
 @torch.library.custom_op("kha::attention", mutates_args=())
@@ -159,36 +170,45 @@ _attention.register_fake(_attention_shapes)
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _like_first(x, *_):
+    """A new contiguous tensor like the first input: the output of every elementwise kernel here."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _like_inputs(grad_out, first, second, *_):
+    """Gradients of the two tensor inputs (x and weight, or a and b) of an elementwise kernel's backward."""
+    return _like_first(first), _like_first(second)
+
+
+def _loss_and_lse(logits, *_):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+def _logits_grad(grad, logits, *_):
+    return _like_first(logits)
+
+
 def _register_fakes() -> None:
     """Output shapes of the C++ ops, for ``torch.compile``'s tracing (once the library is loaded)."""
     global _fakes_registered
     _fakes_registered = True
-    torch.library.register_fake("kha_cpu::attention_forward", _attention_shapes)
-    torch.library.register_fake("kha_cpu::attention_backward", _backward_shapes)
-    torch.library.register_fake("kha_cpu::norm_rope_forward",
-                                lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
-    torch.library.register_fake("kha_cpu::norm_rope_backward",
-                                lambda grad_out, x, weight, *_: (torch.empty_like(x), torch.empty_like(weight)))
-    torch.library.register_fake("kha_cpu::rms_norm_forward", lambda x, weight, eps: torch.empty_like(x))
-    torch.library.register_fake("kha_cpu::rms_norm_backward",
-                                lambda grad_out, x, weight, eps: (torch.empty_like(x), torch.empty_like(weight)))
-    torch.library.register_fake("kha_cpu::silu_mul_forward", lambda a, b: torch.empty_like(a))
-    torch.library.register_fake("kha_cpu::silu_mul_backward",
-                                lambda grad_out, a, b: (torch.empty_like(a), torch.empty_like(b)))
-    torch.library.register_fake("kha_cpu::cross_entropy_forward", lambda logits, targets, ignore_index: (
-        logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)))
-    torch.library.register_fake("kha_cpu::cross_entropy_backward", lambda grad, logits, *_: torch.empty_like(logits))
+    fakes = {"attention_forward": _attention_shapes, "attention_backward": _backward_shapes,
+             "cross_entropy_forward": _loss_and_lse, "cross_entropy_backward": _logits_grad}
+    for kernel in ("norm_rope", "rms_norm", "silu_mul"):
+        fakes.update({f"{kernel}_forward": _like_first, f"{kernel}_backward": _like_inputs})
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"kha_cpu::{name}", fake)
 
 
 def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     """Whether the fused kernels (:func:`norm_rope`, :func:`silu_mul`, :func:`cross_entropy`) replace torch's
     ops for ``x``: training on CPU with ``x`` in bf16 (as linear layers leave it under CPU bf16 autocast) and
     ``weight`` (a norm's, if any) in fp32, the extension loaded."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not (torch.is_grad_enabled() and x.requires_grad):
+    if x.dtype != torch.bfloat16 or not _training_on_cpu(x):
         return False
     if weight is not None and weight.dtype != torch.float32:
         return False  # e.g. a model cast to bf16 as a whole
-    return _state if torch.compiler.is_compiling() else prepare()
+    return _loaded()
 
 
 @torch.library.custom_op("kha::norm_rope", mutates_args=())
@@ -213,20 +233,16 @@ def _norm_rope_backward(ctx, grad_out):
     return dx, dw, None, None, None
 
 
-norm_rope.register_fake(lambda x, weight, cos, sin, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+norm_rope.register_fake(_like_first)
 norm_rope.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
 
 
 def fuses_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` replaces ``RMSNorm``'s ops for ``x``: training on CPU under bf16 autocast with
     ``x`` (the residual stream) and ``weight`` in fp32, the extension loaded; fp32 training keeps torch's ops."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not _training_on_cpu(x):
         return False
-    if weight.dtype != torch.float32:
-        return False
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return False
-    return _state if torch.compiler.is_compiling() else prepare()
+    return _autocast_bf16() and _loaded()
 
 
 @torch.library.custom_op("kha::rms_norm", mutates_args=())
@@ -246,7 +262,7 @@ def _rms_norm_backward(ctx, grad_out):
     return (*torch.ops.kha_cpu.rms_norm_backward(grad_out, x.contiguous(), weight, ctx.eps), None)
 
 
-rms_norm.register_fake(lambda x, weight, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+rms_norm.register_fake(_like_first)
 rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
@@ -265,7 +281,7 @@ def _silu_mul_backward(ctx, grad_out):
     return torch.ops.kha_cpu.silu_mul_backward(grad_out, a.contiguous(), b.contiguous())
 
 
-silu_mul.register_fake(lambda a, b: torch.empty_like(a, memory_format=torch.contiguous_format))
+silu_mul.register_fake(_like_first)
 silu_mul.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
 
 
@@ -287,8 +303,7 @@ def _cross_entropy_backward(ctx, grad, _grad_lse):
             None, None)
 
 
-_cross_entropy.register_fake(lambda logits, targets, ignore_index: (
-    logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)))
+_cross_entropy.register_fake(_loss_and_lse)
 _cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 

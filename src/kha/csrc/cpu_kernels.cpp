@@ -58,15 +58,22 @@ inline __m512i interleave_idx() {
                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-// 16 bf16 -> floats
-inline __m512 load_bf16(const BFloat16* src) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+// lanes [0, left) of a vector of 16 (all 16 from left = 16 on)
+inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// 16 bf16 (the lanes of m; the others 0) -> floats
+inline __m512 load_bf16(const BFloat16* src, __mmask16 m = 0xFFFF) {
+  const __m256i x = _mm256_maskz_loadu_epi16(m, src);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
 
+// the lanes of m as floats, from bf16 or from fp32 (for code written once for both)
+inline __m512 load_floats(const BFloat16* src, __mmask16 m) { return load_bf16(src, m); }
+inline __m512 load_floats(const float* src, __mmask16 m) { return _mm512_maskz_loadu_ps(m, src); }
+
 // Per-thread buffers kept across calls (a fresh vector of 100 KB or more would be mapped and page-faulted
 // on every call); slot numbers keep one kernel's buffers apart. They live as long as the thread: about
-// 2 L^2 + 48 L D bytes per thread for the backward (about 2 MB at L = 512, D = 64).
+// 26 L D + 1,900 L bytes per thread for the attention backward (1.8 MB at L = 512, D = 64).
 template <typename T>
 T* scratch(int slot, int64_t n) {
   thread_local std::vector<T> buffers[10];
@@ -75,9 +82,9 @@ T* scratch(int slot, int64_t n) {
   return buffer.data();
 }
 
-// 16 floats -> bf16, rounded to nearest even
-inline void store_bf16(BFloat16* dst, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+// the lanes of m of 16 floats -> bf16, rounded to nearest even
+inline void store_bf16(BFloat16* dst, __m512 x, __mmask16 m = 0xFFFF) {
+  _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
 // n floats -> bf16, n a multiple of 16
@@ -417,16 +424,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
             const float* s_r = s + r * Ls;
             const int64_t seen = is_causal ? m * BLK + r + 1 : L;  // keys c < seen
             __m512 max_v = _mm512_set1_ps(-INFINITY);
-            for (int64_t c = 0; c < seen; c += 16) {
-              const __mmask16 in = c + 16 <= seen ? __mmask16(0xFFFF) : __mmask16((1u << (seen - c)) - 1);
-              max_v = _mm512_mask_max_ps(max_v, in, max_v, _mm512_loadu_ps(s_r + c));
-            }
+            for (int64_t c = 0; c < seen; c += 16)
+              max_v = _mm512_mask_max_ps(max_v, tail(seen - c), max_v, _mm512_loadu_ps(s_r + c));
             const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(max_v));
             __m512 sum = _mm512_setzero_ps();
             for (int64_t c = 0; c < keys; c += 16) {
-              const __mmask16 in = c + 16 <= seen ? __mmask16(0xFFFF)
-                                   : c >= seen   ? __mmask16(0)
-                                                 : __mmask16((1u << (seen - c)) - 1);
+              const __mmask16 in = c < seen ? tail(seen - c) : __mmask16(0);
               const __m512 pc = _mm512_maskz_mov_ps(
                   in, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s_r + c), row_max), scale_v)));
               sum = _mm512_add_ps(sum, pc);
@@ -461,30 +464,38 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
 
 namespace {
 
-inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
-
-inline __m512 load_bf16(const BFloat16* src, __mmask16 m) {
-  const __m256i x = _mm256_maskz_loadu_epi16(m, src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-}
-
-inline void store_bf16(BFloat16* dst, __m512 x, __mmask16 m) {
-  _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
 // x rounded to bf16 and back (nearest even), as torch's .to(bfloat16) rounds
 inline __m512 round_bf16(__m512 x) {
   const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-inline float inv_rms(const BFloat16* x, int64_t D, float eps) {
+// 1 / sqrt(mean(x^2) + eps) of a row of d values (bf16 or fp32), in fp32
+template <typename T>
+inline float inv_rms(const T* x, int64_t d, float eps) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < D; j += 16) {
-    const __m512 v = load_bf16(x + j, tail(D - j));
+  for (int64_t j = 0; j < d; j += 16) {
+    const __m512 v = load_floats(x + j, tail(d - j));
     acc = _mm512_fmadd_ps(v, v, acc);
   }
-  return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
+  return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + eps);
+}
+
+// f(row, dw) for rows [0, rows), split into one chunk per thread, each summing its weight gradient into its
+// own row dw of d partial sums; returns their sum, taken in chunk order: the same bits for the same thread
+// count.
+template <typename F>
+at::Tensor rows_summing_weight_grad(int64_t rows, int64_t d, const at::TensorOptions& options, const F& f) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  auto parts = at::zeros({chunks, d}, options);
+  float* partial = parts.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk)
+      for (int64_t row = chunk * per_chunk; row < std::min(rows, (chunk + 1) * per_chunk); ++row)
+        f(row, partial + chunk * d);
+  });
+  return parts.sum(0);
 }
 
 void check_norm_rope(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin) {
@@ -544,54 +555,44 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_backward(const at::Tensor& grad_out
   const bool per_batch = cos.size(0) == B && B > 1;
   const float eps = static_cast<float>(eps_d);
   auto dx = at::empty_like(x);
-  // one row of dw per thread's chunk of rows, summed in chunk order: the same sum for the same thread count
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
-  auto dw_parts = at::zeros({chunks, D}, weight.options());
   const BFloat16 *xd = x.const_data_ptr<BFloat16>(), *gd = grad_out.const_data_ptr<BFloat16>();
   BFloat16* dxd = dx.data_ptr<BFloat16>();
   const float *w = weight.const_data_ptr<float>(), *cd = cos.const_data_ptr<float>(), *sd = sin.const_data_ptr<float>();
-  float* parts = dw_parts.data_ptr<float>();
-  const int64_t per_chunk = (B * T + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  auto dw_total = rows_summing_weight_grad(B * T, D, weight.options(), [&](int64_t bt, float* dw) {
     float* dn = scratch<float>(0, D);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      float* dw = parts + chunk * D;
-      for (int64_t bt = chunk * per_chunk; bt < std::min(B * T, (chunk + 1) * per_chunk); ++bt) {
-        const int64_t angle = (per_batch ? bt : bt % T) * half;
-        for (int64_t h = 0; h < H; ++h) {
-          const BFloat16* xr = xd + (bt * H + h) * D;
-          const BFloat16* gr = gd + (bt * H + h) * D;
-          const float rs = inv_rms(xr, D, eps);
-          const __m512 r = _mm512_set1_ps(rs);
-          __m512 dot = _mm512_setzero_ps();  // sum of dn * x r
-          for (int64_t j = 0; j < half; j += 16) {
-            const __mmask16 m = tail(half - j);
-            const __m512 c = _mm512_maskz_loadu_ps(m, cd + angle + j), s = _mm512_maskz_loadu_ps(m, sd + angle + j);
-            const __m512 go_lo = load_bf16(gr + j, m), go_hi = load_bf16(gr + half + j, m);
-            const __m512 g_lo = _mm512_fmadd_ps(go_lo, c, _mm512_mul_ps(go_hi, s));
-            const __m512 g_hi = _mm512_fmsub_ps(go_hi, c, _mm512_mul_ps(go_lo, s));
-            const __m512 n_lo = _mm512_mul_ps(load_bf16(xr + j, m), r), n_hi = _mm512_mul_ps(load_bf16(xr + half + j, m), r);
-            _mm512_mask_storeu_ps(dw + j, m, _mm512_fmadd_ps(g_lo, round_bf16(n_lo), _mm512_maskz_loadu_ps(m, dw + j)));
-            _mm512_mask_storeu_ps(dw + half + j, m,
-                                  _mm512_fmadd_ps(g_hi, round_bf16(n_hi), _mm512_maskz_loadu_ps(m, dw + half + j)));
-            const __m512 dn_lo = _mm512_mul_ps(g_lo, _mm512_maskz_loadu_ps(m, w + j));
-            const __m512 dn_hi = _mm512_mul_ps(g_hi, _mm512_maskz_loadu_ps(m, w + half + j));
-            dot = _mm512_fmadd_ps(dn_lo, n_lo, _mm512_fmadd_ps(dn_hi, n_hi, dot));
-            _mm512_mask_storeu_ps(dn + j, m, dn_lo);
-            _mm512_mask_storeu_ps(dn + half + j, m, dn_hi);
-          }
-          const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(D));
-          BFloat16* dxr = dxd + (bt * H + h) * D;
-          for (int64_t j = 0; j < D; j += 16) {
-            const __mmask16 m = tail(D - j);
-            const __m512 n = _mm512_mul_ps(load_bf16(xr + j, m), r);
-            store_bf16(dxr + j, _mm512_mul_ps(r, _mm512_fnmadd_ps(n, mean, _mm512_maskz_loadu_ps(m, dn + j))), m);
-          }
-        }
+    const int64_t angle = (per_batch ? bt : bt % T) * half;
+    for (int64_t h = 0; h < H; ++h) {
+      const BFloat16* xr = xd + (bt * H + h) * D;
+      const BFloat16* gr = gd + (bt * H + h) * D;
+      const float rs = inv_rms(xr, D, eps);
+      const __m512 r = _mm512_set1_ps(rs);
+      __m512 dot = _mm512_setzero_ps();  // sum of dn * x r
+      for (int64_t j = 0; j < half; j += 16) {
+        const __mmask16 m = tail(half - j);
+        const __m512 c = _mm512_maskz_loadu_ps(m, cd + angle + j), s = _mm512_maskz_loadu_ps(m, sd + angle + j);
+        const __m512 go_lo = load_bf16(gr + j, m), go_hi = load_bf16(gr + half + j, m);
+        const __m512 g_lo = _mm512_fmadd_ps(go_lo, c, _mm512_mul_ps(go_hi, s));
+        const __m512 g_hi = _mm512_fmsub_ps(go_hi, c, _mm512_mul_ps(go_lo, s));
+        const __m512 n_lo = _mm512_mul_ps(load_bf16(xr + j, m), r), n_hi = _mm512_mul_ps(load_bf16(xr + half + j, m), r);
+        _mm512_mask_storeu_ps(dw + j, m, _mm512_fmadd_ps(g_lo, round_bf16(n_lo), _mm512_maskz_loadu_ps(m, dw + j)));
+        _mm512_mask_storeu_ps(dw + half + j, m,
+                              _mm512_fmadd_ps(g_hi, round_bf16(n_hi), _mm512_maskz_loadu_ps(m, dw + half + j)));
+        const __m512 dn_lo = _mm512_mul_ps(g_lo, _mm512_maskz_loadu_ps(m, w + j));
+        const __m512 dn_hi = _mm512_mul_ps(g_hi, _mm512_maskz_loadu_ps(m, w + half + j));
+        dot = _mm512_fmadd_ps(dn_lo, n_lo, _mm512_fmadd_ps(dn_hi, n_hi, dot));
+        _mm512_mask_storeu_ps(dn + j, m, dn_lo);
+        _mm512_mask_storeu_ps(dn + half + j, m, dn_hi);
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(D));
+      BFloat16* dxr = dxd + (bt * H + h) * D;
+      for (int64_t j = 0; j < D; j += 16) {
+        const __mmask16 m = tail(D - j);
+        const __m512 n = _mm512_mul_ps(load_bf16(xr + j, m), r);
+        store_bf16(dxr + j, _mm512_mul_ps(r, _mm512_fnmadd_ps(n, mean, _mm512_maskz_loadu_ps(m, dn + j))), m);
       }
     }
   });
-  return {dx, dw_parts.sum(0)};
+  return {dx, dw_total};
 }
 
 // ---------------------------------------------------------------- RMSNorm of the fp32 residual stream
@@ -601,15 +602,6 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_backward(const at::Tensor& grad_out
 // dw = sum over rows of dy (x r), dx = r (dn - (x r) mean(dn x r)) with dn = dy w.
 
 namespace {
-
-inline float inv_rms_fp32(const float* x, int64_t d, float eps) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(tail(d - j), x + j);
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + eps);
-}
 
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1 &&
@@ -630,7 +622,7 @@ at::Tensor rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, doubl
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* xr = xd + i * d;
-      const __m512 r = _mm512_set1_ps(inv_rms_fp32(xr, d, eps));
+      const __m512 r = _mm512_set1_ps(inv_rms(xr, d, eps));
       for (int64_t j = 0; j < d; j += 16) {
         const __mmask16 m = tail(d - j);
         const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), r);
@@ -649,37 +641,28 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
   const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
   const float eps = static_cast<float>(eps_d);
   auto dx = at::empty_like(x);
-  // one row of dw per chunk of rows, summed in chunk order: the same sum for the same thread count
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  auto dw_parts = at::zeros({chunks, d}, weight.options());
   const float *xd = x.const_data_ptr<float>(), *gd = grad_out.const_data_ptr<float>(),
               *w = weight.const_data_ptr<float>();
-  float *dxd = dx.data_ptr<float>(), *parts = dw_parts.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      float* dw = parts + chunk * d;
-      for (int64_t i = chunk * per_chunk; i < std::min(rows, (chunk + 1) * per_chunk); ++i) {
-        const float *xr = xd + i * d, *gr = gd + i * d;
-        const __m512 r = _mm512_set1_ps(inv_rms_fp32(xr, d, eps));
-        __m512 dot = _mm512_setzero_ps();  // sum of dn * x r
-        for (int64_t j = 0; j < d; j += 16) {
-          const __mmask16 m = tail(d - j);
-          const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), r), g = _mm512_maskz_loadu_ps(m, gr + j);
-          _mm512_mask_storeu_ps(dw + j, m, _mm512_fmadd_ps(g, n, _mm512_maskz_loadu_ps(m, dw + j)));
-          dot = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, w + j)), n, dot);
-        }
-        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(d));
-        for (int64_t j = 0; j < d; j += 16) {
-          const __mmask16 m = tail(d - j);
-          const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), r);
-          const __m512 dn = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + j), _mm512_maskz_loadu_ps(m, w + j));
-          _mm512_mask_storeu_ps(dxd + i * d + j, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(n, mean, dn)));
-        }
-      }
+  float* dxd = dx.data_ptr<float>();
+  auto dw_total = rows_summing_weight_grad(rows, d, weight.options(), [&](int64_t i, float* dw) {
+    const float *xr = xd + i * d, *gr = gd + i * d;
+    const __m512 r = _mm512_set1_ps(inv_rms(xr, d, eps));
+    __m512 dot = _mm512_setzero_ps();  // sum of dn * x r
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 m = tail(d - j);
+      const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), r), g = _mm512_maskz_loadu_ps(m, gr + j);
+      _mm512_mask_storeu_ps(dw + j, m, _mm512_fmadd_ps(g, n, _mm512_maskz_loadu_ps(m, dw + j)));
+      dot = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, w + j)), n, dot);
+    }
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(d));
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 m = tail(d - j);
+      const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), r);
+      const __m512 dn = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + j), _mm512_maskz_loadu_ps(m, w + j));
+      _mm512_mask_storeu_ps(dxd + i * d + j, m, _mm512_mul_ps(r, _mm512_fnmadd_ps(n, mean, dn)));
     }
   });
-  return {dx, dw_parts.sum(0)};
+  return {dx, dw_total};
 }
 
 // ---------------------------------------------------------------- SwiGLU gate and cross-entropy

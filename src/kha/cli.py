@@ -17,6 +17,7 @@ from .errors import USER_ERRORS, RunStopped, describe
 from .evaluation import add_eval_parser
 from .experiments import add_experiment_parsers
 from .flops import attention_params, knock_params, layer_flops
+from .generate import add_generate_parser
 from .hf_cli import add_hf_parsers
 
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parsers(sub)
     add_hf_parsers(sub)
     add_eval_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

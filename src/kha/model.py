@@ -23,6 +23,7 @@ from torch import nn
 from . import cpu_kernels
 from .attention import RMSNorm
 from .config import ModelConfig, MoEConfig
+from .sampling import check_sampling, next_token
 from .variants import build_attention
 
 
@@ -206,6 +207,19 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must be integers in ``[0, vocab_size)``. The dtype is checked always (free, compile-friendly);
+    the range only on CPU tensors outside ``torch.compile`` (a min/max over the ids; on a GPU it would wait for
+    the device, and CUDA's embedding asserts on an out-of-range id itself)."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
 class LMOutput(NamedTuple):
     logits: torch.Tensor
     loss: torch.Tensor | None
@@ -252,6 +266,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq) token ids, got shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.cfg.vocab_size)
         if input_ids.shape[-1] > self.cfg.max_seq_len:
             raise ValueError(f"input of {input_ids.shape[-1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
@@ -276,33 +291,34 @@ class DecoderLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue ``input_ids`` (``(B, T)``, no padding) by ``max_new_tokens`` tokens.
+                 top_k: int | None = None, generator: torch.Generator | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, on_token=None) -> torch.Tensor:
+        """Continue ``input_ids`` (``(B, T)``, no padding) by up to ``max_new_tokens`` tokens, with the KV cache.
 
-        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)``, restricted to
-        the ``top_k`` most likely tokens when given.
+        Sampling as in :func:`kha.sampling.next_token`: ``temperature=0`` is greedy, else a draw from
+        ``softmax(logits / temperature)`` limited to the ``top_k`` most likely tokens and the ``top_p`` nucleus.
+        With ``eos_token_id`` a row that produced it is finished: it gets ``eos_token_id`` from then on, and
+        decoding stops when every row is finished. ``on_token(tokens)`` is called with each new ``(B, 1)``
+        column as soon as it is chosen (for streaming).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ValueError(f"top_k must be in 1..{self.cfg.vocab_size}, got {top_k}")
+        check_sampling(temperature, top_k, top_p, self.cfg.vocab_size)
         caches = self.new_caches()
         tokens = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, caches=caches).logits[:, -1]
         for step in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            nxt = next_token(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(finished, eos_token_id)
+                finished |= nxt == eos_token_id
             tokens.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits = self(nxt, caches=caches).logits[:, -1]
+            if on_token is not None:
+                on_token(nxt)
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits = self(nxt, caches=caches).logits[:, -1]
         return torch.cat(tokens, dim=1)
 
 

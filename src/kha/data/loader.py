@@ -59,6 +59,11 @@ def verify_shards(data_dir: str | os.PathLike) -> list[Path]:
     return checked
 
 
+# how a user sets what a resumed position must match (the global batch is --batch-size x processes)
+RESUME_NAMES = {"seed": "--seed", "seq_len": "--seq-len", "data_sha256": "data (--data) of SHA-256",
+                "global_batch": "--batch-size x processes (the global batch)", "split": "split"}
+
+
 class TokenBatches:
     """``(inputs, targets)`` int64 tensors of shape ``(batch_size, seq_len)``, targets shifted by one token."""
 
@@ -133,8 +138,9 @@ class TokenBatches:
         """Resume at ``state``'s position; the data, seed, seq_len and global batch must be the same."""
         for key in ("seed", "seq_len", "global_batch", "split", "data_sha256"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: the saved position has {key}={state[key]!r}, "
-                                 f"this loader has {getattr(self, key)!r}")
+                raise ValueError(f"cannot resume: the run was started with {RESUME_NAMES.get(key, key)} "
+                                 f"{state[key]!r}, this call has {getattr(self, key)!r}; resume with the run's "
+                                 "settings, or start a new run in another --out")
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"saved step {state['step']} is outside an epoch of {self.steps_per_epoch} steps")
         self.epoch, self.step = state["epoch"], state["step"]

@@ -7,8 +7,8 @@ A ``kha train`` run leaves ``model.safetensors`` (DecoderLM keys; a tied LM head
 - ``to_decoder_lm(model_or_folder)`` -> the ``DecoderLM`` (its ``cfg`` is the ModelConfig).
 - ``save_training_run(model, out)`` writes the training format back.
 - ``hf_tokenizer(tokenizer_json)``: a ``PreTrainedTokenizerFast`` around a ``kha data`` tokenizer.
-- ``local_folder``, ``load_safetensors``, ``load_kha_folder``: read what a user points at, with clear errors for a
-  missing folder, a damaged file or a folder that holds another kind of model.
+- ``local_folder``, ``load_kha_folder``: read what a user points at, with clear errors for a missing folder, a
+  damaged file or a folder that holds another kind of model (run folders are read by ``kha.runfiles``).
 """
 
 from __future__ import annotations
@@ -18,19 +18,23 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..attention import AttentionConfig
-from ..config import ModelConfig, MoEConfig
 from ..data.tokenizer import EOS
 from ..errors import UserError, read_json
 from ..model import DecoderLM
+from ..runfiles import (  # noqa: F401  (model_config_from_dict, run_tokenizer: part of this module's interface)
+    CONFIG,
+    WEIGHTS,
+    load_safetensors,
+    load_state_into,
+    model_config_from_dict,
+    read_model_config,
+    run_tokenizer,
+)
 from .config import KHAConfig
 from .modeling import KHAForCausalLM
 
-WEIGHTS, CONFIG = "model.safetensors", "model_config.json"
 STOCK_TYPES = ("qwen3", "llama")
 
 
@@ -42,18 +46,6 @@ def local_folder(path: str | os.PathLike, command: str) -> Path:
         raise UserError(f"{path}: {what}; {command} reads a local model folder (a Hugging Face Hub model must be "
                         "downloaded first, which needs a network: `hf download ORG/NAME --local-dir DIR`)")
     return folder
-
-
-def load_safetensors(path: str | os.PathLike, header_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """``safetensors.torch.load_file`` (``header_only``: just check the file); a truncated or corrupt file is an
-    error naming it."""
-    try:
-        if header_only:
-            with safe_open(str(path), "pt"):
-                return None
-        return load_file(str(path))
-    except SafetensorError as err:
-        raise UserError(f"{path}: damaged safetensors file ({err}); write or download it again") from err
 
 
 def load_kha_folder(path: str | os.PathLike, command: str) -> KHAForCausalLM:
@@ -73,23 +65,6 @@ def load_kha_folder(path: str | os.PathLike, command: str) -> KHAForCausalLM:
     return KHAForCausalLM.from_pretrained(folder)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """The inverse of ``dataclasses.asdict(ModelConfig)`` (as written to ``model_config.json``)."""
-    d = dict(d)
-    attention = AttentionConfig(**d.pop("attention"))
-    moe = d.pop("moe", None)
-    return ModelConfig(attention=attention, moe=None if moe is None else MoEConfig(**moe), **d)
-
-
-def load_state_into(model: DecoderLM, state: dict[str, torch.Tensor], source: str, may_miss=()) -> None:
-    """Load ``state`` strictly, except a tied LM head (stored once, as the embedding) and the keys ``may_miss``."""
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - set(may_miss) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{source} does not match its config: missing {sorted(missing)}, "
-                         f"unexpected {sorted(result.unexpected_keys)}")
-
-
 def uninitialised_model(config: KHAConfig) -> KHAForCausalLM:
     """A ``KHAForCausalLM`` whose random inits are skipped (weights to be loaded next); knocks, norms and
     rotary frequencies are built exact, not drawn."""
@@ -99,16 +74,12 @@ def uninitialised_model(config: KHAConfig) -> KHAForCausalLM:
         return KHAForCausalLM(config)
 
 
-def from_training_run(run_dir: str | os.PathLike) -> KHAForCausalLM:
-    """The final weights of a ``kha train`` run as a ``KHAForCausalLM`` (same tensors, same logits)."""
+def from_training_run(run_dir: str | os.PathLike, **config_kwargs) -> KHAForCausalLM:
+    """The final weights of a ``kha train`` run as a ``KHAForCausalLM`` (same tensors, same logits);
+    ``config_kwargs`` add transformers config fields (``eos_token_id`` ...)."""
     run = Path(run_dir)
-    if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
-        raise FileNotFoundError(f"{run}: no {WEIGHTS} + {CONFIG}; is it the --out folder of a finished `kha train`?")
-    try:
-        cfg = model_config_from_dict(read_json(run / CONFIG))
-    except (TypeError, KeyError) as err:
-        raise UserError(f"{run / CONFIG}: not a kha model config ({err})") from err
-    model = uninitialised_model(KHAConfig.from_model_config(cfg))
+    cfg = read_model_config(run)
+    model = uninitialised_model(KHAConfig.from_model_config(cfg, **config_kwargs))
     load_state_into(model.model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
     return model
 
@@ -141,13 +112,3 @@ def hf_tokenizer(tokenizer_json: str | os.PathLike):
 
     load_tokenizer(tokenizer_json)  # a file that is no tokenizer.json, or has no EOS, is named here
     return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOS, pad_token=EOS)
-
-
-def run_tokenizer(run_dir: str | os.PathLike) -> Path | None:
-    """The ``tokenizer.json`` of the data a run trained on (from its ``train_config.json``), if still there."""
-    train_cfg = Path(run_dir) / "train_config.json"
-    if not train_cfg.exists():
-        return None
-    data = read_json(train_cfg).get("data")
-    path = Path(data) / "tokenizer.json" if data else None
-    return path if path is not None and path.exists() else None

@@ -93,8 +93,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.seed < 0:  # numpy's generators refuse a negative seed, mid-run
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy refuses negative seeds; torch.manual_seed overflows past 64 bits
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {self.seed!r}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS:,} (10**9), got {self.steps:,}: warmup alone would "
+                             f"take {max(1, round(self.warmup_frac * self.steps)):,} steps, so the learning rate would "
+                             "stay near 0 for any run that can finish")
+        if not self.out.strip():
+            raise ValueError(f"out must name a run folder, got {self.out!r} (it would train into the current "
+                             "folder); e.g. --out runs/my-run")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets are {', '.join(PRESETS)}")
         if self.knock not in KNOCK_TYPES:
@@ -117,6 +124,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**9  # ~30 years of optimizer steps at one per second; beyond it the schedule is meaningless
 
 
 # the interval each float field must lie in ("[" and "]" include the bound); every float must be finite

@@ -128,12 +128,38 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
         if cfg.steps == step:
             print(f"{ckpt} is already at --steps {step}: nothing left to train; pass a larger --steps to continue",
                   flush=True)
+        elif (note := schedule_change(out / "train_config.json", cfg, step)) is not None:
+            print(note, flush=True)
         return step
     if any(ckpt_root.glob("step_*")):
         raise ValueError(f"{ckpt_root} holds checkpoints but none is complete and intact (see above); remove them, "
                          "or start again with --overwrite instead of --resume")
     print(f"no checkpoint in {ckpt_root}; starting from scratch", flush=True)
     return -1
+
+
+SCHEDULE_FIELDS = ("steps", "lr", "warmup_frac", "min_lr_frac")
+
+
+def schedule_change(started_config: Path, cfg: TrainConfig, step: int) -> str | None:
+    """A warning when a resume at ``step`` changes the LR schedule the run started with (``train_config.json``):
+    the schedule is a function of these settings, so e.g. a larger ``--steps`` stretches the cosine from here on."""
+    if not started_config.is_file():
+        return None
+    started = read_json(started_config)
+    if not isinstance(started, dict):
+        return None  # a damaged file is not this check's to report
+    changed = {k: started[k] for k in SCHEDULE_FIELDS if k in started and started[k] != getattr(cfg, k)}
+    if not changed:
+        return None
+    try:
+        before = replace(cfg, **changed)
+    except (TypeError, ValueError):
+        return None
+    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in changed.items())
+    return (f"warning: resuming with a changed schedule ({what}): the warmup + cosine LR schedule is recomputed for "
+            f"{cfg.steps} steps; the LR of step {step + 1} is {lr_at(step, cfg):.3g} (it would have been "
+            f"{lr_at(step, before):.3g}), ending at {lr_at(cfg.steps - 1, cfg):.3g} at step {cfg.steps}")
 
 
 def _stop_non_finite(what: str, value: float, step: int, ckpt_root: Path, runtime: Runtime):

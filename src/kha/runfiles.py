@@ -1,0 +1,85 @@
+"""What ``kha train`` leaves in a run folder, read without transformers (``kha generate``, ``kha.hf.runs``).
+
+A finished run holds ``model.safetensors`` (``DecoderLM`` keys; a tied LM head stored once) and
+``model_config.json`` (``dataclasses.asdict`` of the ``ModelConfig``); ``train_config.json`` names its data folder,
+whose ``tokenizer.json`` encoded the training text.
+
+- ``model_config_from_dict``: the inverse of ``asdict(ModelConfig)``.
+- ``load_safetensors``, ``load_state_into``: tensors from a file (a damaged one named), loaded strictly.
+- ``load_run_model(run_dir)``: the run's final ``DecoderLM``.
+- ``run_tokenizer(run_dir)``: the tokenizer of the data the run trained on, if still there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .attention import AttentionConfig
+from .config import ModelConfig, MoEConfig
+from .errors import UserError, read_json
+from .model import DecoderLM
+
+WEIGHTS, CONFIG = "model.safetensors", "model_config.json"
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of ``dataclasses.asdict(ModelConfig)`` (as written to ``model_config.json``)."""
+    d = dict(d)
+    attention = AttentionConfig(**d.pop("attention"))
+    moe = d.pop("moe", None)
+    return ModelConfig(attention=attention, moe=None if moe is None else MoEConfig(**moe), **d)
+
+
+def load_safetensors(path: str | os.PathLike, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """``safetensors.torch.load_file`` (``header_only``: just check the file); a truncated or corrupt file is an
+    error naming it."""
+    try:
+        if header_only:
+            with safe_open(str(path), "pt"):
+                return None
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise UserError(f"{path}: damaged safetensors file ({err}); write or download it again") from err
+
+
+def load_state_into(model: DecoderLM, state: dict[str, torch.Tensor], source: str, may_miss=()) -> None:
+    """Load ``state`` strictly, except a tied LM head (stored once, as the embedding) and the keys ``may_miss``."""
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - set(may_miss) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{source} does not match its config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(result.unexpected_keys)}")
+
+
+def read_model_config(run: Path) -> ModelConfig:
+    """``run/model_config.json`` as a ``ModelConfig``, after checking that the run has its final weights too."""
+    if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
+        raise FileNotFoundError(f"{run}: no {WEIGHTS} + {CONFIG}; is it the --out folder of a finished `kha train`?")
+    try:
+        return model_config_from_dict(read_json(run / CONFIG))
+    except (TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{run / CONFIG}: not a kha model config ({err})") from err
+
+
+def load_run_model(run_dir: str | os.PathLike) -> DecoderLM:
+    """The final weights of a ``kha train`` run as a ``DecoderLM`` (fp32, CPU, eval mode)."""
+    run = Path(run_dir)
+    cfg = read_model_config(run)
+    model = DecoderLM(cfg)  # built for real, not on the meta device: its buffers (RoPE tables) are not stored
+    load_state_into(model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
+    return model.eval()
+
+
+def run_tokenizer(run_dir: str | os.PathLike) -> Path | None:
+    """The ``tokenizer.json`` of the data a run trained on (from its ``train_config.json``), if still there."""
+    train_cfg = Path(run_dir) / "train_config.json"
+    if not train_cfg.exists():
+        return None
+    data = read_json(train_cfg).get("data")
+    path = Path(data) / "tokenizer.json" if data else None
+    return path if path is not None and path.exists() else None

@@ -387,6 +387,10 @@ def test_hf_convert_brings_the_run_tokenizer(tmp_path):
     text = "the cat ran over the moon"
     assert tok.encode(text) == load_tokenizer(tmp_path / "data" / "tokenizer.json").encode(text).ids
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    # the config names it too, so transformers' generate() stops at the end of a document
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == config["pad_token_id"] == 0 and generation["eos_token_id"] == 0
 
 
 # --- lm_eval ------------------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def cmd_hf_convert(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file")
         tok = args.tokenizer or run_tokenizer(src)
         hf_tok = hf_tokenizer(tok) if tok else None  # a bad tokenizer fails before anything is written
-        from_training_run(src).save_pretrained(args.out)
+        # generate() stops at the end of a document only when the config names the EOS token
+        eos = {} if hf_tok is None else {"eos_token_id": hf_tok.eos_token_id, "pad_token_id": hf_tok.eos_token_id}
+        from_training_run(src, **eos).save_pretrained(args.out)
         if hf_tok is not None:
             hf_tok.save_pretrained(args.out)
         print(f"wrote {args.out}: Hugging Face KHA folder{' with tokenizer ' + str(tok) if tok else ''}")

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from .attention import AttentionConfig
 from .data.cli import add_data_parser
@@ -39,10 +40,7 @@ def flops_table(cfg: AttentionConfig, seq_len: int, d_ff: int | None, knocks: li
         f"{'% of attention':>15}",
     ]
     for knock, targets in knocks:
-        kcfg = AttentionConfig(
-            d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            knock=knock, knock_targets=targets,
-        )
+        kcfg = replace(cfg, knock=knock, knock_targets=targets)
         f = layer_flops(kcfg, seq_len, d_ff)
         lines.append(
             f"  {knock:<8} {','.join(kcfg.knock_targets):<8} {knock_params(kcfg):>10,} {_fmt_g(f.knock):>16} "
@@ -51,13 +49,33 @@ def flops_table(cfg: AttentionConfig, seq_len: int, d_ff: int | None, knocks: li
     return "\n".join(lines)
 
 
+def flops_attention(args: argparse.Namespace) -> tuple[AttentionConfig, int | None]:
+    """The attention config and FFN width of ``kha flops``: a preset's (an MoE's FFN: its ``top_k`` activated
+    experts) or 1024 wide with 32 heads, each changed by the flags given."""
+    from .config import get_preset
+
+    given = {name: getattr(args, flag) for name, flag in (("d_model", "d_model"), ("n_heads", "n_heads"),
+                                                          ("n_kv_heads", "n_kv_heads"), ("head_dim", "head_dim"))
+             if getattr(args, flag) is not None}
+    knock = {"knock": args.knock or "none", "knock_targets": args.targets if args.knock else None}
+    if args.preset is None:
+        cfg = AttentionConfig(**{"d_model": 1024, "n_heads": 32, **given, **knock})
+        return cfg, args.d_ff
+    model = get_preset(args.preset)
+    if given.keys() & {"d_model", "n_heads"} and "head_dim" not in given:
+        given["head_dim"] = None  # derived again from the new width / heads
+    if "n_heads" in given and "n_kv_heads" not in given:
+        given["n_kv_heads"] = None
+    cfg = replace(model.attention, **given, **knock)
+    d_ff = model.moe.top_k * model.moe.d_expert if model.moe else model.d_ff
+    return cfg, args.d_ff if args.d_ff is not None else d_ff
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     if args.d_ff is not None and args.d_ff <= 0:
         raise ValueError(f"--d-ff must be a positive integer, got {args.d_ff}")
-    cfg = AttentionConfig(
-        d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
-        knock=args.knock or "none", knock_targets=args.targets if args.knock else None,
-    )
+    cfg, d_ff = flops_attention(args)
+    args.d_ff = d_ff
     if args.json:
         if args.targets and not args.knock:
             raise ValueError(f"--targets {args.targets} needs --knock (linear, mlp or gate) with --json")
@@ -70,7 +88,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    knocks = [(k, args.targets) for k in ([args.knock] if args.knock else ["linear", "mlp", "gate"])]
+    every = ["linear"] if cfg.n_latents else ["linear", "mlp", "gate"]  # MLA/GLA take linear knocks only
+    knocks = [(k, args.targets) for k in ([args.knock] if args.knock else every)]
     print(flops_table(cfg, args.seq_len, args.d_ff, knocks))
     return 0
 
@@ -128,13 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error (also KHA_DEBUG=1); without it a bad input is one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("flops", help="per-layer FLOPs and parameters of knocks (paper eq. 10-12)")
+    p = sub.add_parser("flops", help="per-layer FLOPs and parameters of knocks (paper eq. 10-12)",
+                       description="Per-layer FLOPs of attention, FFN and knocks for a preset's layer (`kha flops "
+                       "tiny`) or the shape the flags give; flags change a preset's values.")
+    p.add_argument("preset", nargs="?", default=None,
+                   help="a preset's layer (see `kha params`); an MoE's FFN is its activated experts")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence L (default: 2048)")
-    p.add_argument("--d-model", type=int, default=1024, help="hidden size d (default: 1024)")
-    p.add_argument("--n-heads", type=int, default=32, help="query heads n (default: 32)")
-    p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads (default: n-heads, MHA)")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim (default: d-model / n-heads)")
-    p.add_argument("--d-ff", type=int, default=None, help="FFN size (default: 3 * d-model)")
+    p.add_argument("--d-model", type=int, default=None, help="hidden size d (default: 1024, or the preset's)")
+    p.add_argument("--n-heads", type=int, default=None, help="query heads n (default: 32, or the preset's)")
+    p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads (default: n-heads, MHA; or the preset's)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default: d-model / n-heads, or the preset's)")
+    p.add_argument("--d-ff", type=int, default=None, help="FFN size (default: 3 * d-model, or the preset's)")
     p.add_argument("--knock", choices=["linear", "mlp", "gate"], default=None,
                    help="one knock type (default: show all three with the paper's targets)")
     p.add_argument("--targets", default=None, help="knock targets, e.g. qkv or v (default: paper's)")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from .attention import Attention, AttentionConfig
 from .cli import flops_table
+from .errors import RunStopped
 from .knock import fold_knocks
 
 
@@ -96,7 +98,11 @@ def train_pair(out: Path, data: Path, steps: int | None) -> None:
     results = {}
     for label, cfg in runs.items():
         print(f"\nTraining {label}: {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
-        results[label] = (train(cfg), cfg)
+        try:
+            results[label] = (train(cfg), cfg)
+        except RunStopped as err:  # its message says "continue with --resume": not a flag of the demo
+            raise RunStopped(f"stopped by {signal.Signals(err.signum).name} while training {label}; the demo does "
+                             "not resume: run `kha demo` again to train both runs from the start", err.signum) from err
     print(f"\n{'model':<24} {'params':>9} {'val loss':>9} {'delta':>8}")
     base_val = None
     for label, (record, _) in results.items():

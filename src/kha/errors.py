@@ -5,12 +5,14 @@
 - :class:`RunStopped`: training stopped cleanly on a signal (``kha.train.stopsignal``); exit code 128 + signal.
 - :func:`describe`: that line's text (an ``OSError`` as ``PATH: reason``).
 - :func:`read_json`: ``json.loads`` of a file whose syntax errors name the file, line and column.
+- :func:`naming`: a context in which an ``OSError`` without a file name (a write on a full disk) gets one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -46,3 +48,15 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+
+
+@contextmanager
+def naming(path: str | os.PathLike):
+    """An ``OSError`` that names no file (``write`` or ``flush`` on a full disk: ``ENOSPC``) is re-raised naming
+    ``path``, the file being written, so that :func:`describe` says which."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or os.strerror(err.errno), os.fspath(path)) from err

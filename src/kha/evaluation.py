@@ -24,7 +24,7 @@ folder's name; the name of its parent is added when two runs share a name, as ``
 
 The real Table 4 benchmarks, where a network exists (the tasks' datasets download from the Hugging Face Hub)::
 
-    kha hf-convert runs/tiny --out hf/tiny          # KHA folder + tokenizer
+    kha hf-convert --from runs/tiny --out hf/tiny   # KHA folder + tokenizer
     python -m kha.evaluation run --model hf --model_args pretrained=hf/tiny,dtype=bfloat16 \\
         --tasks arc_easy,arc_challenge,hellaswag,winogrande,piqa,mmlu,race --batch_size 16 --output_path results/
 
@@ -314,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 EPILOG = """\
 The paper's Table 4 benchmarks need a network (their datasets come from the Hugging Face Hub). Convert the run,
 then call lm_eval's own command line through kha, which registers the KHA model type first:
-  kha hf-convert RUN_DIR --out HF_DIR
+  kha hf-convert --from RUN_DIR --out HF_DIR
   python -m kha.evaluation run --model hf --model_args pretrained=HF_DIR \\
       --tasks arc_easy,arc_challenge,hellaswag,winogrande,piqa,mmlu,race --batch_size 16 [--include_path DIR]
 (plain `lm_eval` does not import kha, so AutoModelForCausalLM would not know model_type "kha")."""

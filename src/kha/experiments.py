@@ -211,6 +211,24 @@ def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[i
                                 "variants": [asdict(v) for v in variants]}, indent=1))
 
 
+def bf16_comparison_warning(configs: list[TrainConfig]) -> str | None:
+    """A warning when ``--precision auto`` trains any of ``configs`` in bf16 on a CPU: comparisons of KHA arms
+    in bf16 were found unreliable at small scale (docs/benchmarks.md, section h)."""
+    import torch
+
+    from .train.loop import planned_precision
+
+    auto = [c for c in configs if c.precision == "auto"]
+    cuda = torch.cuda.is_available()
+    on_cpu = [c for c in auto if c.device == "cpu" or (c.device == "auto" and not cuda)]
+    if not any(planned_precision(c, torch.device("cpu"))[0] == "bf16" for c in on_cpu):
+        return None
+    return ("warning: --precision auto trains these runs in bf16 on this CPU. Comparisons of KHA arms trained in "
+            "bf16 were found unreliable at small scale (tiny preset, 3 seeds: KHA-MLP minus baseline -0.029 in "
+            "fp32, +0.090 in bf16; docs/benchmarks.md, section h). For comparisons you will report, pass "
+            "--precision fp32 (about 2x slower here); --precision bf16 keeps bf16 without this warning.")
+
+
 def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: list[str] | None = None,
              log=print) -> list[dict]:
     """Train every seed x variant of ``grid`` under ``out`` (skip finished runs, resume interrupted ones).
@@ -234,6 +252,8 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     configs = [run_config(base, v, s, out) for v, s in jobs]
     for cfg in configs:
         _check_same_config(cfg)
+    if (note := bf16_comparison_warning(configs)) is not None:
+        log(note)
     write_grid_file(out, grid, variants, seeds, base)
     done = []
     with StopOnSignal() as stop:  # shared with the runs' own: a signal between two runs stops the grid too

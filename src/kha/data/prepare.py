@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import UserError, read_json
+from ..errors import UserError, naming, read_json
 from .sources import Document, resolve, sha256_file, write_atomic
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
 
@@ -95,19 +95,24 @@ class _ShardWriter:
 
     def write(self, ids: np.ndarray) -> None:
         data = ids.astype(self.dtype).tobytes()
-        self.file.write(data)
+        with naming(self.path):
+            self.file.write(data)
         self.digest.update(data)
         self.tokens += len(ids)
 
     def commit(self) -> str:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        with naming(self.path):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
         return self.digest.hexdigest()
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes what is buffered: on a full disk that fails again
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -151,13 +156,19 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     ids: list[str] = []
     text_digests: dict[str, bytes] = {}
     corpus = hashlib.sha256()
+    has_text = False
     for doc_id, text in documents("reading"):
         if doc_id in text_digests:
             raise ValueError(f"document id {doc_id!r} appears twice: is a source given twice?")
         ids.append(doc_id)
+        has_text = has_text or bool(text)
         text_digests[doc_id] = _text_digest(text)
         corpus.update(doc_id.encode() + b"\0" + text_digests[doc_id])
     fingerprint = corpus.hexdigest()
+    if ids and not has_text:
+        raise UserError(f"no text found in {', '.join(specs)}: all {len(ids)} document(s) are empty"
+                        + (f" (is --text-field {text_field!r} the field that holds the text?)"
+                           if any(Path(s).suffix in (".jsonl", ".parquet") or Path(s).is_dir() for s in specs) else ""))
 
     manifest_path = out / MANIFEST
     try:
@@ -175,6 +186,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
 
     # The tokenizer: given, reused (same vocabulary size and training texts), or trained on training docs.
     tok_path = out / TOKENIZER
+    wrote_tokenizer = not tokenizer or Path(tokenizer).resolve() != tok_path.resolve()
     tok_key = hashlib.sha256(json.dumps({"vocab_size": vocab_size, "eos": EOS}).encode()
                              + b"".join(d.encode() + b"\0" + text_digests[d] for d in train_ids)).hexdigest()
     if tokenizer:
@@ -221,6 +233,8 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     except BaseException:
         for w in writers.values():
             w.discard()
+        if wrote_tokenizer:  # without a manifest the folder is never reused: a tokenizer.json would only mislead
+            tok_path.unlink(missing_ok=True)
         raise
 
     manifest = {

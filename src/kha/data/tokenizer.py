@@ -45,7 +45,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
     if path is not None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tok.save(str(tmp))
+        try:
+            tok.save(str(tmp))
+        except Exception as err:  # tokenizers raises a bare Exception (e.g. on a full disk)
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: could not write the tokenizer ({err})") from err
         os.replace(tmp, path)
     tok.encode_special_tokens = True
     return tok

@@ -305,6 +305,17 @@ def _kernels_label(kernels: dict[str, bool]) -> str:
     return f"{attention} and {'kha' if kernels['cpu_kernels'] else 'torch'}'s elementwise kernels"
 
 
+def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None = None) -> tuple[str, str, bool]:
+    """``(precision, why, amx_attention)``: what ``asked`` (default ``cfg.precision``) resolves to for ``cfg``'s
+    model on ``device``, and whether kha's AMX attention kernel covers it there."""
+    asked = asked or cfg.precision
+    model_cfg = base_model_config(cfg)
+    covered = (device.type == "cpu" and asked in ("auto", "bf16")
+               and cpu_kernels.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
+    precision, why = resolve_precision(asked, device, model_cfg.d_model, amx_attention=covered)
+    return precision, why, covered
+
+
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, dict[str, bool]]:
     """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
     its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
@@ -312,12 +323,8 @@ def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str,
     path = out / "train_config.json"
     started = read_json(path) if cfg.resume and path.is_file() else None
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
-    model_cfg = base_model_config(cfg)
-    on_cpu = runtime.device.type == "cpu"
-    covered = on_cpu and asked in ("auto", "bf16") and cpu_kernels.covers(model_cfg.attention, cfg.batch_size,
-                                                                          cfg.seq_len)
-    precision, why = resolve_precision(asked, runtime.device, model_cfg.d_model, amx_attention=covered)
-    bf16_cpu = on_cpu and precision == "bf16"
+    precision, why, covered = planned_precision(cfg, runtime.device, asked)
+    bf16_cpu = runtime.device.type == "cpu" and precision == "bf16"
     kernels = {"amx_attention": covered and bf16_cpu, "cpu_kernels": bf16_cpu and cpu_kernels.prepare()}
     before = {name: started.get(name, False) for name in kernels} if started else kernels
     if before != kernels and runtime.is_main:

@@ -349,10 +349,24 @@ def test_model_overrides_of_the_wrong_shape_are_user_errors(overrides, expected)
         TrainConfig(model_overrides=overrides)
 
 
-def test_a_negative_seed_is_refused_at_the_config(tmp_path, capsys):
+def usage_error(argv, capsys, *expected: str) -> None:
+    """``kha train`` flags are parsed by tyro: a bad value is its usage error (exit 2) holding every ``expected``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())  # tyro wraps its lines
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def test_a_seed_out_of_range_is_refused_at_the_config(tmp_path, capsys):
     path = tmp_path / "c.toml"
     path.write_text("seed = -1\n")
-    fails(["train", "--config", path], capsys, str(path), "seed must be a non-negative integer, got -1")
+    fails(["train", "--config", path], capsys, str(path), f"seed must be an integer in [0, {2**63 - 1}] (2**63 - 1), "
+          "got -1")
+    usage_error(["train", "--seed", 2**70], capsys, f"seed must be an integer in [0, {2**63 - 1}] (2**63 - 1), "
+                f"got {2**70}")  # torch.manual_seed would overflow past 2**64
 
 
 def test_report_and_plot_name_a_folder_without_or_with_a_damaged_grid(tmp_path, capsys):
@@ -428,3 +442,186 @@ def test_eval_refuses_an_unknown_device_before_writing(data_dir, tmp_path, capsy
     fails(["eval", run, "--data", data_dir, "--out", tmp_path / "o", "--device", "tpu"], capsys,
           "--device 'tpu' is not a torch device")
     assert not (tmp_path / "o").exists()
+
+
+# --- small silent accepts, and what a newcomer trips on ----------------------------------------------------------
+
+
+def test_an_empty_out_and_absurd_steps_are_refused(tmp_path, capsys):
+    usage_error(["train", "--out", ""], capsys, "out must name a run folder, got ''")
+    path = tmp_path / "c.toml"
+    path.write_text('out = " "\n')
+    fails(["train", "--config", path], capsys, str(path), "out must name a run folder, got ' '")
+    usage_error(["train", "--steps", 10**20], capsys, "steps must be at most 1,000,000,000 (10**9), got "
+                "100,000,000,000,000,000,000")
+    TrainConfig(steps=10**9)  # the bound itself is fine
+
+
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_named():
+    model = DecoderLM(ModelConfig(attention=AttentionConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8),
+                                  n_layers=1, d_ff=64, vocab_size=97))
+    ids = torch.tensor([[1, 2, 96]])
+    model(ids)  # the largest valid id
+    with pytest.raises(ValueError, match=re.escape("token id 97, outside the vocabulary [0, 97)")):
+        model(torch.tensor([[1, 97, 3]]))
+    with pytest.raises(ValueError, match=re.escape("token id -1, outside the vocabulary [0, 97)")):
+        model(torch.tensor([[1, -1, 3]]))
+    with pytest.raises(ValueError, match=re.escape("input_ids must be integer token ids, got dtype torch.float32")):
+        model(ids.float())
+    with pytest.raises(ValueError, match="got dtype torch.bool"):
+        model(ids > 1)
+    model(ids.int())  # int32 ids are ids
+
+
+def test_token_ids_are_checked_outside_compile_only():
+    from kha.model import check_token_ids
+
+    with pytest.raises(ValueError, match="token id 12, outside"):
+        check_token_ids(torch.tensor([3, 12]), 10)
+    # compiled (fullgraph: any graph break fails): integer ids pass the dtype check, the range is not checked
+    compiled = torch.compile(lambda x: check_token_ids(x, 10) or x + 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(torch.tensor([3, 12])), torch.tensor([4, 13]))
+
+
+def _corpus(folder: Path, n: int = 6) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"d{i}.txt").write_text(f"document {i} of a few words\n" * 20)
+    return folder
+
+
+def test_data_prepare_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import kha.data.prepare
+
+    class FullDisk:
+        """A file whose writes fail as on a full disk (``ENOSPC``, no file name: what ``write`` raises)."""
+
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(kha.data.prepare, "open", FullDisk, raising=False)
+    out = tmp_path / "data"
+    fails(["data", "prepare", "--source", _corpus(tmp_path / "src"), "--out", out, "--vocab-size", 300, "--quiet"],
+          capsys, f"{out / 'train.bin'}: no space left on device")
+    assert sorted(p.name for p in out.iterdir()) == []  # no tokenizer.json, no temporary shard
+
+
+def test_data_prepare_names_sources_whose_texts_are_all_empty(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"text": ""}\n{"text": ""}\n\n{"text": ""}\n')
+    fails(["data", "prepare", "--source", path, "--out", tmp_path / "d", "--quiet"], capsys,
+          f"no text found in {path}: all 3 document(s) are empty", "--text-field 'text'")
+    assert not (tmp_path / "d" / "tokenizer.json").exists()
+
+
+def test_resume_with_other_steps_warns_with_the_old_and_new_lr(data_dir, tmp_path, capsys):
+    from kha.train import train
+    from kha.train.loop import schedule_change
+    from kha.train.optim import lr_at
+
+    from conftest import small_run
+
+    train(small_run(data_dir, tmp_path / "run", steps=3))
+    longer = small_run(data_dir, tmp_path / "run", steps=6, resume=True)
+    capsys.readouterr()
+    train(longer)
+    out = capsys.readouterr().out
+    expected = (f"warning: resuming with a changed schedule (--steps 3 -> 6): the warmup + cosine LR schedule is "
+                f"recomputed for 6 steps; the LR of step 4 is {lr_at(3, longer):.3g} (it would have been "
+                f"{lr_at(3, small_run(data_dir, tmp_path, steps=3)):.3g}), ending at {lr_at(5, longer):.3g} at step 6")
+    assert expected in out, out
+    assert lr_at(3, longer) != lr_at(3, small_run(data_dir, tmp_path, steps=3))
+    # the same settings: no warning
+    assert schedule_change(tmp_path / "run" / "train_config.json", longer, 6) is None
+
+
+def test_resume_with_another_batch_names_the_batch_size_flag(data_dir, tmp_path, capsys):
+    from kha.train import train
+
+    from conftest import small_run
+
+    train(small_run(data_dir, tmp_path / "run", steps=3))
+    fails(["train", "--preset", "tiny", "--data", data_dir, "--out", tmp_path / "run", "--seq-len", 32,
+           "--batch-size", 2, "--steps", 6, "--eval-batches", 2, "--resume", "--no-progress"], capsys,
+          "cannot resume: the run was started with --batch-size x processes (the global batch) 4, this call has 2")
+
+
+def test_ablate_warns_when_auto_precision_means_bf16_on_a_cpu(monkeypatch):
+    import kha.train.loop
+    from kha.experiments import bf16_comparison_warning
+
+    def bf16_when_auto(cfg, device, asked=None):
+        return ("bf16" if cfg.precision == "auto" else cfg.precision), "test", False
+
+    monkeypatch.setattr(kha.train.loop, "planned_precision", bf16_when_auto)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    note = bf16_comparison_warning([TrainConfig(), TrainConfig(knock="mlp")])
+    assert note.startswith("warning: --precision auto trains these runs in bf16 on this CPU")
+    assert "docs/benchmarks.md, section h" in note and "pass --precision fp32" in note
+    assert "unreliable at small scale" in note
+    assert bf16_comparison_warning([TrainConfig(precision="fp32")]) is None
+    assert bf16_comparison_warning([TrainConfig(precision="bf16")]) is None  # asked for: no warning
+    assert bf16_comparison_warning([TrainConfig(device="cuda")]) is None  # not a CPU run
+
+
+def test_ablate_warning_follows_the_real_auto_rule():
+    from kha.experiments import bf16_comparison_warning
+    from kha.train.loop import planned_precision
+
+    cfg = TrainConfig(device="cpu")
+    assert (bf16_comparison_warning([cfg]) is not None) == (planned_precision(cfg, torch.device("cpu"))[0] == "bf16")
+
+
+def test_a_stopped_demo_does_not_point_at_a_resume_flag_it_lacks(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import kha.data.prepare
+    import kha.train
+    from kha.errors import RunStopped
+
+    def stopped(cfg):
+        raise RunStopped("stopped by SIGTERM after step 3 of 200; saved X; continue with --resume", signal.SIGTERM)
+
+    monkeypatch.setattr(kha.data.prepare, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(kha.train, "train", stopped)
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("kha demo: stopped by SIGTERM while training baseline"), err
+    assert "--resume" not in err and "run `kha demo` again" in err
+
+
+def test_flops_takes_a_preset(capsys):
+    import json
+    from dataclasses import replace
+
+    from kha.config import get_preset
+    from kha.flops import layer_flops
+
+    for name in ("tiny", "tiny-moe", "mla-a0.8b"):
+        capsys.readouterr()
+        assert main(["flops", name, "--json", "--knock", "linear", "--seq-len", "256"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        model = get_preset(name)
+        d_ff = model.moe.top_k * model.moe.d_expert if model.moe else model.d_ff
+        ref = layer_flops(replace(model.attention, knock="linear", knock_targets=None), 256, d_ff)
+        assert (got["attention"], got["ffn"], got["knock"]) == (ref.attention, ref.ffn, ref.knock), name
+    assert main(["flops", "tiny", "--n-heads", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = layer_flops(AttentionConfig(d_model=128, n_heads=8), 2048, 384)
+    assert got["attention"] == ref.attention
+    fails(["flops", "tiny-dense"], capsys, "unknown preset 'tiny-dense'; valid presets are")
+
+
+def test_eval_help_shows_the_real_hf_convert_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "kha hf-convert --from RUN_DIR --out HF_DIR" in out and "hf-convert RUN_DIR" not in out

@@ -265,7 +265,7 @@ def test_resume_gives_the_uninterrupted_batches(built):
         got += [rows(resumed.next_batch()) for _ in range(n - stop)]
         assert all(np.array_equal(a, b) for a, b in zip(got, reference, strict=True))
     other = TokenBatches(out, "train", batch_size=2, seq_len=6, seed=11)
-    with pytest.raises(ValueError, match="global_batch"):
+    with pytest.raises(ValueError, match=r"--batch-size x processes \(the global batch\) 3, this call has 2"):
         other.load_state_dict(state)
 
 

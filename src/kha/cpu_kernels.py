@@ -116,8 +116,12 @@ def _load_library() -> None:
     from torch.utils.cpp_extension import load
 
     start = time.perf_counter()
-    built = load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                 build_directory=str(private), is_python_module=False)  # loads it too
+    try:
+        built = load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                     build_directory=str(private), is_python_module=False)  # loads it too
+    except Exception:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
     _library = Path(built)
     if time.perf_counter() - start > 2:
         print(f"kha: built the CPU kernels in {time.perf_counter() - start:.0f} s (cached for later runs)",

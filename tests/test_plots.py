@@ -126,14 +126,21 @@ def test_loss_curves_show_every_variant_and_small_differences(tmp_path, figures)
 
 
 def test_single_run_curve(tmp_path, figures):
-    """One run: one panel, the smoothed line starts at the first loss, the legend names all three kinds."""
-    write_run(tmp_path / "run", falling(0.0), spikes=(50,))
+    """One run: one panel, the smoothed line starts at the first loss, the legend names all four kinds; a
+    spike far above the y-range (loss 20 at step 155) is marked on the range's top edge, one within it at
+    its loss."""
+    losses = falling(0.0)
+    losses[154] = 20.0
+    write_run(tmp_path / "run", losses, spikes=(100, 155))
     plots.plot_loss_curves({"run": tmp_path / "run"}, tmp_path / "curves.png")
     (fig,) = figures
     (ax,) = fig.axes
     assert_every_artist_in_legend(ax)
     (ema,) = [line for line in ax.lines if "EMA" in line.get_label()]
-    assert ema.get_ydata()[0] == falling(0.0)[0]
+    assert ema.get_ydata()[0] == losses[0]
+    (spikes,) = [line for line in ax.lines if line.get_label() == "run (loss spikes)"]
+    assert list(spikes.get_xdata()) == [100, 155]
+    assert list(spikes.get_ydata()) == [losses[99], ax.get_ylim()[1]]
 
 
 def fake_study(root: Path, finals: dict[str, list[float]], tokens_per_step: int) -> None:

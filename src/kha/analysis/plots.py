@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..train.callbacks import read_metrics
@@ -72,7 +73,9 @@ def _limit_to_later_part(ax, series: list[list[tuple[int, float]]]) -> None:
     if not steps:
         return
     start = min(steps) + LATER_PART * (max(steps) - min(steps))
-    later = [v for s in series for step, v in s if step >= start]
+    later = [v for s in series for step, v in s if step >= start and math.isfinite(v)]
+    if not later:
+        return
     low, high = min(later), max(later)
     pad = 0.05 * (high - low) or 0.01 * max(abs(high), 1e-3)
     ax.set_ylim(low - pad, high + pad)
@@ -85,7 +88,7 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
 
     A label mapped to a list of run directories (e.g. one per seed) draws each in the label's colour. Later
     labels are drawn on top with thinner lines, so none hides another; the y-ranges cover the steps after the
-    first fifth of the run.
+    first fifth of the run (a spike above that range is marked on its top edge).
     """
     plt = _plt()
     curves = {label: [_read_curve(d, smooth) for d in ([dirs] if isinstance(dirs, (str, Path)) else list(dirs))]
@@ -95,7 +98,7 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
         fig, (ax, ax_diff) = plt.subplots(2, 1, figsize=(8, 7), dpi=120, sharex=True, height_ratios=(3, 2))
     else:
         (fig, ax), ax_diff = plt.subplots(figsize=(8, 4.5), dpi=120), None
-    shown, diffs = [], []
+    shown, diffs, spikes = [], [], []
     for i, (label, label_curves) in enumerate(curves.items()):
         n, color, order = len(label_curves), f"C{i}", 2 + i
         width = max(0.8, 2.4 - 0.5 * i)  # later labels on top, thinner
@@ -110,8 +113,7 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
                 ax.plot(*zip(*c["val"], strict=True), "o--", color=color, markersize=4, linewidth=1, zorder=order,
                         label=f"{label} (validation)" if first else None)
             if c["spikes"]:
-                ax.plot(*zip(*c["spikes"], strict=True), "x", color=color, markersize=8, markeredgewidth=2,
-                        zorder=order + 10, label=f"{label} (loss spikes)" if first else None)
+                spikes.append((c["spikes"], color, order, f"{label} (loss spikes)" if first else None))
             shown += [list(zip(c["steps"], c["ema"], strict=True)), c["val"]]
         if ax_diff is not None and label != base:
             for kind, style in (("ema", "-"), ("val", "o--")):
@@ -125,6 +127,10 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
                                  label=f"{label} - {base} ({'train EMA' if kind == 'ema' else 'validation'})")
                     diffs.append(diff)
     _limit_to_later_part(ax, shown)
+    top = ax.get_ylim()[1]
+    for points, color, order, spike_label in spikes:  # a spike above the range marked on its top edge
+        ax.plot([step for step, _ in points], [min(loss, top) for _, loss in points], "x", color=color,
+                markersize=8, markeredgewidth=2, zorder=order + 10, label=spike_label)
     ax.set_ylabel("cross-entropy loss")
     if title:
         ax.set_title(title, fontsize=10)

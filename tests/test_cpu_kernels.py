@@ -386,16 +386,20 @@ def test_whole_model_compiles_without_graph_breaks(monkeypatch):
     assert (compiled_grads - eager_grads).norm() <= 2e-2 * eager_grads.norm()
 
 
-def test_failed_build_falls_back_with_a_warning(monkeypatch):
+def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
+    """A build that fails (here: no compiler, in a fresh extensions folder) warns and leaves no folder behind."""
     import torch.utils.cpp_extension
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_state", None)
+    monkeypatch.setattr(cpu_kernels, "_library", None)  # as in a fresh process
     with pytest.warns(UserWarning, match="no compiler"):
         assert cpu_kernels.prepare() is False
+    assert list(tmp_path.iterdir()) == []
     q, k, v = leaves(2, 8, 128, 32), leaves(2, 2, 128, 32), leaves(2, 2, 128, 32)
     out = sdpa_attention(q, k, v, None, True)  # torch's kernel, same result as calling it directly
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))

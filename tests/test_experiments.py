@@ -367,7 +367,7 @@ def test_delta_against_tokens_by_hand(tmp_path):
     assert crossover(curve) == 300
     assert g.losses("mlp-v") == {0: 2.95, 1: 3.04, 2: 3.13}  # finished: the metrics reach the last step
     report = grid_report(tmp_path)
-    assert "| **below 0 from** | 0.00M |" in report  # 300 tokens, in millions
+    assert "| **below 0 from** | 300 |" in report  # 300 tokens (K, M, B as fits)
     assert plot_delta_curves(tmp_path).name == "deltas_vs_tokens.png"
 
 

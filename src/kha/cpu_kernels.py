@@ -15,17 +15,21 @@ each (docs/benchmarks.md, sections e and i). This module replaces them where the
   :func:`rms_norm` for the fp32 residual stream under CPU bf16 autocast (:func:`fuses_rms_norm`).
 
 Everything else (fp32, inference, MLA, GLA and talking-heads attention, GPUs, CPUs without AMX-BF16 and
-AVX512-BF16) runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is compiled on
-first use (about 10 s, then cached by ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) with
-OpenMP (its parallel loops run on torch's threads); a failed build warns once and falls back to torch's
-ops. Under ``torch.compile`` the build is not started: call :func:`prepare` first (``kha train`` does,
-through :func:`covers`, when it decides the run's precision).
+AVX512-BF16) runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is
+compiled on first use (about 10 s) with OpenMP (its parallel loops run on torch's threads), in a private
+folder renamed into place when complete, then cached under ``TORCH_EXTENSIONS_DIR`` in a folder named by a
+hash of the source, flags, torch and Python versions; a failed build, or an OS that denies the process the
+AMX tiles, warns once and falls back to torch's ops. Under ``torch.compile`` the build is not started: call
+:func:`prepare` first (``kha train`` does, through :func:`covers`, when it decides the run's precision).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +42,10 @@ ENV_SWITCH = "KHA_CPU_KERNELS"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
           "-mamx-tile", "-mamx-bf16"]
 
+LIBRARY = "kha_cpu_kernels"
+
 _state: bool | None = None  # None: not tried yet; then whether the extension is loaded
+_library: Path | None = None  # the extension's file, once loaded into this process
 _fakes_registered = False
 
 
@@ -55,16 +62,12 @@ def prepare() -> bool:
     if _state is None:
         _state = False
         if os.environ.get(ENV_SWITCH, "1") != "0" and cpu_supports():
+            if not _amx_permitted():
+                warnings.warn("kha: the OS did not grant this process the AMX tiles (torch.cpu._init_amx() said no "
+                              "or is missing); using torch's ops", stacklevel=2)
+                return _state
             try:
-                from torch.utils.cpp_extension import load
-
-                getattr(torch.cpu, "_init_amx", lambda: None)()
-                start = time.perf_counter()
-                load(name="kha_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                     is_python_module=False)
-                if time.perf_counter() - start > 2:
-                    print(f"kha: built the CPU kernels in {time.perf_counter() - start:.0f} s "
-                          "(cached for later runs)", file=sys.stderr, flush=True)
+                _load_library()
                 if not _fakes_registered:
                     _register_fakes()
                 _state = True
@@ -72,6 +75,61 @@ def prepare() -> bool:
                 warnings.warn(f"kha: CPU kernels unavailable ({type(exc).__name__}: {exc}); using torch's ops",
                               stacklevel=2)
     return _state
+
+
+def _amx_permitted() -> bool:
+    """Whether this process may use the AMX tiles: Linux grants them per process on request, which
+    ``torch.cpu._init_amx`` makes, answering whether it was granted (without it the first tile instruction
+    would kill the process with SIGILL)."""
+    init_amx = getattr(torch.cpu, "_init_amx", None)
+    return init_amx is not None and bool(init_amx())
+
+
+def _build_folder() -> Path:
+    """Where the build for this source, these flags, this torch and this Python lives (under
+    ``TORCH_EXTENSIONS_DIR``, else torch's default extensions folder)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *CFLAGS, torch.__version__, sys.version]).encode())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"kha_cpu_kernels_{key.hexdigest()[:16]}"
+
+
+def _load_library() -> None:
+    """Load the extension into this process, building it first if no complete build exists. A build runs in a
+    private temporary folder renamed into place once complete, so that a build killed half way (which leaves
+    torch's ``lock`` file in its folder) blocks no later run; such folders an hour old are removed."""
+    global _library
+    if _library is not None:
+        return
+    folder = _build_folder()
+    library = folder / f"{LIBRARY}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        _library = library
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f"{LIBRARY}_*.building-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix=f"{folder.name}.building-", dir=folder.parent))
+    from torch.utils.cpp_extension import load
+
+    start = time.perf_counter()
+    try:
+        built = load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                     build_directory=str(private), is_python_module=False)  # loads it too
+    except Exception:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    _library = Path(built)
+    if time.perf_counter() - start > 2:
+        print(f"kha: built the CPU kernels in {time.perf_counter() - start:.0f} s (cached for later runs)",
+              file=sys.stderr, flush=True)
+    try:
+        private.rename(folder)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _loaded() -> bool:

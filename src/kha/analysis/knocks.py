@@ -7,7 +7,7 @@
   from its init (``||W - W_0||_F``; ``W_0`` identity, zero for ``w_gate``).
 - :func:`knock_stats_over_steps`: the same for every checkpoint kept in ``run/checkpoints`` plus the final
   weights (only ``keep_checkpoints`` checkpoints survive a run; raise it to follow more steps).
-- :func:`plot_knock_heatmaps`: layers x matrices, clipped to [0, 1] except ``W_gate`` (as the paper);
+- :func:`plot_knock_heatmaps`: layers x matrices, each as ``W - init`` on a diverging scale per layer;
   :func:`plot_knock_movement`: off-diagonal share and distance from init per layer (and over steps).
 """
 
@@ -70,6 +70,11 @@ def _load_checkpoint_knocks(ckpt: Path) -> dict[tuple[int, str, str], torch.Tens
     return knocks_from_state(read_model_state(ckpt))
 
 
+def knock_init(param: str, w: torch.Tensor) -> torch.Tensor:
+    """A knock matrix's init: zero for ``w_gate``, the identity for the others."""
+    return torch.zeros_like(w) if param == "w_gate" else torch.eye(w.shape[0], dtype=w.dtype)
+
+
 def knock_stats(knocks: dict[tuple[int, str, str], torch.Tensor]) -> list[dict]:
     """One record per matrix: layer, target, param, diag_share, offdiag_share, diag_mean, moved."""
     rows = []
@@ -78,7 +83,7 @@ def knock_stats(knocks: dict[tuple[int, str, str], torch.Tensor]) -> list[dict]:
         mass = w.abs().sum().item()
         diag = w.diagonal().abs().sum().item()
         share = diag / mass if mass > 0 else float("nan")
-        init = torch.zeros_like(w) if param == "w_gate" else torch.eye(w.shape[0], dtype=w.dtype)
+        init = knock_init(param, w)
         rows.append({"layer": layer, "target": target, "param": param, "diag_share": share,
                      "offdiag_share": 1 - share, "diag_mean": w.diagonal().mean().item(),
                      "moved": torch.linalg.matrix_norm(w - init).item()})
@@ -113,34 +118,32 @@ def _plt():
 def plot_knock_heatmaps(knocks: dict[tuple[int, str, str], torch.Tensor], out_png: Path, title: str = "") -> Path:
     """Rows: layers; columns: each knock matrix (T^Q, T^K, T^V, W_up, W_gate, W_down of each target).
 
-    Clipped to [0, 1] (viridis) except ``W_gate``, drawn on a symmetric diverging scale, as in Fig. 3.
+    Each drawn as its movement from the init, ``W - init`` (``W - I``; ``W_gate`` itself), on a symmetric
+    diverging scale shared by the row, one colourbar per row: drawn as ``W`` the small movements the tables
+    measure would be invisible beside the identity's 1s.
     """
     plt = _plt()
     layers = sorted({k[0] for k in knocks})
     columns = sorted({k[1:] for k in knocks}, key=lambda c: ("qkv".index(c[0]), PARAM_ORDER[c[1]]))
     if not columns:
         raise ValueError("no knock matrices found (a baseline run?)")
-    fig, axes = plt.subplots(len(layers), len(columns), figsize=(1.9 * len(columns) + 1, 1.8 * len(layers) + 0.8),
-                             dpi=110, squeeze=False)
+    fig, axes = plt.subplots(len(layers), len(columns), figsize=(1.9 * len(columns) + 1.2, 1.8 * len(layers) + 0.8),
+                             dpi=110, squeeze=False, layout="constrained")
     for r, layer in enumerate(layers):
-        for c, (target, param) in enumerate(columns):
+        moved = [(knocks[(layer, *column)] - knock_init(column[1], knocks[(layer, *column)])).numpy()
+                 for column in columns]
+        lim = max(max(abs(m).max() for m in moved), 1e-8)
+        for c, ((target, param), m) in enumerate(zip(columns, moved, strict=True)):
             ax = axes[r][c]
-            w = knocks[(layer, target, param)].numpy()
-            if param == "w_gate":
-                lim = max(abs(w).max(), 1e-8)
-                im = ax.imshow(w, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            else:
-                im = ax.imshow(w.clip(0, 1), cmap="viridis", vmin=0, vmax=1)
+            im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(label(target, param), fontsize=9)
             if c == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=9)
-            if param == "w_gate" or (r == len(layers) - 1 and c == len(columns) - 1):
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
-    fig.suptitle(title or "knock matrices (clipped to [0, 1]; W_gate unclipped)", fontsize=10)
-    fig.tight_layout()
+        fig.colorbar(im, ax=list(axes[r]), fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    fig.suptitle(title or "knock matrices, W - init (W - I; W_gate: W)", fontsize=10)
     return _save(fig, out_png)
 
 

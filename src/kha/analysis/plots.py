@@ -1,7 +1,9 @@
 """Plots: loss curves with spikes (paper Fig. 1/2), paired deltas of a grid, and ``kha plot DIR``.
 
-- :func:`plot_loss_curves`: training loss (EMA and raw), validation loss and detected spikes of several
-  runs on one figure; a label may carry several runs (seeds), drawn in one colour.
+- :func:`plot_loss_curves`: training loss (bias-corrected EMA, raw faint), validation loss and detected
+  spikes of several runs on one figure, with a panel of differences to the first label (the baseline); a
+  label may carry several runs (seeds), drawn in one colour.
+- :func:`plot_delta_curves`: paired ΔL against tokens seen (in K, M or B as fits) with its t band.
 - :func:`plot_grid_curves`: one such figure per group of an ablation grid (baseline vs its KHA arms; a
   group with more than four arms is split by knock type, each part with the baseline).
 - :func:`plot_deltas`: every arm's paired ΔL against its baseline with its confidence interval.
@@ -11,16 +13,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..train.callbacks import read_metrics
 
 
-def _smooth(values: list[float], alpha: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * acc + (1 - alpha) * v
-        out.append(acc)
+def _smooth(values: list[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average: at step t the mean of the values so far weighted by
+    ``beta ** age`` (Adam's correction of a zero-started EMA), kept as a running weighted mean, so that the
+    curve starts at the first value, equals a constant exactly, and gives the first value no excess weight."""
+    out, mean, weight = [], 0.0, 0.0
+    for value in values:
+        weight = beta * weight + 1.0  # the sum of the weights so far
+        mean += (value - mean) / weight
+        out.append(mean)
     return out
 
 
@@ -42,39 +49,100 @@ def _save(fig, out_png: Path) -> Path:
     return out_png
 
 
-def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: float = 0.9, title: str = "") -> Path:
-    """Training loss (EMA-smoothed, raw in light), validation loss (dots) and loss-spike events (x at their first
-    step) per run.
+LATER_PART = 0.2  # loss-curve y-ranges cover the steps after this fraction of the run (not the first drop)
 
-    A label mapped to a list of run directories (e.g. one per seed) draws each in the label's colour.
+
+def _read_curve(run_dir: Path, smooth: float) -> dict:
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
+    return {"steps": [r["step"] for r in records], "raw": losses, "ema": _smooth(losses, smooth),
+            "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+            "spikes": [(r["step"], r["loss"]) for r in records if r.get("spike")]}
+
+
+def _mean_by_step(series: list[list[tuple[int, float]]]) -> dict[int, float]:
+    """The mean over runs at each step every run has."""
+    common = set.intersection(*(set(dict(s)) for s in series)) if series else set()
+    return {step: sum(dict(s)[step] for s in series) / len(series) for step in sorted(common)}
+
+
+def _limit_to_later_part(ax, series: list[list[tuple[int, float]]]) -> None:
+    """y-range of the points after the first LATER_PART of the steps (padded 5 %), so that the first drop of
+    the loss does not flatten the differences that matter."""
+    steps = [step for s in series for step, _ in s]
+    if not steps:
+        return
+    start = min(steps) + LATER_PART * (max(steps) - min(steps))
+    later = [v for s in series for step, v in s if step >= start and math.isfinite(v)]
+    if not later:
+        return
+    low, high = min(later), max(later)
+    pad = 0.05 * (high - low) or 0.01 * max(abs(high), 1e-3)
+    ax.set_ylim(low - pad, high + pad)
+
+
+def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: float = 0.9, title: str = "") -> Path:
+    """Training loss (bias-corrected EMA; raw, faint), validation loss (dots) and loss-spike events (x at their
+    first step) per run; with several labels a second panel draws each one's difference to the first label's
+    (the baseline): EMA and validation loss, averaged over its runs at the steps all of them have.
+
+    A label mapped to a list of run directories (e.g. one per seed) draws each in the label's colour. Later
+    labels are drawn on top with thinner lines, so none hides another; the y-ranges cover the steps after the
+    first fifth of the run (a spike above that range is marked on its top edge).
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for i, (label, dirs) in enumerate(runs.items()):
-        dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
-        color, n = f"C{i}", len(dirs)
-        for j, run_dir in enumerate(dirs):
+    curves = {label: [_read_curve(d, smooth) for d in ([dirs] if isinstance(dirs, (str, Path)) else list(dirs))]
+              for label, dirs in runs.items()}
+    base = next(iter(curves), None)
+    if len(curves) > 1:
+        fig, (ax, ax_diff) = plt.subplots(2, 1, figsize=(8, 7), dpi=120, sharex=True, height_ratios=(3, 2))
+    else:
+        (fig, ax), ax_diff = plt.subplots(figsize=(8, 4.5), dpi=120), None
+    shown, diffs, spikes = [], [], []
+    for i, (label, label_curves) in enumerate(curves.items()):
+        n, color, order = len(label_curves), f"C{i}", 2 + i
+        width = max(0.8, 2.4 - 0.5 * i)  # later labels on top, thinner
+        seeds = f", {n} seeds" if n > 1 else ""
+        for j, c in enumerate(label_curves):
             first = j == 0
-            records = read_metrics(Path(run_dir) / "metrics.jsonl")
-            steps = [r["step"] for r in records]
-            losses = [r["loss"] for r in records]
-            ax.plot(steps, losses, color=color, alpha=0.2 / n ** 0.5, linewidth=0.8)
-            ax.plot(steps, _smooth(losses, smooth), color=color, linewidth=1.6 if n == 1 else 1.1,
-                    label=f"{label} (train, EMA{f', {n} seeds' if n > 1 else ''})" if first else None)
-            val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-            if val:
-                ax.plot(*zip(*val, strict=True), "o--", color=color, markersize=4, linewidth=1,
+            ax.plot(c["steps"], c["raw"], color=color, alpha=0.2 / n ** 0.5, linewidth=0.6, zorder=1,
+                    label=f"{label} (train, raw{seeds})" if first else None)
+            ax.plot(c["steps"], c["ema"], color=color, linewidth=width, zorder=order,
+                    label=f"{label} (train, EMA {smooth:g}{seeds})" if first else None)
+            if c["val"]:
+                ax.plot(*zip(*c["val"], strict=True), "o--", color=color, markersize=4, linewidth=1, zorder=order,
                         label=f"{label} (validation)" if first else None)
-            spikes = [(r["step"], r["loss"]) for r in records if r.get("spike")]
-            if spikes:
-                ax.plot(*zip(*spikes, strict=True), "x", color=color, markersize=8, markeredgewidth=2,
-                        label=f"{label} spikes" if first else None)
-    ax.set_xlabel("optimizer step")
+            if c["spikes"]:
+                spikes.append((c["spikes"], color, order, f"{label} (loss spikes)" if first else None))
+            shown += [list(zip(c["steps"], c["ema"], strict=True)), c["val"]]
+        if ax_diff is not None and label != base:
+            for kind, style in (("ema", "-"), ("val", "o--")):
+                ours, theirs = (_mean_by_step([list(zip(c["steps"], c["ema"], strict=True)) if kind == "ema"
+                                               else c["val"] for c in curves[name]]) for name in (label, base))
+                common = [s for s in ours if s in theirs]
+                if common:
+                    diff = [(s, ours[s] - theirs[s]) for s in common]
+                    ax_diff.plot(*zip(*diff, strict=True), style, color=color, linewidth=width if kind == "ema" else 1,
+                                 markersize=4, zorder=order,
+                                 label=f"{label} - {base} ({'train EMA' if kind == 'ema' else 'validation'})")
+                    diffs.append(diff)
+    _limit_to_later_part(ax, shown)
+    top = ax.get_ylim()[1]
+    for points, color, order, spike_label in spikes:  # a spike above the range marked on its top edge
+        ax.plot([step for step, _ in points], [min(loss, top) for _, loss in points], "x", color=color,
+                markersize=8, markeredgewidth=2, zorder=order + 10, label=spike_label)
     ax.set_ylabel("cross-entropy loss")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax_diff is not None:
+        ax_diff.axhline(0, color="C0", linewidth=0.8, label=f"{base} (0)")
+        _limit_to_later_part(ax_diff, diffs)
+        ax_diff.set_ylabel(f"difference to {base}")
+    for a in (ax, ax_diff):
+        if a is not None:
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7, ncol=2 if len(curves) > 2 else 1)
+    (ax_diff or ax).set_xlabel("optimizer step")
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -108,7 +176,8 @@ def plot_grid_curves(root: Path, smooth: float = 0.9) -> list[Path]:
         for part, arms in parts.items():
             chosen = base + arms
             name = f"curves_{group}{'_' + part if part else ''}.png"
-            title = f"{meta['grid']} {group}{' ' + part if part else ''}: " + " vs ".join(v["arm"] for v in chosen)
+            heading = " ".join(dict.fromkeys(x for x in (meta["grid"], group, part) if x))  # no "study study"
+            title = f"{heading}: " + " vs ".join(v["arm"] for v in chosen)
             written.append(plot_loss_curves({v["arm"]: runs[v["name"]] for v in chosen}, Path(root) / name, smooth,
                                             title))
     return written
@@ -145,7 +214,7 @@ def plot_deltas(root: Path, out_png: Path | None = None, level: float = 0.95) ->
 
 def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.95) -> Path | None:
     """Paired ΔL against tokens seen, mean and t band per non-baseline arm: from how many tokens KHA helps."""
-    from .tables import GridResults, crossover
+    from .tables import GridResults, crossover, fmt_tokens, token_unit
 
     g = GridResults(root, level)
     curves = {v["arm"] if len(g.groups) == 1 else f"{v['group']} {v['arm']}": g.delta_curve(v["name"])
@@ -153,24 +222,25 @@ def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.
     curves = {k: c for k, c in curves.items() if c}
     if not curves:
         return None
+    scale, _, word = token_unit(max(t for curve in curves.values() for t, _ in curve))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    ax.axhline(0, color="k", linewidth=0.8, label="no difference")
     for i, (label, curve) in enumerate(curves.items()):
-        tokens = [t / 1e6 for t, _ in curve]
+        tokens = [t / scale for t, _ in curve]
         n = max(s.n for _, s in curve)
         ax.plot(tokens, [s.mean for _, s in curve], "o-", color=f"C{i}", markersize=3, label=f"{label} (n={n})")
         band = [(t, s.lo, s.hi) for t, (_, s) in zip(tokens, curve, strict=True) if s.lo is not None]
         if band:
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=f"C{i}",
-                            alpha=0.15, linewidth=0)
+                            alpha=0.15, linewidth=0, label=f"{label}: {100 * level:g} % t band")
         cross = crossover(curve)
         if cross is not None:
-            ax.axvline(cross / 1e6, color=f"C{i}", linestyle=":", linewidth=1)
-    ax.axhline(0, color="k", linewidth=0.8)
-    ax.set_xlabel("tokens seen (millions)")
+            ax.axvline(cross / scale, color=f"C{i}", linestyle=":", linewidth=1,
+                       label=f"{label}: below 0 from {fmt_tokens(cross)} tokens on")
+    ax.set_xlabel(f"tokens seen ({word})" if word else "tokens seen")
     ax.set_ylabel("ΔL = val loss - baseline's (paired by seed)")
-    ax.set_title(f"{g.meta['grid']}: paired ΔL against tokens, mean and {100 * level:g} % t band; "
-                 "dotted: below 0 from here on", fontsize=9)
+    ax.set_title(f"{g.meta['grid']}: paired ΔL against tokens, mean and {100 * level:g} % t band", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -196,7 +266,7 @@ def plot_run_knocks(run_dir: Path, out_dir: Path, name: str = "") -> list[Path]:
     title = name or (f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.startswith("seed_") else run_dir.name)
     prefix = f"{name}_" if name else ""
     return [plot_knock_heatmaps(knocks, Path(out_dir) / f"{prefix}knocks.png",
-                                f"{title}: knock matrices (clipped to [0, 1]; W_gate unclipped)"),
+                                f"{title}: knock matrices, W - init"),
             plot_knock_movement(knock_stats_over_steps(run_dir), Path(out_dir) / f"{prefix}knock_movement.png",
                                 f"{title}: how far the knocks moved from their init")]
 

@@ -196,6 +196,21 @@ def fmt_summary(s: Summary | None, digits: int = 3, signed: bool = False, mark: 
     return f"{f(s.mean)} ± {s.sd:.{digits}f} [{f(s.lo)}, {f(s.hi)}]{star}"
 
 
+TOKEN_UNITS = ((1e9, "B", "billions"), (1e6, "M", "millions"), (1e3, "K", "thousands"), (1, "", ""))
+
+
+def token_unit(tokens: float) -> tuple[float, str, str]:
+    """The scale at which a token count reads best: ``(divisor, suffix, word)``, e.g. ``(1e3, "K", "thousands")``
+    for 12,800; ``(1, "", "")`` below a thousand."""
+    return next(unit for unit in TOKEN_UNITS if abs(tokens) >= unit[0] or unit[0] == 1)
+
+
+def fmt_tokens(tokens: float) -> str:
+    """A token count in K, M or B as fits, four significant digits: 300, 12.8K, 1.5M, 2.048B."""
+    scale, suffix, _ = token_unit(tokens)
+    return f"{tokens / scale:.4g}{suffix}"
+
+
 def _md(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -407,10 +422,10 @@ def delta_curves_md(g: GridResults) -> str:
     if not curves:
         return "(no paired evaluations yet)"
     tokens = sorted({t for curve in curves.values() for t, _ in curve})
-    rows = [[f"{t / 1e6:.2f}M"] + [fmt_summary(dict(curve).get(t), 4, signed=True, mark=True)
-                                   for curve in curves.values()] for t in tokens]
+    rows = [[fmt_tokens(t)] + [fmt_summary(dict(curve).get(t), 4, signed=True, mark=True)
+                               for curve in curves.values()] for t in tokens]
     cross = [crossover(curve) for curve in curves.values()]
-    rows.append(["**below 0 from**"] + ["never" if t is None else f"{t / 1e6:.2f}M" for t in cross])
+    rows.append(["**below 0 from**"] + ["never" if t is None else fmt_tokens(t) for t in cross])
     return _md(["tokens"] + [f"ΔL {name}" for name in curves], rows)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .. import safe_io
 from ..errors import UserError
 
 EOS = "<|endoftext|>"
@@ -43,10 +44,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
     tok.train_from_iterator(texts, trainer, length=length)
     assert tok.token_to_id(EOS) == 0
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        with safe_io.atomic_output(path) as tmp:
+            tok.save(str(tmp))
     tok.encode_special_tokens = True
     return tok
 

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .. import safe_io
 from ..attention import AttentionConfig
 from ..config import ModelConfig, MoEConfig
 from ..data.tokenizer import EOS
@@ -68,8 +69,8 @@ def load_kha_folder(path: str | os.PathLike, command: str) -> KHAForCausalLM:
                         f"is nothing to {command}; `kha retrofit --from {folder}` turns it into a KHA model")
     if kind != KHAConfig.model_type:
         raise UserError(f"{folder}: model_type {kind!r}, not a KHA model (model_type 'kha')")
-    for weights in folder.glob("*.safetensors"):
-        load_safetensors(weights, header_only=True)  # a damaged file named here, not deep inside transformers
+    for weights in folder.glob("*.safetensors"):  # a damaged file (or a link out) named here, not inside transformers
+        load_safetensors(safe_io.inside(weights, folder), header_only=True)
     return KHAForCausalLM.from_pretrained(folder)
 
 
@@ -105,11 +106,11 @@ def from_training_run(run_dir: str | os.PathLike) -> KHAForCausalLM:
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise FileNotFoundError(f"{run}: no {WEIGHTS} + {CONFIG}; is it the --out folder of a finished `kha train`?")
     try:
-        cfg = model_config_from_dict(read_json(run / CONFIG))
+        cfg = model_config_from_dict(read_json(safe_io.inside(run / CONFIG, run)))
     except (TypeError, KeyError) as err:
         raise UserError(f"{run / CONFIG}: not a kha model config ({err})") from err
     model = uninitialised_model(KHAConfig.from_model_config(cfg))
-    load_state_into(model.model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
+    load_state_into(model.model, load_safetensors(safe_io.inside(run / WEIGHTS, run)), str(run / WEIGHTS))
     return model
 
 
@@ -123,13 +124,13 @@ def to_decoder_lm(model: KHAForCausalLM | str | os.PathLike) -> DecoderLM:
 def save_training_run(model: KHAForCausalLM | DecoderLM, out: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` + ``model_config.json`` as ``kha train`` does."""
     lm = model.model if isinstance(model, KHAForCausalLM) else model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = safe_io.make_dirs(out)
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
     if lm.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(asdict(lm.cfg), indent=1))
+    with safe_io.atomic_output(out / WEIGHTS, out) as tmp:
+        save_file(state, str(tmp))
+    safe_io.write_text(out / CONFIG, json.dumps(asdict(lm.cfg), indent=1), out)
     return out
 
 

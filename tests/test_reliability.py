@@ -987,3 +987,15 @@ def test_a_binary_metrics_file_is_named(tmp_path):
     path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 12\)"):
         read_metrics(path)
+
+
+def test_ablate_does_not_train_into_a_linked_runs_folder(data_dir, tmp_path):
+    from kha.experiments import run_grid
+
+    out, elsewhere = tmp_path / "grid", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "runs").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'runs'))} is a symbolic link"):
+        run_grid("study", out, seeds=1, base=small_run(data_dir, out, steps=1), log=lambda msg: None)
+    assert list(elsewhere.iterdir()) == []

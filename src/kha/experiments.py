@@ -234,6 +234,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     jobs = [(v, s) for s in seeds for v in variants]  # seed-major: complete pairs first
     configs = [run_config(base, v, s, out) for v, s in jobs]
     for cfg in configs:
+        safe_io.check_no_links(cfg.out, out, doing="train")  # runs/, a variant's or a seed's folder: no link
         _check_same_config(cfg)
     write_grid_file(out, grid, variants, seeds, base)
     done = []

@@ -81,9 +81,7 @@ def make_dirs(path: str | os.PathLike, root: str | os.PathLike | None = None) ->
     """``mkdir -p path``, refusing links between ``root`` (default: the first existing ancestor) and ``path``."""
     path = Path(path)
     if root is None:
-        root = next((p for p in path.parents if p.exists()), Path("."))
-        if path.is_absolute() and not root.is_absolute():
-            root = Path(path.anchor)
+        root = next(p for p in path.parents if p.exists())  # "." or "/" at worst
     check_no_links(path, root)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -145,7 +143,7 @@ def append_text(path: str | os.PathLike, root: str | os.PathLike | None = None):
     """``path`` opened for appending text (created if missing); a link there is a :class:`LinkError`."""
     path = check_no_links(path, root)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as err:
         if is_link(path):
             raise _link_error(path, "write") from err
@@ -174,17 +172,20 @@ def remove_tree(path: str | os.PathLike, root: str | os.PathLike | None = None) 
 @contextmanager
 def staged_folder(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Iterator[Path]:
     """A fresh folder inside ``out`` for a writer that fills a whole folder (``save_pretrained``); when the block
-    ends, each file it wrote is moved into ``out``, refusing destinations that are links."""
+    ends, what it wrote is moved into ``out`` file by file, after checking that no destination is a link (if one
+    is, nothing is moved)."""
     out = make_dirs(out, root)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
     try:
         yield stage
-        for src in sorted(stage.rglob("*")):
+        written = sorted(stage.rglob("*"))  # a folder before its files
+        for src in written:
+            check_no_links(out / src.relative_to(stage), out)
+        for src in written:
             dest = out / src.relative_to(stage)
             if src.is_dir():
-                make_dirs(dest, out)
+                dest.mkdir(exist_ok=True)
             else:
-                check_no_links(dest, out)
                 os.replace(src, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -29,7 +29,13 @@ from kha.data.loader import verify_shards
 from kha.errors import RunStopped
 from kha.train import TrainConfig, train
 from kha.train.callbacks import MetricsLog, SpikeDetector, count_spike_events, read_metrics
-from kha.train.checkpoint import NonFiniteError, load_checkpoint, read_model_state, save_checkpoint
+from kha.train.checkpoint import (
+    NonFiniteError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_model_state,
+    save_checkpoint,
+)
 from kha.train.distributed import Runtime
 from kha.train.runlock import RunLock, RunLockedError
 from kha.train.stopsignal import StopOnSignal
@@ -87,12 +93,21 @@ def test_save_refuses_non_finite_weights(tmp_path):
 # ------------------------------------------------------------------------------------------ 2. the run lock
 
 
+_HOLD = """
+import sys, time
+from kha.train.runlock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        assert live.stdout.readline() == "held\n"
         with pytest.raises(RunLockedError, match=rf"in use by process {live.pid} on {socket.gethostname()}"):
             train(small_run(data_dir, out, steps=1))
         assert json.loads((out / ".lock").read_text())["pid"] == live.pid  # the holder's lock is untouched
@@ -102,7 +117,7 @@ def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(data_
         live.wait()
     # the holder died without removing its lock: the next run takes it over, says so, and removes it at the end
     train(small_run(data_dir, out, steps=1, eval_every=1))
-    assert f"taking over the stale lock {out / '.lock'} of process {live.pid}" in capsys.readouterr().out
+    assert f"taking over the lock {out / '.lock'} left by process {live.pid}" in capsys.readouterr().out
     assert not (out / ".lock").exists() and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
 
 
@@ -130,12 +145,56 @@ def test_an_old_run_is_refused_without_resume_and_replaced_with_overwrite(data_d
         small_run(data_dir, out, resume=True, overwrite=True)
 
 
-def test_a_lock_file_kha_did_not_write_is_named_not_attributed_to_process_none(tmp_path):
-    for text in ("garbage", "[1]", "{}"):
-        (tmp_path / ".lock").write_text(text)
-        with pytest.raises(RunLockedError, match=r"\.lock is not a lock kha wrote \(no process id in it\); if no "):
-            RunLock(tmp_path).acquire()
-        assert (tmp_path / ".lock").read_text() == text  # left for the user to judge
+@pytest.mark.parametrize("text", ["garbage", "[1]", "{}", '{"pid": "1234", "host": "HOST"}', ""])
+def test_a_lock_file_nobody_holds_is_stale_whatever_it_says(tmp_path, text):
+    """No process holds a flock on it: a string or garbage pid, or nothing, is taken over at once."""
+    (tmp_path / ".lock").write_text(text.replace("HOST", socket.gethostname()))
+    said = []
+    with RunLock(tmp_path, log=said.append):
+        assert json.loads((tmp_path / ".lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert len(said) == (1 if text else 0) and not (tmp_path / ".lock").exists()
+    if text.startswith('{"pid"'):
+        assert "left by process 1234, which no longer holds it" in said[0]
+
+
+_CONTEND = """
+import sys, time
+from pathlib import Path
+import kha.train.runlock as runlock
+
+real = runlock.RunLock._holder
+
+def slow(self, *args):  # the delay between reading the lock and writing it that broke the old takeover
+    holder = real(self, *args)
+    time.sleep(0.5)
+    return holder
+
+runlock.RunLock._holder = slow
+print("ready", flush=True)
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+try:
+    runlock.RunLock(sys.argv[1], log=lambda msg: None).acquire()
+except runlock.RunLockedError as err:
+    print("lost", err, flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(2)  # hold it while the other contender finishes trying
+"""
+
+
+def test_two_processes_taking_over_a_stale_lock_with_a_delay_exactly_one_wins(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTEND, str(tmp_path), str(go)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2  # imported; both start within ~5 ms of go
+    go.touch()
+    results = sorted(p.communicate(timeout=60)[0].split()[0] for p in procs)
+    assert results == ["lost", "won"], results
 
 
 def test_resume_with_steps_below_the_checkpoint_is_an_error_and_equal_steps_say_so(data_dir, tmp_path, reference,
@@ -581,3 +640,362 @@ def test_training_restores_the_spike_detector_on_resume(data_dir, tmp_path):
     assert [r["spike"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == flags
     assert full["spikes"] == resumed["spikes"] == sum(flags) == count_spike_events(
         read_metrics(tmp_path / "full" / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------ 8. handed folders: links
+
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "results" / "study"
+
+
+def _victim(tmp_path) -> Path:
+    """A file outside every folder kha is given: it must never change."""
+    victim = tmp_path / "outside" / "victim.sh"
+    victim.parent.mkdir(exist_ok=True)
+    victim.write_text("echo precious\n")
+    return victim
+
+
+def _fails_one_line(argv, capsys, *expected: str) -> str:
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.startswith("kha ")]  # transformers' progress bars aside
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert all(text in lines[0] for text in expected), (expected, err)
+    return lines[0]
+
+
+def _study(tmp_path) -> Path:
+    study = tmp_path / "study"
+    shutil.copytree(STUDY, study, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    return study
+
+
+def test_report_refuses_a_linked_report_md_and_leaves_its_target(tmp_path, capsys):
+    victim, study = _victim(tmp_path), _study(tmp_path)
+    (study / "report.md").symlink_to(victim)
+    _fails_one_line(["report", study], capsys, f"{study / 'report.md'} is a symbolic link (to {victim})")
+    assert victim.read_text() == "echo precious\n" and (study / "report.md").is_symlink()
+    assert not [p for p in study.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    (study / "report.md").unlink()
+    assert main(["report", str(study)]) == 0 and (study / "report.md").read_text().startswith("# study:")
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda g: {**g, "grid": "study\ntouch MARK"}, r"grid.json: grid 'study\ntouch MARK' holds the control character"),
+    (lambda g: {**g, "variants": [{**g["variants"][0], "group": "a\rb"}, *g["variants"][1:]]}, "'\\r'"),
+    (lambda g: {**g, "variants": [{**g["variants"][0], "name": "../../outside"}]}, "is not a folder name"),
+], ids=["newline in grid", "carriage return in a group", "variant name leaves the folder"])
+def test_report_refuses_json_names_that_would_inject_lines_or_paths(tmp_path, capsys, edit, expected):
+    study = _study(tmp_path)
+    grid = json.loads((study / "grid.json").read_text())
+    (study / "grid.json").write_text(json.dumps(edit(grid)))
+    _fails_one_line(["report", study], capsys, str(study / "grid.json"), expected.replace("\\r", "\\r"))
+    assert not (study / "report.md").exists()
+
+
+def test_report_does_not_read_a_run_through_a_link_out_of_the_study(tmp_path, capsys):
+    study, elsewhere = _study(tmp_path), tmp_path / "elsewhere"
+    run = study / "runs" / "baseline" / "seed_0"
+    shutil.move(run, elsewhere)
+    run.symlink_to(elsewhere)
+    _fails_one_line(["report", study], capsys, f"{run} leads out of {study}")
+
+
+def test_plot_refuses_a_linked_png_and_leaves_its_target(tmp_path, capsys):
+    victim, run = _victim(tmp_path), tmp_path / "run"
+    shutil.copytree(STUDY / "runs" / "baseline" / "seed_0", run)
+    (run / "loss_curves.png").symlink_to(victim)
+    _fails_one_line(["plot", run], capsys, f"{run / 'loss_curves.png'} is a symbolic link")
+    assert victim.read_text() == "echo precious\n"
+    (run / "loss_curves.png").unlink()
+    assert main(["plot", str(run)]) == 0 and (run / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("mode", ["fresh", "resume", "overwrite"])
+@pytest.mark.parametrize("name", ["model_config.json", "train_config.json", "metrics.jsonl", "knocks.safetensors",
+                                  "checkpoints"])
+def test_train_refuses_run_files_that_are_links_before_writing_anything(data_dir, tmp_path, reference, mode, name):
+    """Fresh, --resume or --overwrite: a linked output (a file elsewhere, or another run's checkpoints/) is a
+    one-line error before anything is written, deleted or pruned; the link's target is untouched."""
+    out = tmp_path / "run"
+    if mode == "fresh":
+        out.mkdir()
+    else:
+        shutil.copytree(reference, out)
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        (out / name).unlink(missing_ok=True)
+    if name == "checkpoints":  # another run's checkpoints
+        target = tmp_path / "other"
+        shutil.copytree(reference / "checkpoints", target)
+    else:
+        target = _victim(tmp_path)
+    before = {p: p.read_bytes() for p in ([target] if target.is_file() else sorted(target.rglob("*"))) if p.is_file()}
+    (out / name).symlink_to(target)
+    cfg = small_run(data_dir, out, resume=mode == "resume", overwrite=mode == "overwrite", keep_checkpoints=1)
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert str(err.value).startswith(f"{out / name} is a symbolic link (to {target})") and "\n" not in str(err.value)
+    assert before == {p: p.read_bytes() for p in before} and len(before) == (1 if target.is_file() else 9)
+    assert not (out / ".lock").exists()
+
+
+def test_a_linked_step_folder_is_passed_over_and_never_pruned(tmp_path, reference):
+    root, other = tmp_path / "checkpoints", tmp_path / "other"
+    shutil.copytree(reference / "checkpoints", root)
+    shutil.copytree(reference / "checkpoints", other)
+    shutil.rmtree(root / "step_0000006")
+    (root / "step_0000006").symlink_to(other / "step_0000006")
+    said = []
+    assert latest_checkpoint(root, verify=True, log=said.append) == root / "step_0000003"
+    assert said == [f"using {root / 'step_0000003'}: step_0000006 is a symbolic link (kha reads no checkpoint "
+                    "through a link)"]
+    from kha.safe_io import LinkError, remove_tree
+
+    with pytest.raises(LinkError, match="step_0000006 is a symbolic link"):
+        remove_tree(root / "step_0000006", root)  # what pruning (--keep-checkpoints) calls
+    assert sorted(p.name for p in (other / "step_0000006").iterdir()) == ["checksums.json", "meta.json",
+                                                                          "rank00000.json", "rank00000.safetensors"]
+
+
+def _texts(tmp_path) -> Path:
+    src = tmp_path / "texts"
+    src.mkdir()
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(f"document {i}: the cat sat on the mat and the dog ran. " * 20)
+    return src
+
+
+@pytest.mark.parametrize("name,expected", [("tokenizer.json", "is a symbolic link"),
+                                           ("train.bin", "is a symbolic link"),
+                                           ("manifest.json", "leads out of")])  # the old manifest is read first
+def test_data_prepare_refuses_linked_outputs(tmp_path, name, expected):
+    from kha.data.prepare import prepare
+
+    victim, out = _victim(tmp_path), tmp_path / "data"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / name))} {expected}"):
+        prepare([str(_texts(tmp_path))], out, vocab_size=300, verbose=False)
+    assert victim.read_text() == "echo precious\n"
+
+
+@pytest.mark.parametrize("how", ["shard linked out", "manifest names a file outside"])
+def test_a_data_folder_is_not_read_through_links_or_names_leading_out(data_dir, tmp_path, how):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    shutil.move(data / "train.bin", tmp_path / "train.bin")  # the same bytes: only where they lie differs
+    if how == "shard linked out":
+        (data / "train.bin").symlink_to(tmp_path / "train.bin")
+        expected = f"{data / 'train.bin'} leads out of {data}"
+    else:
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["splits"]["train"]["file"] = "../train.bin"
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        expected = f"{data / '../train.bin'} leads out of {data}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        verify_shards(data)
+
+
+def test_hf_convert_refuses_a_linked_file_in_its_output(tmp_path, reference, capsys):
+    victim, out = _victim(tmp_path), tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").symlink_to(victim)
+    _fails_one_line(["hf-convert", "--from", reference, "--out", out], capsys, f"{out / 'config.json'} is a symbolic")
+    assert victim.read_text() == "echo precious\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing moved in, the stage removed
+
+
+def test_export_does_not_copy_a_tokenizer_json_linked_out_of_its_folder(tmp_path, capsys):
+    from kha.attention import AttentionConfig
+    from kha.config import ModelConfig
+    from kha.hf import KHAConfig, KHAForCausalLM
+
+    attn = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, knock="linear")
+    cfg = ModelConfig(attention=attn, n_layers=1, d_ff=64, vocab_size=97)
+    src, out, secret = tmp_path / "kha", tmp_path / "out", _victim(tmp_path)
+    KHAForCausalLM(KHAConfig.from_model_config(cfg)).save_pretrained(src)
+    (src / "tokenizer.json").symlink_to(secret)
+    _fails_one_line(["export", "--from", src, "--out", out], capsys, f"{src / 'tokenizer.json'} leads out of {src}")
+    assert not (out / "tokenizer.json").exists() and not (out / "config.json").exists()
+    (src / "tokenizer.json").unlink()
+    shutil.copy(secret, src / "tokenizer.json")  # a real file in the folder is copied as before
+    assert main(["export", "--from", str(src), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").read_text() == "echo precious\n" and (out / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ 9. checkpoint metadata
+
+
+def _rehash(ckpt: Path, drop: str | None = None) -> None:
+    """Recompute checksums.json over the files it lists (minus ``drop``), as someone editing a checkpoint would."""
+    manifest = json.loads((ckpt / "checksums.json").read_text())
+    names = [n for n in manifest["sha256"] if n != drop]
+    manifest["sha256"] = {n: hashlib.sha256((ckpt / n).read_bytes()).hexdigest() for n in names}
+    (ckpt / "checksums.json").write_text(json.dumps(manifest))
+
+
+def _edit_meta(ckpt: Path, change) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps(change(meta)))
+    _rehash(ckpt)
+
+
+def _edit_tensors(ckpt: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(ckpt / "rank00000.safetensors")
+    change(tensors)
+    save_file(tensors, ckpt / "rank00000.safetensors")
+    _rehash(ckpt)
+
+
+def _edit_header(ckpt: Path, change) -> None:
+    data = (ckpt / "rank00000.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    raw = change(header, data[8 + n:])
+    (ckpt / "rank00000.safetensors").write_bytes(raw)
+    _rehash(ckpt)
+
+
+def _overlap(header, body) -> bytes:
+    first, second = [k for k in header if k != "__metadata__"][:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def _nan_weight(tensors) -> None:
+    key = next(k for k in tensors if k.startswith("model/") and tensors[k].is_floating_point())
+    tensors[key].view(-1)[0] = float("nan")
+
+
+BAD_CHECKPOINTS = {
+    "unlisted file": (lambda c: (c / "extra.safetensors").write_bytes(b"x"),
+                      "extra.safetensors is not listed in checksums.json"),
+    "unlisted corrupted tensor file": (lambda c: (_rehash(c, drop="rank00000.safetensors"),
+                                                  (c / "rank00000.safetensors").write_bytes(b"\0" * 64)),
+                                       "rank00000.safetensors is not listed in checksums.json"),
+    "step 10^12": (lambda c: _edit_meta(c, lambda m: {**m, "step": 10**12}),
+                   "step 1000000000000 is not a whole number in [0, 1000000000]"),
+    "negative step": (lambda c: _edit_meta(c, lambda m: {**m, "step": -1}), "step -1 is not a whole number"),
+    "step disagrees with folder": (lambda c: _edit_meta(c, lambda m: {**m, "step": 5}),
+                                   "step 5 disagrees with its folder step_0000006"),
+    "float step": (lambda c: _edit_meta(c, lambda m: {**m, "step": 6.0}), "step 6.0 is not a whole number"),
+    "meta not a dict": (lambda c: _edit_meta(c, lambda m: [m]), "meta.json: not a JSON object"),
+    "no callbacks": (lambda c: _edit_meta(c, lambda m: {k: v for k, v in m.items() if k != "callbacks"}),
+                     "'callbacks' lacks the spike detector's state"),
+    "binary meta": (lambda c: ((c / "meta.json").write_bytes(b"\xff\xfe\x00"), _rehash(c)), "not valid JSON"),
+    "checksums not a dict": (lambda c: (c / "checksums.json").write_text("[]"),
+                             "checksums.json is not a table of file names and SHA-256 digests"),
+    "rank json not a dict": (lambda c: ((c / "rank00000.json").write_text("[]"), _rehash(c)), "not a rank file"),
+    "wrong-sized RNG state": (lambda c: _edit_tensors(c, lambda t: t.update({"rng/cpu": t["rng/cpu"][:100]})),
+                              "rng/cpu is (100,) torch.uint8, not an RNG state"),
+    "huge safetensors header": (lambda c: _edit_header(c, lambda h, b: struct.pack("<Q", 2**40) + json.dumps(h)
+                                                       .encode() + b), "not a readable safetensors file"),
+    "overlapping safetensors header": (lambda c: _edit_header(c, _overlap), "not a readable safetensors file"),
+    "NaN weights": (lambda c: _edit_tensors(c, _nan_weight), "holds NaN or infinite weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_malformed_checkpoint_metadata_falls_back_to_the_newest_intact_one(tmp_path, reference, case):
+    """Each edit (re-hashed, so the checksums pass) makes step 6 unusable: one line names the file and what is
+    wrong, and the newest intact checkpoint (step 3) is used instead."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)
+    edit, reason = BAD_CHECKPOINTS[case]
+    edit(root / "step_0000006")
+    said = []
+    assert latest_checkpoint(root, verify=True, log=said.append) == root / "step_0000003"
+    assert len(said) == 1 and "\n" not in said[0] and said[0].startswith(f"using {root / 'step_0000003'}: "
+                                                                         "step_0000006 is "), said
+    assert reason in said[0], said
+
+
+def test_a_non_finite_checkpoint_is_never_named_the_last_good_one(tmp_path, reference):
+    from kha.train.loop import _stop_non_finite
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)
+    _edit_tensors(root / "step_0000006", _nan_weight)
+    err = _stop_non_finite("loss", float("nan"), 6, root, Runtime(0, 1, torch.device("cpu")))
+    assert f"The last good checkpoint is {root / 'step_0000003'};" in str(err)
+
+
+def test_a_binary_latest_pointer_is_named_and_the_newest_checkpoint_used(tmp_path, reference):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", root)
+    (root / "latest").write_bytes(b"\xff\xfe\x00step")
+    said = []
+    assert latest_checkpoint(root, verify=True, log=said.append) == root / "step_0000006"
+    assert said == [f"{root / 'latest'} does not name a checkpoint folder (step_N); looking for the newest "
+                    "complete checkpoint"]
+
+
+@pytest.mark.parametrize("case", ["step 10^12", "NaN weights"])
+def test_resume_passes_over_an_edited_checkpoint_and_reproduces_the_run(data_dir, tmp_path, reference, capsys,
+                                                                       case):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    edit, reason = BAD_CHECKPOINTS[case]
+    edit(out / "checkpoints" / "step_0000006")
+    capsys.readouterr()
+    train(small_run(data_dir, out, resume=True))
+    said = capsys.readouterr().out
+    assert reason in said and f"resumed from {out / 'checkpoints' / 'step_0000003'} (step 3)" in said
+    assert losses(out) == losses(reference)
+
+
+def test_read_meta_errors_name_the_file_in_one_line(tmp_path, reference):
+    from kha.train.checkpoint import CheckpointError, read_meta
+
+    ckpt = tmp_path / "step_0000006"
+    shutil.copytree(reference / "checkpoints" / "step_0000006", ckpt)
+    (ckpt / "meta.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'meta.json'))}: not a JSON object$"):
+        read_meta(ckpt)
+
+
+# ------------------------------------------------------------------------------------------ 10. metrics lines
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("[1, 2]", "line 2 is a JSON list, not an object"),
+    ('{"loss": 1.0}', "line 2 has no step"),
+    ('{"step": "2", "loss": 1.0}', "line 2 has step '2', not a whole number"),
+    ('{"step": true}', "line 2 has step True, not a whole number"),
+    ('{"step": 1, "loss": 1.0}', "line 2 has step 1, not after the previous line's 1"),
+    ('{"step": 2, "val_loss": "low"}', "line 2 has val_loss 'low', not a number"),
+    ('{"step": 2, "spike": 1}', "line 2 has spike 1, not true or false"),
+])
+def test_malformed_metrics_lines_are_one_line_errors_naming_file_and_line(tmp_path, capsys, line, expected):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n' + line + '\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {re.escape(expected)}; the file is damaged"):
+        read_metrics(path)
+    study = _study(tmp_path)  # the same line in a study: `kha report` says it in one line
+    bad = study / "runs" / "baseline" / "seed_0" / "metrics.jsonl"
+    bad.write_text(path.read_text())
+    _fails_one_line(["report", study], capsys, f"{bad}: {expected}")
+
+
+def test_a_binary_metrics_file_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 12\)"):
+        read_metrics(path)
+
+
+def test_ablate_does_not_train_into_a_linked_runs_folder(data_dir, tmp_path):
+    from kha.experiments import run_grid
+
+    out, elsewhere = tmp_path / "grid", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "runs").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'runs'))} is a symbolic link"):
+        run_grid("study", out, seeds=1, base=small_run(data_dir, out, steps=1), log=lambda msg: None)
+    assert list(elsewhere.iterdir()) == []

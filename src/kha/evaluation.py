@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safe_io
 from .data.prepare import TOKENIZER, read_manifest
 
 HELDOUT, CLOZE = "kha_heldout", "kha_cloze"
@@ -133,7 +134,7 @@ def cloze_examples(docs: list[tuple[str, str]], context_lines: int = 3, num_choi
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    safe_io.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_tasks(data_dir: str | os.PathLike, out: str | os.PathLike, passage_lines: int = 8, context_lines: int = 3,
@@ -141,8 +142,7 @@ def write_tasks(data_dir: str | os.PathLike, out: str | os.PathLike, passage_lin
     """Write ``kha_heldout`` and ``kha_cloze`` (YAML + JSONL) into ``out``; return ``{task: number of examples}``."""
     import yaml
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = safe_io.make_dirs(Path(out).resolve())
     docs = validation_documents(data_dir)
     heldout = heldout_examples(docs, passage_lines, limit, seed)
     cloze = cloze_examples(docs, context_lines, choices, min_line_chars, limit, seed)
@@ -168,7 +168,7 @@ def write_tasks(data_dir: str | os.PathLike, out: str | os.PathLike, passage_lin
         _write_jsonl(out / f"{name}.jsonl", records)
         config = {"task": name, **common, "dataset_kwargs": {"data_files": {"test": str(out / f"{name}.jsonl")}},
                   **spec}
-        (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        safe_io.write_text(out / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
     return {name: len(records) for name, (records, _) in tasks.items()}
 
 
@@ -293,9 +293,9 @@ def _run_eval(runs, data_dir, out: Path, batch_size: int, device: str, verbose: 
             print(f"{label}: bits/byte {rows[label]['bits_per_byte']:.4f}, cloze acc {rows[label]['cloze_acc']:.4f}")
     chance = 1 / options["choices"]
     table = markdown_table(rows, chance)
-    (out / "eval.md").write_text(table)
+    safe_io.write_text(out / "eval.md", table)
     report = {"data": str(data_dir), "tasks": options, "cloze_chance": chance, "runs": rows}
-    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    safe_io.write_text(out / "eval.json", json.dumps(report, indent=1) + "\n")
     if verbose:
         print(table, end="")
         print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")

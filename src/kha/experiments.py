@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from . import safe_io
 from .config import get_preset
 from .errors import RunStopped, UserError, read_json
 from .train.config import TrainConfig
@@ -165,7 +166,7 @@ def run_config(base: TrainConfig, variant: Variant, seed: int, out: Path) -> Tra
 def run_state(cfg: TrainConfig) -> tuple[str, int]:
     """``("finished", steps)``, ``("partial", last checkpoint's step)`` or ``("new", 0)``."""
     from .train.callbacks import read_metrics
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import latest_checkpoint, read_meta
 
     out = Path(cfg.out)
     metrics = out / "metrics.jsonl"
@@ -175,7 +176,7 @@ def run_state(cfg: TrainConfig) -> tuple[str, int]:
             return "finished", cfg.steps
     latest = latest_checkpoint(out / "checkpoints")
     if latest is not None:
-        return "partial", read_json(latest / "meta.json")["step"]
+        return "partial", read_meta(latest)["step"]
     return "new", 0
 
 
@@ -206,9 +207,9 @@ def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[i
         order = [v.name for v in grid_variants(grid, base.preset)]
         variants.sort(key=lambda v: order.index(v.name) if v.name in order else len(order))
     shared = {k: v for k, v in base.to_dict().items() if k not in GRID_FIELDS}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"grid": grid, "seeds": seeds, "train": shared,
-                                "variants": [asdict(v) for v in variants]}, indent=1))
+    safe_io.make_dirs(path.parent)
+    safe_io.write_text(path, json.dumps({"grid": grid, "seeds": seeds, "train": shared,
+                                         "variants": [asdict(v) for v in variants]}, indent=1))
 
 
 def bf16_comparison_warning(configs: list[TrainConfig]) -> str | None:
@@ -251,6 +252,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     jobs = [(v, s) for s in seeds for v in variants]  # seed-major: complete pairs first
     configs = [run_config(base, v, s, out) for v, s in jobs]
     for cfg in configs:
+        safe_io.check_no_links(cfg.out, out, doing="train")  # runs/, a variant's or a seed's folder: no link
         _check_same_config(cfg)
     if (note := bf16_comparison_warning(configs)) is not None:
         log(note)

@@ -22,11 +22,13 @@ def _other_folder(args: argparse.Namespace, command: str) -> None:
 
 def cmd_retrofit(args: argparse.Namespace) -> int:
     from .hf.stock import copy_side_files, retrofit
+    from .safe_io import staged_folder
 
     _other_folder(args, "retrofit")
     model = retrofit(args.src, knock=args.knock, targets=args.targets)
-    model.save_pretrained(args.out)
-    copy_side_files(args.src, args.out)
+    with staged_folder(args.out) as stage:  # moved into --out file by file, never through a link there
+        model.save_pretrained(stage)
+        copy_side_files(args.src, stage)
     c = model.config
     print(f"wrote {args.out}: KHA model (knock {c.knock} on {','.join(c.knock_targets) or '-'}) with the weights "
           f"of {args.src}; the knocks start as the identity, so its logits are the original's")
@@ -44,6 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_hf_convert(args: argparse.Namespace) -> int:
     from .hf.runs import from_training_run, hf_tokenizer, local_folder, run_tokenizer, save_training_run, to_decoder_lm
+    from .safe_io import staged_folder
 
     _other_folder(args, "hf-convert")
     src = local_folder(args.src, "hf-convert")
@@ -54,9 +57,10 @@ def cmd_hf_convert(args: argparse.Namespace) -> int:
         hf_tok = hf_tokenizer(tok) if tok else None  # a bad tokenizer fails before anything is written
         # generate() stops at the end of a document only when the config names the EOS token
         eos = {} if hf_tok is None else {"eos_token_id": hf_tok.eos_token_id, "pad_token_id": hf_tok.eos_token_id}
-        from_training_run(src, **eos).save_pretrained(args.out)
-        if hf_tok is not None:
-            hf_tok.save_pretrained(args.out)
+        with staged_folder(args.out) as stage:  # moved into --out file by file, never through a link there
+            from_training_run(src, **eos).save_pretrained(stage)
+            if hf_tok is not None:
+                hf_tok.save_pretrained(stage)
         print(f"wrote {args.out}: Hugging Face KHA folder{' with tokenizer ' + str(tok) if tok else ''}")
     elif (src / "config.json").exists():
         save_training_run(to_decoder_lm(src), args.out)

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from . import safe_io
 from .attention import AttentionConfig
 from .config import ModelConfig, MoEConfig
 from .errors import UserError, read_json
@@ -61,7 +62,7 @@ def read_model_config(run: Path) -> ModelConfig:
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise FileNotFoundError(f"{run}: no {WEIGHTS} + {CONFIG}; is it the --out folder of a finished `kha train`?")
     try:
-        return model_config_from_dict(read_json(run / CONFIG))
+        return model_config_from_dict(read_json(safe_io.inside(run / CONFIG, run)))
     except (TypeError, KeyError, AttributeError) as err:
         raise UserError(f"{run / CONFIG}: not a kha model config ({err})") from err
 
@@ -71,7 +72,7 @@ def load_run_model(run_dir: str | os.PathLike) -> DecoderLM:
     run = Path(run_dir)
     cfg = read_model_config(run)
     model = DecoderLM(cfg)  # built for real, not on the meta device: its buffers (RoPE tables) are not stored
-    load_state_into(model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
+    load_state_into(model, load_safetensors(safe_io.inside(run / WEIGHTS, run)), str(run / WEIGHTS))
     return model.eval()
 
 
@@ -80,6 +81,6 @@ def run_tokenizer(run_dir: str | os.PathLike) -> Path | None:
     train_cfg = Path(run_dir) / "train_config.json"
     if not train_cfg.exists():
         return None
-    data = read_json(train_cfg).get("data")
+    data = read_json(safe_io.inside(train_cfg, run_dir)).get("data")
     path = Path(data) / "tokenizer.json" if data else None
     return path if path is not None and path.exists() else None

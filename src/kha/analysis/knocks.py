@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .. import safe_io
+
 KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.attn\.knocks\.([qkv])\.(weight|w_up|w_gate|w_down)$")
 PARAM_ORDER = {"weight": 0, "w_up": 1, "w_gate": 2, "w_down": 3}
 LABELS = {"weight": "T^{}", "w_up": "W_up ({})", "w_gate": "W_gate ({})", "w_down": "W_down ({})"}
@@ -186,6 +188,7 @@ def _save(fig, out_png: Path) -> Path:
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    with safe_io.atomic_output(out_png) as tmp:  # a link at out_png is refused, never written through
+        fig.savefig(tmp)
     plt.close(fig)
     return out_png

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .. import safe_io
 from ..train.callbacks import read_metrics
 
 
@@ -44,7 +45,8 @@ def _save(fig, out_png: Path) -> Path:
     plt = _plt()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    with safe_io.atomic_output(out_png) as tmp:  # a link at out_png is refused, never written through
+        fig.savefig(tmp)
     plt.close(fig)
     return out_png
 

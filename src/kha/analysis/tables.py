@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .. import safe_io
 from ..errors import UserError, read_json
 from ..train.callbacks import read_metrics, spike_event_steps
 
@@ -144,6 +145,9 @@ class RunResult:
 
 def load_run(path: Path) -> RunResult:
     cfg = read_json(path / "train_config.json")
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) for k in ("seed", "steps"))):
+        raise UserError(f"{path / 'train_config.json'}: not a training config (an object with whole-number seed "
+                        "and steps)")
     records = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
     done = records[-1]["step"] if records else 0
     # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
@@ -158,13 +162,31 @@ def read_grid(root: Path) -> dict:
     root = Path(root)
     if not (root / "grid.json").is_file():
         raise UserError(f"{root} holds no grid (no grid.json); run `kha ablate GRID --out {root}` first")
-    meta = read_json(root / "grid.json")
+    meta = read_json(safe_io.inside(root / "grid.json", root))
     variants = meta.get("variants") if isinstance(meta, dict) else None
     if not (isinstance(variants, list) and isinstance(meta.get("grid"), str) and isinstance(meta.get("seeds"), list)
             and all(isinstance(v, dict) and "name" in v for v in variants)):
         raise UserError(f"{root / 'grid.json'} is not a grid file written by `kha ablate` (it needs a grid name, "
                         "seeds and a list of variants); restore it, or run the grid again into another --out")
+    _check_strings(meta, f"{root / 'grid.json'}:")  # its names end up in report.md and in file names
+    for v in variants:
+        name = v["name"]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise UserError(f"{root / 'grid.json'}: variant name {name!r} is not a folder name")
     return meta
+
+
+def _check_strings(value, where: str) -> None:
+    """Every string (key or value) of a JSON tree free of control characters (a newline would add report lines)."""
+    if isinstance(value, str):
+        safe_io.plain_text(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, where)
+            _check_strings(item, f"{where} {key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, where)
 
 
 def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
@@ -174,7 +196,7 @@ def load_grid(root: Path) -> tuple[dict, dict[str, dict[int, RunResult]]]:
     results = {}
     for v in meta["variants"]:
         runs = sorted((root / "runs" / v["name"]).glob("seed_*/train_config.json"))
-        results[v["name"]] = {r.seed: r for r in (load_run(p.parent) for p in runs)}
+        results[v["name"]] = {r.seed: r for r in (load_run(safe_io.inside(p, root).parent) for p in runs)}
     return meta, results
 
 
@@ -277,7 +299,7 @@ class GridResults:
 
         root = self.root / "runs" / name
         for path in sorted(root.glob("seed_*/model_config.json")):
-            d = read_json(path)
+            d = read_json(safe_io.inside(path, self.root))
             d["attention"] = AttentionConfig(**d["attention"])
             d["moe"] = MoEConfig(**d["moe"]) if d["moe"] else None
             return ModelConfig(**{k: d[k] for k in (f.name for f in fields(ModelConfig))})
@@ -528,6 +550,4 @@ def grid_report(root: Path, level: float = 0.95) -> str:
 def write_report(root: Path, level: float = 0.95) -> Path:
     if not 0 < level < 1:
         raise UserError(f"--level must be a confidence level in (0, 1), e.g. 0.95; got {level}")
-    path = Path(root) / "report.md"
-    path.write_text(grid_report(Path(root), level))
-    return path
+    return safe_io.write_text(Path(root) / "report.md", grid_report(Path(root), level))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import safe_io
 from .prepare import read_manifest
 from .sources import sha256_file
 from .tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ def verify_shards(data_dir: str | os.PathLike) -> list[Path]:
     files += [(s["file"], s["sha256"], s["tokens"] * dtype.itemsize) for s in manifest["splits"].values()]
     checked = []
     for name, want, size in files:
-        path = Path(data_dir) / name
+        path = safe_io.inside(Path(data_dir) / name, data_dir)  # a name or link leading out of the folder: refused
         if not path.is_file():
             raise ValueError(f"{path} is missing; rebuild the folder with `kha data prepare`")
         if size is not None and path.stat().st_size != size:
@@ -77,7 +78,7 @@ class TokenBatches:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         info = manifest["splits"][split]
-        path = Path(data_dir) / info["file"]
+        path = safe_io.inside(Path(data_dir) / info["file"], data_dir)
         dtype = np.dtype(manifest["dtype"])
         if not path.exists() or path.stat().st_size != info["tokens"] * dtype.itemsize:
             raise ValueError(f"{path} is missing or not the size its manifest says; run `kha data prepare` again")

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .. import safe_io
 from ..errors import UserError, naming, read_json
-from .sources import Document, resolve, sha256_file, write_atomic
+from .sources import Document, resolve, sha256_file
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
 
 FORMAT = "kha-token-shards"
@@ -43,7 +44,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         what = "no such folder" if not Path(data_dir).is_dir() else f"no {MANIFEST} in it"
         raise FileNotFoundError(f"{data_dir}: {what}; build the token shards first with "
                                 f"`kha data prepare --source ... --out {data_dir}`")
-    manifest = read_json(path)
+    manifest = read_json(safe_io.inside(path, data_dir))
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: not a manifest (a JSON object); run `kha data prepare` again")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
@@ -90,7 +91,7 @@ class _ShardWriter:
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype, self.tokens = path, dtype, 0
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.tmp = safe_io.temp_beside(path)  # a fresh file, renamed in place of ``path`` (never a link)
         self.file, self.digest = open(self.tmp, "wb"), hashlib.sha256()
 
     def write(self, ids: np.ndarray) -> None:
@@ -102,10 +103,8 @@ class _ShardWriter:
 
     def commit(self) -> str:
         with naming(self.path):
-            self.file.flush()
-            os.fsync(self.file.fileno())
             self.file.close()
-            os.replace(self.tmp, self.path)
+            safe_io.publish(self.tmp, self.path)
         return self.digest.hexdigest()
 
     def discard(self) -> None:
@@ -123,7 +122,7 @@ def _reusable(old: dict | None, out: Path, config: dict, fingerprint: str) -> bo
         return False
     files = [(out / TOKENIZER, old["tokenizer"]["sha256"])]
     files += [(out / s["file"], s["sha256"]) for s in old["splits"].values()]
-    return all(path.exists() and sha256_file(path) == sha for path, sha in files)
+    return all(path.exists() and sha256_file(safe_io.inside(path, out)) == sha for path, sha in files)
 
 
 def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 8192,
@@ -142,7 +141,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    safe_io.make_dirs(out)
     config = {"sources": specs, "vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
               "seed": seed, "text_field": text_field,
               "tokenizer_sha256": sha256_file(tokenizer) if tokenizer else None}
@@ -172,7 +171,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
 
     manifest_path = out / MANIFEST
     try:
-        old = json.loads(manifest_path.read_text())
+        old = json.loads(safe_io.inside(manifest_path, out).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         old = None
     if _reusable(old, out, config, fingerprint):
@@ -192,7 +191,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
     if tokenizer:
         load_tokenizer(tokenizer)  # a bad file fails under the name it was given, before it is copied
         if Path(tokenizer).resolve() != tok_path.resolve():
-            write_atomic(tok_path, Path(tokenizer).read_bytes())
+            safe_io.write_bytes(tok_path, Path(tokenizer).read_bytes())
         tok, tok_key = load_tokenizer(tok_path), None
     elif (old and old.get("tokenizer", {}).get("key") == tok_key and tok_path.exists()
           and sha256_file(tok_path) == old["tokenizer"]["sha256"]):
@@ -251,6 +250,6 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vo
             for s, doc_list in (("train", train_ids), ("val", [d for d in ids if d in val]))
         },
     }
-    write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    safe_io.write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 

@@ -26,8 +26,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import naming
-
 Document = tuple[str, str]
 Source = Callable[[], Iterator[Document]]  # calling it starts a fresh pass over the documents
 
@@ -60,19 +58,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that a crash leaves either the old or the new content, never a mix (fsynced)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:

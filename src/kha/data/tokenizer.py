@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .. import safe_io
 from ..errors import UserError
 
 EOS = "<|endoftext|>"
@@ -43,14 +44,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
     tok.train_from_iterator(texts, trainer, length=length)
     assert tok.token_to_id(EOS) == 0
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tok.save(str(tmp))
-        except Exception as err:  # tokenizers raises a bare Exception (e.g. on a full disk)
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"{path}: could not write the tokenizer ({err})") from err
-        os.replace(tmp, path)
+        with safe_io.atomic_output(path) as tmp:
+            try:
+                tok.save(str(tmp))
+            except Exception as err:  # tokenizers raises a bare Exception (e.g. on a full disk)
+                raise UserError(f"{path}: could not write the tokenizer ({err})") from err
     tok.encode_special_tokens = True
     return tok
 

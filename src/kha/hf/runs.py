@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .. import safe_io
 from ..data.tokenizer import EOS
 from ..errors import UserError, read_json
 from ..model import DecoderLM
@@ -60,8 +61,8 @@ def load_kha_folder(path: str | os.PathLike, command: str) -> KHAForCausalLM:
                         f"is nothing to {command}; `kha retrofit --from {folder}` turns it into a KHA model")
     if kind != KHAConfig.model_type:
         raise UserError(f"{folder}: model_type {kind!r}, not a KHA model (model_type 'kha')")
-    for weights in folder.glob("*.safetensors"):
-        load_safetensors(weights, header_only=True)  # a damaged file named here, not deep inside transformers
+    for weights in folder.glob("*.safetensors"):  # a damaged file (or a link out) named here, not inside transformers
+        load_safetensors(safe_io.inside(weights, folder), header_only=True)
     return KHAForCausalLM.from_pretrained(folder)
 
 
@@ -80,7 +81,7 @@ def from_training_run(run_dir: str | os.PathLike, **config_kwargs) -> KHAForCaus
     run = Path(run_dir)
     cfg = read_model_config(run)
     model = uninitialised_model(KHAConfig.from_model_config(cfg, **config_kwargs))
-    load_state_into(model.model, load_safetensors(run / WEIGHTS), str(run / WEIGHTS))
+    load_state_into(model.model, load_safetensors(safe_io.inside(run / WEIGHTS, run)), str(run / WEIGHTS))
     return model
 
 
@@ -94,13 +95,13 @@ def to_decoder_lm(model: KHAForCausalLM | str | os.PathLike) -> DecoderLM:
 def save_training_run(model: KHAForCausalLM | DecoderLM, out: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` + ``model_config.json`` as ``kha train`` does."""
     lm = model.model if isinstance(model, KHAForCausalLM) else model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = safe_io.make_dirs(out)
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
     if lm.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(asdict(lm.cfg), indent=1))
+    with safe_io.atomic_output(out / WEIGHTS, out) as tmp:
+        save_file(state, str(tmp))
+    safe_io.write_text(out / CONFIG, json.dumps(asdict(lm.cfg), indent=1), out)
     return out
 
 

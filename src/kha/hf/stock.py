@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .. import safe_io
 from ..errors import UserError, read_json
 from ..knock import fold_knocks
 from .config import KHAConfig
@@ -65,16 +65,17 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                                 "are read (pickle .bin files are never loaded)")
     state = {}
     for f in files:
-        state.update(load_safetensors(folder / f))
+        state.update(load_safetensors(safe_io.inside(folder / f, folder)))  # a name or link out of it: refused
     return state
 
 
 def copy_side_files(src: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Copy the tokenizer and generation-config files of ``src`` (those present) into ``out``."""
+    """Copy the tokenizer and generation-config files of ``src`` (those present) into ``out``; a link leading out
+    of ``src`` (say ``tokenizer.json`` to a private file) is refused, and none in ``out`` is written through."""
     src, out = Path(src), Path(out)
     for name in _SIDE_FILES:
         if (src / name).exists() and src.resolve() != out.resolve():
-            shutil.copy2(src / name, out / name)
+            safe_io.copy_file(src / name, src, out / name, out)
 
 
 def _stock_config_to_kha(c, knock: str, targets) -> KHAConfig:
@@ -203,10 +204,10 @@ def export(src: KHAForCausalLM | str | os.PathLike, out: str | os.PathLike) -> s
         if stock.endswith("self_attn.q_proj.bias"):  # stock attention_bias also biases o_proj: zero adds nothing
             tensors[stock.replace("q_proj", "o_proj")] = torch.zeros(model.config.hidden_size, dtype=dtype)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stock_cfg = _stock_config(model.config, dtype)
-    stock_cfg.save_pretrained(out)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if not isinstance(src, KHAForCausalLM):
-        copy_side_files(Path(src), out)
+    with safe_io.staged_folder(out) as stage:  # moved into out file by file, never through a link there
+        stock_cfg.save_pretrained(stage)
+        save_file(tensors, str(stage / "model.safetensors"), metadata={"format": "pt"})
+        if not isinstance(src, KHAForCausalLM):
+            copy_side_files(Path(src), stage)  # a refused side file leaves out untouched
     return stock_cfg.model_type

@@ -7,7 +7,9 @@ import math
 from collections import deque
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, disk_errors
+from .. import safe_io
+from ..errors import UserError
+from .checkpoint import disk_errors
 
 
 class SpikeDetector:
@@ -70,27 +72,60 @@ class MetricsLog:
         self.path = path
         kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and path.exists() else []
         with disk_errors("metrics", path):
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            safe_io.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with disk_errors("metrics", self.path), self.path.open("a") as f:
+        with disk_errors("metrics", self.path), safe_io.append_text(self.path) as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record(record, path: Path, line: int, prev_step: int) -> dict:
+    """One ``metrics.jsonl`` record as the readers use it: an object with a whole ``step`` above the previous
+    line's, numbers for the measurements, a true/false ``spike``."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{path}: line {line} {why}; the file is damaged (or not a kha metrics file)")
+
+
+    if not isinstance(record, dict):
+        raise bad(f"is a JSON {type(record).__name__}, not an object")
+    step = record.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool)):
+        raise bad("has no step" if step is None else f"has step {step!r}, not a whole number")
+    if step <= prev_step:
+        raise bad(f"has step {step}, not after the previous line's {prev_step}")
+    for key, value in record.items():
+        if key == "spike" and not isinstance(value, bool):
+            raise bad(f"has spike {value!r}, not true or false")
+        if key not in ("step", "spike") and not _number(value):
+            raise bad(f"has {key} {value!r}, not a number")
+    return record
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a torn last line (a write cut short by a kill) is skipped."""
-    lines = Path(path).read_text().split("\n")
-    records = []
+    """The records of a ``metrics.jsonl``, each checked (a malformed line is an error naming the file and line);
+    a torn last line (a write cut short by a kill) is skipped. The file may not be a link leading out of its
+    folder."""
+    path = safe_io.inside(path, Path(path).parent)
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from None
+    records: list[dict] = []
     for i, line in enumerate(lines):
         if not line:
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # no newline after it: the last write was cut short
                 break
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); the file is damaged") from None
+            raise UserError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); the file is damaged") from None
+        records.append(_check_record(record, path, i + 1, records[-1]["step"] if records else -1))
     return records
 
 

@@ -11,17 +11,20 @@ A checkpoint is a folder ``checkpoints/step_NNNNNNN``:
 
 Nothing is pickled, so loading a checkpoint someone handed you cannot run code (``torch.distributed.checkpoint``'s
 ``.metadata`` is a pickle). The folder is written under a temporary name and renamed once complete;
-``latest`` is then replaced atomically. Loading verifies the checksums; a damaged or incomplete newest
-checkpoint falls back to the newest intact one, saying which and why. A checkpoint resumes with the number
-of processes that wrote it (FSDP2 shards are saved as each process holds them).
+``latest`` is then replaced atomically. Loading verifies a checkpoint as strictly as a config file (``damage``):
+every file listed in ``checksums.json`` and matching it (an unlisted file is damage), ``meta.json`` typed and
+consistent with its folder's name, every rank file a readable safetensors/JSON file, the RNG states of the right
+size and every weight finite; a damaged or incomplete newest checkpoint falls back to the newest intact one,
+saying which and why. Nothing is read or deleted through a symbolic link (``kha.safe_io``). A checkpoint resumes
+with the number of processes that wrote it (FSDP2 shards are saved as each process holds them).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
-import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +33,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..data.sources import sha256_file, write_atomic
-from ..errors import read_json
+from .. import safe_io
+from ..data.sources import sha256_file
+from ..errors import UserError
 from .distributed import Runtime, any_rank, barrier
 
 FORMAT = "kha-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUMS = "checksums.json"
+MAX_STEP = 10**9  # a step count beyond any training run: a larger one in meta.json was edited
+MAX_WORLD = 1 << 20
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -47,19 +53,6 @@ def step_dirs(root: Path) -> list[Path]:
 
 class NonFiniteError(RuntimeError):
     """A NaN or infinity in the loss, the gradients or the weights: the run stops, no bad state is saved."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` so that a crash leaves either the old or the new content, never a mix."""
-    write_atomic(path, text.encode())
 
 
 @contextmanager
@@ -157,7 +150,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
         raise NonFiniteError(f"the weights hold NaN or infinite values after step {step}; refusing to save them "
                              "as a checkpoint")
     if runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_io.check_no_links(root, root.parent, doing="save checkpoints")
+        safe_io.remove_tree(tmp, root)
         tmp.mkdir(parents=True)
     barrier()
     tensors, values, layout = dict(_rng_state(runtime)), {}, {}
@@ -172,71 +166,196 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, runtime
     st_name, json_name = _rank_files(runtime.rank)
     try:
         with disk_errors("checkpoint", tmp):
-            save_file(tensors, str(tmp / st_name))
-            _fsync(tmp / st_name)
-            atomic_write_text(tmp / json_name, json.dumps({"values": values, "layout": layout}))
+            with safe_io.atomic_output(tmp / st_name, tmp) as part:
+                save_file(tensors, str(part))
+            safe_io.write_text(tmp / json_name, json.dumps({"values": values, "layout": layout}), tmp)
         barrier()
         if runtime.is_main:
             with disk_errors("checkpoint", tmp):
-                atomic_write_text(tmp / "meta.json", json.dumps(
-                    {"step": step, "world_size": runtime.world_size, **meta}, indent=1))
+                safe_io.write_text(tmp / "meta.json", json.dumps(
+                    {"step": step, "world_size": runtime.world_size, **meta}, indent=1), tmp)
                 sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-                atomic_write_text(tmp / CHECKSUMS, json.dumps(
-                    {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": sums}, indent=1))
-                shutil.rmtree(final, ignore_errors=True)
+                safe_io.write_text(tmp / CHECKSUMS, json.dumps(
+                    {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": sums}, indent=1), tmp)
+                safe_io.remove_tree(final, root)
                 os.replace(tmp, final)
-                atomic_write_text(root / "latest", final.name)
+                safe_io.write_text(root / "latest", final.name, root)
             done = step_dirs(root)
             for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                safe_io.remove_tree(old, root)  # a linked step_N (another run's checkpoint) is an error, not pruned
     except BaseException:
         if runtime.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            safe_io.remove_tree(tmp, root)
         raise
     barrier()
     return final
 
 
+class CheckpointError(UserError):
+    """A checkpoint file that is malformed, inconsistent or not what kha wrote (the message names it)."""
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_meta(meta, path: Path) -> dict:
+    """``meta.json`` of checkpoint ``path``, checked field by field (the fields resuming reads)."""
+    where = path / "meta.json"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
+    step = meta.get("step")
+    if not _is_int(step, 0, MAX_STEP):
+        raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {MAX_STEP}]")
+    if path.name.startswith("step_") and path.name[5:].isdigit() and int(path.name[5:]) != step:
+        raise CheckpointError(f"{where}: step {step} disagrees with its folder {path.name}")
+    if not _is_int(meta.get("world_size"), 1, MAX_WORLD):
+        raise CheckpointError(f"{where}: world_size {meta.get('world_size')!r} is not a number of processes")
+    data = meta.get("data")
+    ints = ("epoch", "step", "seed", "seq_len", "global_batch")
+    if not (isinstance(data, dict) and all(_is_int(data.get(k), 0, 2**63 - 1) for k in ints)
+            and all(isinstance(data.get(k), str) for k in ("split", "data_sha256"))):
+        raise CheckpointError(f"{where}: 'data' is not a data position (whole numbers {', '.join(ints)}; strings "
+                              "split, data_sha256)")
+    callbacks = meta.get("callbacks")
+    spikes = callbacks.get("spikes") if isinstance(callbacks, dict) else None
+    if not (isinstance(spikes, dict) and isinstance(spikes.get("history"), list)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in spikes["history"])
+            and isinstance(spikes.get("spikes"), list) and all(_is_int(x, 0, MAX_STEP) for x in spikes["spikes"])
+            and isinstance(spikes.get("in_event", False), bool) and _is_int(spikes.get("high_run", 0), 0, MAX_STEP)):
+        raise CheckpointError(f"{where}: 'callbacks' lacks the spike detector's state (callbacks.spikes: history "
+                              "of finite losses, spikes of steps, in_event, high_run)")
+    return meta
+
+
+def read_meta(path: Path) -> dict:
+    """The checked ``meta.json`` of checkpoint folder ``path`` (a :class:`CheckpointError` names what is wrong)."""
+    return _check_meta(_read_json(Path(path) / "meta.json"), Path(path))
+
+
+def _read_json(file: Path):
+    """A checkpoint's JSON file, not followed through a link; any malformed content is one line naming it."""
+    if safe_io.is_link(file):
+        raise CheckpointError(f"{file} is a symbolic link; a checkpoint's files are plain files")
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), "pt")
+    except Exception as err:  # SafetensorError: huge or overlapping header, truncated file, ...
+        raise CheckpointError(f"{file}: not a readable safetensors file ({' '.join(str(err).split())})") from err
+
+
+def _check_rank_files(path: Path, meta: dict, finite: bool = True) -> None:
+    """Every process's files: JSON of the right shape, safetensors that open, RNG states of the right size and
+    (``finite``) no NaN or infinity in the weights."""
+    rng_bytes = torch.get_rng_state().numel()
+    for rank in range(meta["world_size"]):
+        st_name, json_name = _rank_files(rank)
+        info = _read_json(path / json_name)
+        if not (isinstance(info, dict) and isinstance(info.get("values"), dict)
+                and isinstance(info.get("layout"), dict)):
+            raise CheckpointError(f"{path / json_name}: not a rank file (an object with 'values' and 'layout')")
+        with _open_safetensors(path / st_name) as f:
+            keys = set(f.keys())
+            if "rng/cpu" not in keys:
+                raise CheckpointError(f"{path / st_name}: no CPU RNG state (rng/cpu)")
+            try:
+                for key in sorted(keys):
+                    if key.startswith("rng/"):
+                        t = f.get_tensor(key)
+                        if t.dtype != torch.uint8 or t.dim() != 1 or (key == "rng/cpu" and t.numel() != rng_bytes):
+                            raise CheckpointError(f"{path / st_name}: {key} is {tuple(t.shape)} {t.dtype}, not an "
+                                                  f"RNG state ({rng_bytes} uint8 for rng/cpu)")
+                    elif finite and key.startswith("model/"):
+                        t = f.get_tensor(key)
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            raise CheckpointError(f"{path / st_name}: {key} holds NaN or infinite weights")
+            except CheckpointError:
+                raise
+            except Exception as err:  # a tensor's bytes out of the file
+                raise CheckpointError(f"{path / st_name}: unreadable tensor ({' '.join(str(err).split())})") from err
+
+
 def damage(path: Path, verify: bool = True) -> str | None:
     """Why checkpoint folder ``path`` cannot be used (missing, incomplete, damaged), or None when it can.
 
-    ``verify=False`` only checks that it is complete (its checksum manifest is there), without hashing.
+    ``verify=False`` only checks that it is complete (its checksum manifest is there and lists every file),
+    without hashing or reading the tensors.
     """
+    if safe_io.is_link(path):
+        return "a symbolic link (kha reads no checkpoint through a link)"
     if not path.is_dir():
         return "missing"
     try:
-        manifest = json.loads((path / CHECKSUMS).read_text())
-        sums = manifest["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = _read_json(path / CHECKSUMS)
+    except (OSError, CheckpointError):
         return f"incomplete (no readable {CHECKSUMS}; or written by an older kha)"
+    sums = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not (isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())):
+        return f"damaged ({CHECKSUMS} is not a table of file names and SHA-256 digests)"
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         found = f"{manifest.get('format')!r} version {manifest.get('format_version')}"
         return f"in format {found}, not {FORMAT!r} version {FORMAT_VERSION}"
     if "meta.json" not in sums:
         return f"incomplete ({CHECKSUMS} lists no meta.json)"
+    present = {p.name for p in path.iterdir()} - {CHECKSUMS}
+    unlisted = sorted(present - set(sums))
+    if unlisted:
+        return f"damaged ({unlisted[0]} is not listed in {CHECKSUMS})"
     if not verify:
         return None
     for name, want in sums.items():
         file = path / name
-        if "/" in name or not file.is_file():
+        if name not in present or not file.is_file():
             return f"damaged ({name} is missing)"
+        if safe_io.is_link(file):
+            return f"damaged ({name} is a symbolic link)"
         if sha256_file(file) != want:
             return f"damaged ({name} does not match its SHA-256 in {CHECKSUMS})"
+    try:
+        meta = read_meta(path)
+        missing = [n for r in range(meta["world_size"]) for n in _rank_files(r) if n not in sums]
+        if missing:
+            return f"incomplete ({CHECKSUMS} lists no {missing[0]})"
+        _check_rank_files(path, meta)
+    except (CheckpointError, OSError) as err:
+        return f"damaged ({' '.join(str(err).split())})"
     return None
+
+
+def _read_pointer(pointer: Path) -> str | None:
+    """The folder name in ``latest``, or None when it is absent, a link, or not a checkpoint name."""
+    if safe_io.is_link(pointer) or not pointer.is_file():
+        return None
+    try:
+        named = pointer.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return named if named.startswith("step_") and named[5:].isdigit() else None
 
 
 def latest_checkpoint(root: Path, verify: bool = False, log: Callable[[str], None] | None = None) -> Path | None:
     """The newest complete (and, with ``verify``, intact) checkpoint under ``root``, or None.
 
-    A ``latest`` pointer naming a missing or incomplete folder, or a damaged newer checkpoint, is passed
-    over for the next one, and ``log`` is told which and why.
+    A ``latest`` pointer naming a missing or incomplete folder (or holding no folder name), or a damaged newer
+    checkpoint, is passed over for the next one, and ``log`` is told which and why.
     """
     root = Path(root)
     candidates = step_dirs(root)[::-1]
     pointer = root / "latest"
-    named = pointer.read_text().strip() if pointer.is_file() else None
-    if named and not (root / named).is_dir() and log:
-        log(f"{root / 'latest'} names {named}, which is missing; looking for the newest complete checkpoint")
+    named = _read_pointer(pointer)
+    if log and pointer.exists() and named is None:
+        log(f"{pointer} does not name a checkpoint folder (step_N); looking for the newest complete checkpoint")
+    elif named and not (root / named).is_dir() and log:
+        log(f"{pointer} names {named}, which is missing; looking for the newest complete checkpoint")
     skipped = []
     for path in candidates:
         reason = damage(path, verify)
@@ -253,17 +372,18 @@ def latest_checkpoint(root: Path, verify: bool = False, log: Callable[[str], Non
 def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
     """Restore model, optimizer and this process's RNG states in place; return ``meta.json``.
 
-    Reads only safetensors and JSON (never pickle). The caller verifies the checksums (``damage``) first.
+    Reads only safetensors and JSON (never pickle). The caller verifies the checkpoint (``damage``) first.
     """
     from safetensors.torch import load_file
 
-    meta = read_json(path / "meta.json")
+    meta = read_meta(path)
     if meta["world_size"] != runtime.world_size:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} process(es) and must be resumed "
                          f"with as many (torchrun --nproc-per-node {meta['world_size']}), not {runtime.world_size}")
     st_name, json_name = _rank_files(runtime.rank)
-    tensors = load_file(str(path / st_name))
-    values = read_json(path / json_name)["values"]
+    with _open_safetensors(path / st_name):
+        tensors = load_file(str(path / st_name))
+    values = _read_json(path / json_name)["values"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = _fill({"model": model_sd, "optim": optim_sd}, tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -278,9 +398,10 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    world = read_json(path / "meta.json")["world_size"]
-    ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(world)]
-    layout = read_json(path / _rank_files(0)[1])["layout"]
+    meta = read_meta(path)
+    _check_rank_files(path, meta, finite=False)
+    ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
+    layout = _read_json(path / _rank_files(0)[1])["layout"]
     state = {}
     for key, tensor in ranks[0].items():
         if not key.startswith("model/"):
@@ -304,6 +425,6 @@ def clean_partial(root: Path, runtime: Runtime) -> None:
     """Remove folders left by a save that crashed before its rename."""
     if runtime.is_main:
         for tmp in root.glob(".tmp_step_*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            safe_io.remove_tree(tmp, root)
     if dist.is_initialized():
         barrier()

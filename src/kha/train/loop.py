@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from .. import cpu_kernels
+from .. import cpu_kernels, safe_io
 from ..data.loader import TokenBatches, read_manifest, verify_shards
-from ..errors import read_json
+from ..errors import UserError, read_json
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
 from .callbacks import MetricsLog, SpikeDetector
 from .checkpoint import (
     NonFiniteError,
-    atomic_write_text,
     broadcast_int,
     clean_partial,
     disk_errors,
@@ -41,6 +38,10 @@ from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import autocast_context, resolve_precision
 from .runlock import RunLock
 from .stopsignal import StopOnSignal
+
+# what a run writes into its --out folder (none of them may be a symbolic link)
+RUN_FILES = ("train_config.json", "metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors",
+             "checkpoints", "tensorboard")
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -69,15 +70,14 @@ def save_final_weights(model, model_cfg, out: Path, runtime: Runtime) -> None:
     if runtime.is_main:
         if model_cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
-        tmp = out / ".model.safetensors.tmp"
         with disk_errors("final weights", out / "model.safetensors"):
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            os.replace(tmp, out / "model.safetensors")
+            with safe_io.atomic_output(out / "model.safetensors", out) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             knocks = {k: v.contiguous() for k, v in state.items() if ".knocks." in k}
             if knocks:
-                save_file(knocks, str(tmp))
-                os.replace(tmp, out / "knocks.safetensors")
-        (out / "model_config.json").write_text(json.dumps(asdict(model_cfg), indent=1))
+                with safe_io.atomic_output(out / "knocks.safetensors", out) as tmp:
+                    save_file(knocks, str(tmp))
+        safe_io.write_text(out / "model_config.json", json.dumps(asdict(model_cfg), indent=1), out)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -109,6 +109,8 @@ def _claim_run(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> int:
 def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
     out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
     lock.acquire()
+    for name in RUN_FILES:  # fail before training, not at the first write; a linked checkpoints/ is never pruned
+        safe_io.check_no_links(out / name, out, doing="write, prune or delete")
     verify_shards(cfg.data)  # before anything is deleted
     if not cfg.resume and ((out / "metrics.jsonl").exists() or any(ckpt_root.glob("step_*"))):
         if not cfg.overwrite:
@@ -116,9 +118,9 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
                              "it, --overwrite to delete it and start again, or another --out")
         print(f"overwrite: deleting the run in {out}", flush=True)
         for name in ("metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors"):
-            (out / name).unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)  # checked above: none is a link
         for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
+            safe_io.remove_tree(out / name, out)  # a link there is an error, never followed
     if not cfg.resume:
         return -1
     ckpt = latest_checkpoint(ckpt_root, verify=True, log=lambda msg: print(msg, flush=True))
@@ -181,10 +183,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
         if kernels["cpu_kernels"]:
             print(f"CPU kernels: {_kernels_label(kernels)} (kha.cpu_kernels; {cpu_kernels.ENV_SWITCH}=0 for "
                   "torch's ops)", flush=True)
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        safe_io.make_dirs(ckpt_root, out)
         saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels}
         # atomic: other processes may be reading the old file (_precision) at this moment
-        atomic_write_text(out / "train_config.json", json.dumps(saved, indent=1))
+        safe_io.write_text(out / "train_config.json", json.dumps(saved, indent=1), out)
     clean_partial(ckpt_root, runtime)
 
     # data
@@ -321,7 +323,9 @@ def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str,
     its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
     keeps the precision it started in; one that lands on other kernels says so."""
     path = out / "train_config.json"
-    started = read_json(path) if cfg.resume and path.is_file() else None
+    started = read_json(safe_io.inside(path, out)) if cfg.resume and path.is_file() else None
+    if started is not None and not isinstance(started, dict):
+        raise UserError(f"{path}: not a training config (a JSON object); restore it or start again with --overwrite")
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     precision, why, covered = planned_precision(cfg, runtime.device, asked)
     bf16_cpu = runtime.device.type == "cpu" and precision == "bf16"
@@ -349,4 +353,4 @@ def _tensorboard(out: Path, cfg: TrainConfig):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(safe_io.make_dirs(out / "tensorboard", out)))

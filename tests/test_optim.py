@@ -109,8 +109,8 @@ def test_two_muon_steps_match_a_reference_implementation():
             scale = 0.2 * math.sqrt(max(p.shape))  # match_rms_adamw (Liu et al. 2025)
             update = lr * scale * _newton_schulz(nesterov)
             weights[i] = weights[i] * (1 - lr * cfg.weight_decay) - update
-            # torch runs the iteration in bf16: within 2.5 % of the update (Frobenius norm; 1.6 % measured), and the update is
-            # nearly orthogonal (singular values in about [0.5, 1.5] after 5 quintic steps)
+            # torch runs the iteration in bf16: within 2.5 % of the update (Frobenius norm; 1.6 % measured), and
+            # the update is nearly orthogonal (singular values in about [0.5, 1.5] after 5 quintic steps)
             err = (p.detach().double() - weights[i]).norm() / update.norm()
             worst = max(worst, err.item())
             weights[i] = p.detach().double().clone()  # the next step starts from torch's weights

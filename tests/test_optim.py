@@ -204,3 +204,34 @@ def test_a_stopped_and_resumed_muon_run_equals_the_uninterrupted_one(data_dir, t
     momentum = [k for k in a if k.endswith("momentum_buffer")]
     assert momentum and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_muon_under_fsdp_is_refused_at_start(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = _model("tiny")
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        assert type(model.embed.weight).__name__ == "DTensor"
+        with pytest.raises(UserError, match=r"optimizer = 'muon' is not supported under FSDP .* train Muon in one "
+                                            r"process, or use optimizer = 'adamw'"):
+            build_optimizer(model, TrainConfig(optimizer="muon"))
+        # AdamW takes the DTensors, and the identity decay works on them (the rows of I each process holds)
+        opt = build_optimizer(model, TrainConfig(knock_decay="identity", weight_decay=0.1))
+        w_up = model.layers[0].attn.knocks["v"].w_up
+        with torch.no_grad():
+            w_up.mul_(1.25)
+        before = w_up.full_tensor().double()
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        eye = torch.eye(before.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(w_up.full_tensor().double(), before - 0.001 * (before - eye), rtol=0, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

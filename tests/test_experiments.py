@@ -8,7 +8,7 @@ files; t quantiles and intervals against known values; knock statistics against 
 import json
 import math
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from kha.analysis.tables import (
     write_report,
 )
 from kha.config import get_preset
-from kha.experiments import grid_variants, run_config, run_grid, write_grid_file
+from kha.experiments import _check_same_config, grid_jobs, grid_variants, run_config, run_grid, write_grid_file
 from kha.model import DecoderLM
 from kha.train import TrainConfig, train
 from kha.train.callbacks import read_metrics
@@ -422,3 +422,34 @@ def test_final_knocks_are_saved_alone_and_read_back(data_dir, tmp_path):
     (out / "model.safetensors").unlink()
     again = load_knocks(out)
     assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in again)
+
+
+def test_study2_grid_is_the_planned_design_with_complete_pairs_first():
+    arms = grid_variants("study2")
+    jobs = grid_jobs(arms, list(range(18)))
+    runs = {v.name: [s for w, s in jobs if w is v] for v in arms}
+    assert runs == {"baseline": list(range(18)), "mlp-v": list(range(18)), "linear-qkv": list(range(5)),
+                    "mlp-v-identity": list(range(5)), "fp32-baseline": [0, 1, 2], "fp32-mlp-v": [0, 1, 2]}
+    order = [(v.name, s) for v, s in jobs]
+    assert order[:6] == [(n, 0) for n in runs] and order[-2:] == [("baseline", 17), ("mlp-v", 17)]
+    base = TrainConfig(precision="bf16")
+    configs = {v.name: run_config(base, v, 2, Path("x")) for v in arms}
+    assert {n: (c.knock, c.knock_targets, c.knock_decay, c.precision) for n, c in configs.items()} == {
+        "baseline": ("none", None, "none", "bf16"), "mlp-v": ("mlp", "v", "none", "bf16"),
+        "linear-qkv": ("linear", "qkv", "none", "bf16"), "mlp-v-identity": ("mlp", "v", "identity", "bf16"),
+        "fp32-baseline": ("none", None, "none", "fp32"), "fp32-mlp-v": ("mlp", "v", "none", "fp32")}
+    assert all(c.preset == "study" for c in configs.values())
+    muon = {v.name: (v.group, run_config(base, v, 0, Path("x")).optimizer) for v in grid_variants("muon")}
+    assert muon == {"adamw-baseline": ("adamw", "adamw"), "adamw-mlp-v": ("adamw", "adamw"),
+                    "muon-baseline": ("muon", "muon"), "muon-mlp-v": ("muon", "muon")}
+
+
+def test_a_run_saved_before_a_field_existed_continues_under_its_default(tmp_path):
+    variant = grid_variants("study", only=["mlp-v"])[0]
+    cfg = run_config(TrainConfig(), variant, 0, tmp_path)
+    Path(cfg.out).mkdir(parents=True)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("optimizer", "knock_optimizer", "knock_decay")}
+    (Path(cfg.out) / "train_config.json").write_text(json.dumps(old))
+    _check_same_config(cfg)  # the new fields at their defaults: the same run
+    with pytest.raises(ValueError, match=r"another config \(optimizer: 'adamw' -> 'muon'\)"):
+        _check_same_config(replace(cfg, optimizer="muon"))

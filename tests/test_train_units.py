@@ -28,7 +28,9 @@ def test_schedule_warmup_then_cosine_to_ten_percent():
 @pytest.mark.parametrize("decay_knocks", [False, True])
 def test_knocks_excluded_from_weight_decay_by_default(decay_knocks):
     model = DecoderLM(get_preset("tiny", knock="mlp"))
-    decay, no_decay = param_groups(model, decay_knocks)
+    buckets = param_groups(model, TrainConfig(decay_knocks=decay_knocks))
+    decay, no_decay = buckets["adamw", "decay"], buckets["adamw", "none"]
+    assert not any(buckets[k] for k in buckets if k[0] == "muon" or k[1] == "identity")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay}
     plain = {names[id(p)] for p in no_decay}
@@ -38,7 +40,7 @@ def test_knocks_excluded_from_weight_decay_by_default(decay_knocks):
     assert "embed.weight" in decayed
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1, decay_knocks=decay_knocks))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.optimizers[0].defaults["betas"] == (0.9, 0.95)
 
 
 def test_spike_detector_definition_and_state():

@@ -3,7 +3,8 @@
 - :class:`Variant`: one cell of a paper table -- a knock setting plus changes to the preset's model -- and
   the group whose baseline it is compared with (``kv4`` in Table 1, ``mla`` in Table 3, ...).
 - :data:`GRIDS` / :func:`grid_variants`: ``table1`` (number of KV heads), ``table2`` (knock type x place),
-  ``table3`` (attention variants), ``table5`` (model sizes, dense and MoE), at the tiny presets' scale.
+  ``table3`` (attention variants), ``table5`` (model sizes, dense and MoE), at the tiny presets' scale;
+  ``study`` and ``study2`` (docs/results.md) and ``muon`` (AdamW against Muon) on the ``study`` preset.
 - :func:`run_config`: the ``TrainConfig`` of one variant and seed, in ``OUT/runs/VARIANT/seed_S``.
 - :func:`run_grid`: every seed x variant as one ``kha.train.train`` call, seed by seed so that complete
   pairs come first. A finished run (final step in ``metrics.jsonl`` and ``model.safetensors``) is skipped,
@@ -51,6 +52,8 @@ class Variant:
     """Table columns that describe the variant (e.g. Table 3's model name)."""
     train: dict = field(default_factory=dict)
     """Training settings of this variant only (``TrainConfig`` fields, e.g. ``decay_knocks``)."""
+    seeds: int | None = None
+    """Run only the first ``seeds`` of the grid's seeds (None: all of them)."""
 
 
 def _slug(arm: str) -> str:
@@ -136,7 +139,32 @@ def study(preset: str) -> list[Variant]:
     return arms
 
 
-GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5, "study": study}
+def study2(preset: str) -> list[Variant]:
+    """Study v2 (docs/results.md) on the ``study`` preset: baseline and KHA-MLP v on every seed; KHA-Linear q,k,v
+    and KHA-MLP v with its knocks decayed toward the identity on the first 5; an fp32 check of baseline and
+    KHA-MLP v (its own group) on the first 3. Seed-major order puts the complete pairs first."""
+    def arm(name, group, label, knock="none", targets=None, seeds=None, **train):
+        return Variant(name, group, label, knock, targets, preset="study", train=train, seeds=seeds)
+
+    return [arm("baseline", "study", "baseline"),
+            arm("mlp-v", "study", "KHA-MLP", "mlp", "v"),
+            arm("linear-qkv", "study", "KHA-Linear", "linear", "qkv", seeds=5),
+            arm("mlp-v-identity", "study", "KHA-MLP, knocks decayed toward I", "mlp", "v", seeds=5,
+                knock_decay="identity"),
+            arm("fp32-baseline", "fp32", "baseline", seeds=3, precision="fp32"),
+            arm("fp32-mlp-v", "fp32", "KHA-MLP", "mlp", "v", seeds=3, precision="fp32")]
+
+
+def muon(preset: str) -> list[Variant]:
+    """AdamW against Muon (``kha.train.optim``) for the baseline and KHA-MLP v on the ``study`` preset: each
+    optimizer is its own group (KHA against its baseline), and Muon - AdamW is a paired contrast per arm."""
+    return [Variant(f"{opt}-{name}", opt, label, knock, targets, preset="study", train={"optimizer": opt})
+            for opt in ("adamw", "muon") for name, label, knock, targets in (("baseline", "baseline", "none", None),
+                                                                              ("mlp-v", "KHA-MLP", "mlp", "v"))]
+
+
+GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5, "study": study, "study2": study2,
+         "muon": muon}
 
 
 def grid_variants(grid: str, preset: str = "tiny", only: list[str] | None = None) -> list[Variant]:
@@ -151,6 +179,12 @@ def grid_variants(grid: str, preset: str = "tiny", only: list[str] | None = None
             raise ValueError(f"unknown variant(s) {unknown} in grid {grid}; valid are {', '.join(names)}")
         variants = [v for v in variants if v.name in only]
     return variants
+
+
+def grid_jobs(variants: list[Variant], seeds: list[int]) -> list[tuple[Variant, int]]:
+    """Every (variant, seed) to run, seed-major so that complete pairs come first; a variant with ``seeds``
+    takes only the first ones."""
+    return [(v, s) for i, s in enumerate(seeds) for v in variants if v.seeds is None or i < v.seeds]
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
@@ -185,10 +219,12 @@ def _check_same_config(cfg: TrainConfig) -> None:
     if not path.exists():
         return
     old, new = read_json(path), cfg.to_dict()
+    defaults = TrainConfig().to_dict()  # a field newer than the run has its default there
     # "out": a grid folder moved or renamed still holds the same runs
-    differ = [k for k in new if k not in ("out", "resume", "overwrite", "progress") and old.get(k) != new[k]]
+    differ = [k for k in new if k not in ("out", "resume", "overwrite", "progress")
+              and old.get(k, defaults[k]) != new[k]]
     if differ:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        diffs = ", ".join(f"{k}: {old.get(k, defaults[k])!r} -> {new[k]!r}" for k in differ)
         raise ValueError(f"{cfg.out} holds a run with another config ({diffs}); use another --out or remove it")
 
 
@@ -249,7 +285,7 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     if not seeds:
         raise UserError("no seeds: --seeds must be a positive integer (seeds 0..N-1)")
     variants = grid_variants(grid, base.preset, only)
-    jobs = [(v, s) for s in seeds for v in variants]  # seed-major: complete pairs first
+    jobs = grid_jobs(variants, seeds)
     configs = [run_config(base, v, s, out) for v, s in jobs]
     for cfg in configs:
         safe_io.check_no_links(cfg.out, out, doing="train")  # runs/, a variant's or a seed's folder: no link

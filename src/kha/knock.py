@@ -53,6 +53,7 @@ class LinearKnock(nn.Module):
     """KHA-Linear: ``x @ T``, ``T`` identity at init."""
 
     foldable = True
+    identity_init = ("weight",)  # the parameters initialised to the identity (the rest start at zero)
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -70,6 +71,7 @@ class MLPKnock(nn.Module):
     """KHA-MLP (eq. 9): ``2 * ((x @ W_up) * sigmoid(x @ W_gate)) @ W_down``; identity at init."""
 
     foldable = False
+    identity_init = ("w_up", "w_down")
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -94,6 +96,7 @@ class GateKnock(nn.Module):
     """Gate-only knock (Table 2 ablation, known to hurt): ``2 * x * sigmoid(x @ W_gate)``; identity at init."""
 
     foldable = False
+    identity_init = ()
 
     def __init__(self, head_dim: int):
         super().__init__()

@@ -400,7 +400,13 @@ def generic_md(g: GridResults) -> str:
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
 # Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers).
 CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: decayed - not decayed (KHA-MLP v)"),
-                       ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V"))}
+                       ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V")),
+             "study2": (("mlp-v-identity", "mlp-v", "knocks decayed toward I - not decayed (KHA-MLP v)"),
+                        ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V"),
+                        ("fp32-baseline", "baseline", "precision, baseline: fp32 - bf16"),
+                        ("fp32-mlp-v", "mlp-v", "precision, KHA-MLP v: fp32 - bf16")),
+             "muon": (("muon-baseline", "adamw-baseline", "optimizer, baseline: Muon - AdamW"),
+                      ("muon-mlp-v", "adamw-mlp-v", "optimizer, KHA-MLP v: Muon - AdamW"))}
 
 
 def contrasts_md(g: GridResults) -> str | None:

@@ -27,7 +27,7 @@ from .precision import check_precision
 @dataclass
 class TrainConfig:
     """A training run. Paper recipe defaults: AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5 % warmup,
-    cosine to 10 % of the peak LR."""
+    cosine to 10 % of the peak LR; Muon for the hidden matrices as an option."""
 
     out: str = "runs/tiny"
     """Run directory: config, metrics.jsonl, checkpoints/, model.safetensors."""
@@ -52,8 +52,18 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     decay_knocks: bool = False
-    """Apply weight decay to knock matrices too. Off by default: decay pulls them toward zero, i.e. away
-    from their identity start, a bias the paper's method does not ask for."""
+    """Apply weight decay to knock matrices too (the same as ``knock_decay = "zero"``, kept for older configs).
+    Off by default: decay pulls them toward zero, i.e. away from their identity start, a bias the paper's
+    method does not ask for."""
+    knock_decay: str = "none"
+    """Weight decay of the knocks: none, zero (toward zero, as every other matrix) or identity (toward their
+    initial value: ``W <- W - lr * wd * (W - I)`` for the identity-initialised matrices; see kha.train.optim)."""
+    optimizer: str = "adamw"
+    """adamw, or muon: torch.optim.Muon for the 2-D hidden matrices, AdamW for embeddings, norms, biases, the
+    router and MoE experts, at the same LR, weight decay and schedule (see kha.train.optim)."""
+    knock_optimizer: str = "adamw"
+    """The knocks' optimizer under ``optimizer = "muon"``: adamw (default: the knocks keep the paper's update,
+    so a Muon run changes only the base matrices) or muon."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -113,6 +123,16 @@ class TrainConfig:
         check_precision(self.precision)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; valid are auto, cpu, cuda")
+        for name, valid in (("knock_decay", KNOCK_DECAYS), ("optimizer", OPTIMIZERS), ("knock_optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid are {', '.join(valid)}")
+        if self.decay_knocks and self.knock_decay == "identity":
+            raise ValueError("decay_knocks (knock_decay = 'zero') contradicts knock_decay = 'identity'; "
+                             "pass only knock_decay")
+        if self.knock_optimizer == "muon" and self.optimizer != "muon":
+            raise ValueError(f"knock_optimizer = 'muon' needs optimizer = 'muon', not {self.optimizer!r} (under "
+                             "AdamW every parameter is AdamW's); pass --optimizer muon, or leave knock_optimizer "
+                             "at adamw")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run in out, "
                              "overwrite deletes it; pass one of them")
@@ -130,6 +150,8 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**9  # ~30 years of optimizer steps at one per second; beyond it the schedule is meaningless
 
 
+KNOCK_DECAYS = ("none", "zero", "identity")
+OPTIMIZERS = ("adamw", "muon")
 # the interval each float field must lie in ("[" and "]" include the bound); every float must be finite
 FLOAT_RANGES = {"lr": "(0, inf)", "grad_clip": "(0, inf)", "spike_threshold": "(0, inf)", "weight_decay": "[0, inf)",
                 "warmup_frac": "[0, 1)", "min_lr_frac": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)"}

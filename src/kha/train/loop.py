@@ -2,8 +2,9 @@
 
 Each optimizer step: ``grad_accum`` micro-batches (in the run's precision, see ``precision.py``), a non-finite
 loss check, gradient clipping and a non-finite gradient-norm check (either stops the run before the
-weights change, naming the last good checkpoint; checkpoints refuse non-finite weights), AdamW with the
-scheduled LR, the MoE balancing-bias update, metrics, spike detection, periodic validation and checkpoints.
+weights change, naming the last good checkpoint; checkpoints refuse non-finite weights), AdamW (or Muon
+and AdamW, see ``optim.py``) with the scheduled LR, the MoE balancing-bias update, metrics, spike detection,
+periodic validation and checkpoints.
 The same seed gives the same run, bit for bit on CPU, resumed or not.
 """
 

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from kha import AttentionConfig
+from kha import AttentionConfig, cpu_kernels
 from kha.attention import (
     DocumentMask,
     document_ids,
@@ -275,3 +275,92 @@ def test_cli_train_with_doc_mask_records_it_and_evaluates_with_it(short_docs, tm
     assert main([*common, "--steps", "6", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "doc_mask=True" in err and "--doc-mask" in err
+
+
+# ------------------------------------------------------------------------------ kha's AMX attention kernel
+
+amx = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
+
+# batch, heads, KV heads, length, head_dim; per row the first tokens of its documents after the first (what
+# follows each EOS). Cases: a one-token document (5) and a boundary on a block edge (64); query block 2 whose
+# documents start at 130, so key blocks 0 and 1 are skipped; a window inside one document (plain causal); a
+# first document of one token and one of one token at the end; dQ taken over two chunks of 8 key blocks with the
+# first chunk partly or wholly skipped; MQA and MHA.
+KERNEL_CASES = [
+    (2, 4, 2, 192, 32, ([5, 6, 64, 130], [])),
+    (2, 2, 2, 128, 64, ([1, 63, 127], [64])),
+    (1, 4, 1, 640, 32, ([300, 301, 520],)),
+    (1, 2, 2, 576, 48, ([70, 512, 575],)),
+]
+
+
+def starts_of(bounds, length: int) -> torch.Tensor:
+    """Per row, each query's first key: the last document start at or before it."""
+    rows = []
+    for row in bounds:
+        firsts = torch.tensor([0, *row])
+        rows.append(firsts[torch.searchsorted(firsts, torch.arange(length), right=True) - 1])
+    return torch.stack(rows).int()
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+@amx
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_amx_kernel_with_documents_matches_reference(case, two_threads):
+    """Output and gradients of the kernel with per-row document starts against fp32 SDPA with the explicit
+    block-diagonal causal mask on the same bf16 inputs, within tests/test_cpu_kernels.py's bound (1.5x torch's
+    own bf16 SDPA error with that mask, plus 1e-3; below 2 % of the reference's largest entry)."""
+    from test_cpu_kernels import inputs, within_bf16_error
+
+    *dims, bounds = case
+    batch, heads, kv_heads, length, head_dim = dims
+    starts = starts_of(bounds, length)
+    mask = DocumentMask(starts).dense()
+    q, k, v, grad = inputs(*dims)
+    bf16 = [x.bfloat16() for x in (q, k, v)]
+
+    def grads(fn, *xs, upstream):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return out.detach(), torch.autograd.grad(out, xs, upstream.to(out.dtype))
+
+    def sdpa(q_, k_, v_):
+        return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask,
+                                                                enable_gqa=heads != kv_heads)
+
+    ref_out, ref = grads(sdpa, *(x.float() for x in bf16), upstream=grad.bfloat16().float())
+    torch_out, torch_bf16 = grads(sdpa, *bf16, upstream=grad)
+    out, ours = grads(lambda *xs: cpu_kernels.attention(*xs, True, starts), *bf16, upstream=grad)
+    within_bf16_error("out", out, torch_out, ref_out)
+    for name, g, t, r in zip("qkv", ours, torch_bf16, ref, strict=True):
+        within_bf16_error(f"d{name}", g, t, r)
+
+
+@amx
+def test_amx_kernel_runs_the_model_path_and_refuses_bad_starts(two_threads, monkeypatch):
+    """``sdpa_attention`` with a document mask takes the kernel under CPU bf16 autocast (the same numbers as
+    calling it directly); starts that are not a document mask's (past their query, decreasing) are refused."""
+    from kha.attention import sdpa_attention
+    from test_cpu_kernels import count_calls, inputs
+
+    q, k, v, grad = inputs(2, 4, 2, 128, 32)
+    documents = DocumentMask(starts_of(([5, 64], [100]), 128))
+    calls = count_calls(monkeypatch)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(*leaves, None, True, documents)
+    monkeypatch.undo()
+    assert calls == [1]
+    direct = cpu_kernels.attention(*(x.bfloat16() for x in (q, k, v)), True, documents.starts)
+    assert torch.equal(out, direct)
+    bad = documents.starts.clone()
+    bad[0, 10] = 11
+    with pytest.raises(RuntimeError, match="document starts"):
+        cpu_kernels.attention(*(x.bfloat16() for x in (q, k, v)), True, bad)

@@ -473,7 +473,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
           float* lse_m = lse.data_ptr<float>() + (b * H + h) * L + m * BLK;
           for (int64_t r = 0; r < BLK; ++r) {
             const float* s_r = s + r * Ls;
-            const int64_t lo = st != nullptr ? st[r] : 0, seen = is_causal ? m * BLK + r + 1 : L;  // keys lo <= c < seen
+            const int64_t lo = st != nullptr ? st[r] : 0;  // keys lo <= c < seen
+            const int64_t seen = is_causal ? m * BLK + r + 1 : L;
             __m512 max_v = _mm512_set1_ps(-INFINITY);
             for (int64_t c = lo / 16 * 16; c < seen; c += 16)
               max_v = _mm512_mask_max_ps(max_v, window(c, lo, seen), max_v, _mm512_loadu_ps(s_r + c));

@@ -363,7 +363,10 @@ def generic_md(g: GridResults) -> str:
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
 # Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers).
 CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: decayed - not decayed (KHA-MLP v)"),
-                       ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V"))}
+                       ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V")),
+             "docmask": (("baseline-doc", "baseline", "document mask: masked - unmasked (baseline)"),
+                         ("mlp-v-doc", "mlp-v", "document mask: masked - unmasked (KHA-MLP v)"),
+                         ("mlp-v-doc", "baseline-doc", "KHA-MLP v - baseline, both document-masked"))}
 
 
 def contrasts_md(g: GridResults) -> str | None:

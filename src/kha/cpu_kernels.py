@@ -6,9 +6,9 @@ each (docs/benchmarks.md, sections e and i). This module replaces them where the
 
 - :func:`attention`: causal, document-masked or full GQA/MHA/MQA attention, forward and backward on the AMX
   tiles. The ``"sdpa"`` kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or
-  CPU bf16 autocast, no mask other than causal or a document mask, as many queries as keys, the length a multiple of 64, one head_dim
-  for Q, K and V that is a multiple of 16, and at least as many (batch, KV head) pairs as threads (its unit
-  of parallel work);
+  CPU bf16 autocast, no mask other than causal or a document mask, as many queries as keys, the length a
+  multiple of 64, one head_dim for Q, K and V that is a multiple of 16, and at least as many (batch, KV head)
+  pairs as threads (its unit of parallel work);
 - :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
   LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
   (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast), and

@@ -283,14 +283,17 @@ def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device)
     return precision, why, amx and precision == "bf16"
 
 
-def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device):
-    """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
-    inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as
-    ``kha train --compile`` (``kha.train.distributed.parallelize``)."""
+def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device,
+                   ids: torch.Tensor | None = None, doc_mask: bool = False, doc_positions: str = "restart"):
+    """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch (or ``ids``, ``(batch, seq +
+    1)``): ``DecoderLM`` with the loss inside, the run's autocast, backward, gradient clipping,
+    ``build_optimizer``'s AdamW; ``compile`` as ``kha train --compile`` (``kha.train.distributed.parallelize``);
+    ``doc_mask``, ``doc_positions`` as in ``TrainConfig``, with token 0 as ``<|endoftext|>``."""
     from kha import cpu_kernels
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
+    from kha.train.loop import document_inputs
     from kha.train.optim import build_optimizer, clip_gradients
     from kha.train.precision import autocast_context
 
@@ -299,11 +302,14 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     torch.manual_seed(0)
     model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
     optimizer = build_optimizer(model, TrainConfig())
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
+    if ids is None:
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    documents = document_inputs(TrainConfig(doc_mask=doc_mask, doc_positions=doc_positions), eos_id=0)
 
     def step():
         with autocast_context(precision, device):
-            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+            loss = model(ids[:, :-1], targets=ids[:, 1:], **documents(ids[:, :-1])).loss
         loss.backward()
         clip_gradients(model, 1.0)
         optimizer.step()

@@ -349,6 +349,12 @@ def test_model_overrides_of_the_wrong_shape_are_user_errors(overrides, expected)
         TrainConfig(model_overrides=overrides)
 
 
+def test_an_unknown_doc_positions_is_refused_at_the_config(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text('doc_mask = true\ndoc_positions = "reset"\n')
+    fails(["train", "--config", path], capsys, str(path), "unknown doc_positions 'reset'; valid are restart, continue")
+
+
 def usage_error(argv, capsys, *expected: str) -> None:
     """``kha train`` flags are parsed by tyro: a bad value is its usage error (exit 2) holding every ``expected``."""
     capsys.readouterr()

@@ -328,6 +328,18 @@ def test_study_grid_is_the_issue_design():
     assert base_model_config(configs["linear-qkv"]).attention.knock_targets == ("q", "k", "v")
 
 
+def test_docmask_grid_pairs_masked_and_unmasked_arms():
+    arms = grid_variants("docmask")
+    configs = {v.name: run_config(TrainConfig(), v, 2, Path("x")) for v in arms}
+    assert {n: (c.knock, c.doc_mask, c.preset) for n, c in configs.items()} == {
+        "baseline": ("none", False, "study"), "mlp-v": ("mlp", False, "study"),
+        "baseline-doc": ("none", True, "study"), "mlp-v-doc": ("mlp", True, "study")}
+    from kha.analysis.tables import CONTRASTS
+
+    assert {(a, b) for a, b, _ in CONTRASTS["docmask"]} == {("baseline-doc", "baseline"), ("mlp-v-doc", "mlp-v"),
+                                                            ("mlp-v-doc", "baseline-doc")}
+
+
 def _fake_study(root: Path, curves: dict[str, dict[int, list[float]]]) -> None:
     """Finished runs (metrics and configs only, as committed) with validation losses ``curves[variant][seed]``
     at steps 1..len, 100 tokens per step."""

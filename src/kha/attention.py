@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,75 @@ def build_mask(
     return allowed
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``(B, T)`` int32 index of each token's document within its window of ``tokens`` (``(B, T)``): 0 for the
+    first (which may have begun before the window), one more after every ``eos_id``; the separator belongs to
+    the document it ends."""
+    after_eos = (tokens[:, :-1] == eos_id).to(torch.int32)
+    return F.pad(after_eos, (1, 0)).cumsum(1, dtype=torch.int32)
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` int32 index of the first token of each token's document (``doc_ids`` from
+    :func:`document_ids`); non-decreasing along each row, as the documents are contiguous."""
+    t = doc_ids.shape[-1]
+    first = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)
+    index = torch.arange(t, device=doc_ids.device, dtype=torch.int32).expand_as(doc_ids)
+    return torch.where(first, index, 0).cummax(1).values
+
+
+def document_positions(starts: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at every document: a token's index minus its document's start."""
+    return torch.arange(starts.shape[-1], device=starts.device, dtype=starts.dtype) - starts
+
+
+def same_document(doc_ids: torch.Tensor):
+    """``flex_attention``'s ``mask_mod`` of block-diagonal causal attention over ``doc_ids`` (``(B, T)``)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return mask_mod
+
+
+class DocumentMask(NamedTuple):
+    """Attention limited to each token's document within packed windows (block-diagonal causal), built once
+    per batch by :meth:`build`: query ``i`` sees keys ``starts[i] .. i``. ``block_mask`` is the
+    ``flex_attention`` block mask of the same pattern where that kernel runs (CUDA), else None."""
+
+    starts: torch.Tensor
+    block_mask: object | None = None
+
+    @classmethod
+    def build(cls, doc_ids: torch.Tensor, flex: bool | None = None) -> DocumentMask:
+        """From ``doc_ids`` (``(B, T)``, see :func:`document_ids`); ``flex`` (default: on CUDA) also builds the
+        ``flex_attention`` block mask, once for every layer."""
+        block_mask = None
+        if doc_ids.is_cuda if flex is None else flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            b, t = doc_ids.shape
+            block_mask = create_block_mask(same_document(doc_ids), b, None, t, t, device=doc_ids.device)
+        return cls(document_starts(doc_ids), block_mask)
+
+    def dense(self) -> torch.Tensor:
+        """The boolean ``(B, 1, T, T)`` mask (True = may attend), for torch's SDPA and the eager kernels."""
+        index = torch.arange(self.starts.shape[-1], device=self.starts.device)
+        return ((index[None, :] <= index[:, None]) & (index[None, None, :] >= self.starts[:, :, None]))[:, None]
+
+
+_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask) -> torch.Tensor:
+    """``torch.nn.attention.flex_attention`` compiled once (uncompiled it materialises the scores)."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _flex_attention = torch.compile(flex, dynamic=False)
+    return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Scaled scores ``(B, H, T, S)`` in fp32, K repeated to the query heads. ``q``: ``(B, H, T, D)``."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -266,15 +336,28 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    documents: DocumentMask | None = None,
 ) -> torch.Tensor:
-    """Reference attention: explicit K/V repeat, scores, fp32 softmax. ``q``: ``(B, H, T, D)``."""
+    """Reference attention: explicit K/V repeat, scores, fp32 softmax. ``q``: ``(B, H, T, D)``; ``documents``
+    replaces ``mask`` and ``is_causal`` by its explicit mask."""
+    if documents is not None:
+        mask, is_causal = documents.dense(), False
     return weighted_values(torch.softmax(mask_logits(attention_logits(q, k), mask, is_causal), dim=-1), v)
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    documents: DocumentMask | None = None,
 ) -> torch.Tensor:
+    """The fast kernel for the inputs: kha's AMX kernel (CPU bf16 training), ``flex_attention`` (a document mask
+    with its block mask), else torch's SDPA (a document mask as its explicit mask)."""
+    if documents is not None:
+        if documents.block_mask is not None:
+            return flex_attention(q, k, v, documents.block_mask)
+        if cpu_kernels.attention_applies(q, k, v, None):
+            return cpu_kernels.attention(q, k, v, True, documents.starts)
+        mask, is_causal = documents.dense(), False
     if cpu_kernels.attention_applies(q, k, v, mask):
         return cpu_kernels.attention(q, k, v, is_causal)
     gqa = q.shape[1] != k.shape[1]
@@ -300,11 +383,12 @@ class AttentionBase(nn.Module):
     """What every attention variant shares; subclasses build ``o_proj`` and ``knocks`` and implement
     ``qkv`` (Q, K, V as ``(B, heads, T or S, dim)``, extending the cache) and ``knock_projections``.
 
-    ``forward(x, positions=None, attention_mask=None, cache=None, impl=None)``:
+    ``forward(x, positions=None, attention_mask=None, cache=None, impl=None, documents=None)``:
     ``x`` is ``(B, T, d_model)``; ``positions`` (``(T,)`` or ``(B, T)``) feed RoPE and default to
     ``cache.length + arange(T)``; ``attention_mask`` (``(B, past + T)``, 1 = real token) hides padding;
     ``cache`` (from :meth:`new_cache`) is extended in place for incremental decoding; ``impl`` is
-    ``"sdpa"`` or ``"eager"``, None meaning the variant's best kernel (``default_impl``).
+    ``"sdpa"`` or ``"eager"``, None meaning the variant's best kernel (``default_impl``); ``documents``
+    (a :class:`DocumentMask`, without cache or padding) limits attention to each token's document.
     """
 
     cache_class: type[SequenceCache] = KVCache
@@ -331,8 +415,9 @@ class AttentionBase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def attend(self, q, k, v, mask: torch.Tensor | None, is_causal: bool, impl: str) -> torch.Tensor:
-        return _KERNELS[impl](q, k, v, mask, is_causal)
+    def attend(self, q, k, v, mask: torch.Tensor | None, is_causal: bool, impl: str,
+               documents: DocumentMask | None = None) -> torch.Tensor:
+        return _KERNELS[impl](q, k, v, mask, is_causal, documents)
 
     def forward(
         self,
@@ -341,6 +426,7 @@ class AttentionBase(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: SequenceCache | None = None,
         impl: str | None = None,
+        documents: DocumentMask | None = None,
     ) -> torch.Tensor:
         impl = self.resolve_impl(impl)
         if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
@@ -352,13 +438,15 @@ class AttentionBase(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {past + t}) "
                 "(batch, cached + new tokens)"
             )
+        if documents is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("a document mask is for whole packed windows: pass it without cache or attention_mask")
         q, k, v = self.qkv(x, resolve_positions(positions, b, t, past, x.device), cache)
         mask, is_causal = None, False
         if attention_mask is not None or (past > 0 and t > 1):
             mask = build_mask(t, past, attention_mask, x.device)
         else:
             is_causal = past == 0 and t > 1
-        out = self.attend(q, k, v, mask, is_causal, impl)
+        out = self.attend(q, k, v, mask, is_causal, impl, documents)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def knock_projections(self, target: str) -> list[nn.Linear]:

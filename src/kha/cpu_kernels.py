@@ -4,11 +4,11 @@ On such CPUs a bf16 training step spent most of its non-matmul time in torch's C
 (about six times its forward) and in chains of small elementwise kernels with a bf16/fp32 copy between
 each (docs/benchmarks.md, sections e and i). This module replaces them where they run:
 
-- :func:`attention`: causal or full GQA/MHA/MQA attention, forward and backward on the AMX tiles. The
-  ``"sdpa"`` kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or CPU bf16
-  autocast, no mask other than causal, as many queries as keys, the length a multiple of 64, one head_dim
-  for Q, K and V that is a multiple of 16, and at least as many (batch, KV head) pairs as threads (its unit
-  of parallel work);
+- :func:`attention`: causal, document-masked or full GQA/MHA/MQA attention, forward and backward on the AMX
+  tiles. The ``"sdpa"`` kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or
+  CPU bf16 autocast, no mask other than causal or a document mask, as many queries as keys, the length a
+  multiple of 64, one head_dim for Q, K and V that is a multiple of 16, and at least as many (batch, KV head)
+  pairs as threads (its unit of parallel work);
 - :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
   LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
   (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast), and
@@ -185,10 +185,11 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @torch.library.custom_op("kha::attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+               starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``(B, L, H, D)`` (token-major, as the output projection reads it) and log-sum-exp rows ``(B, H,
-    L)``; an op of its own so that autograd saves both for the backward."""
-    return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal)
+    L)``; an op of its own so that autograd saves both for the backward. ``starts``: see :func:`attention`."""
+    return torch.ops.kha_cpu.attention_forward(q, k, v, q.shape[-1] ** -0.5, is_causal, starts)
 
 
 def _heads(token_major: torch.Tensor) -> torch.Tensor:
@@ -207,21 +208,22 @@ def _attention_shapes(q, k, v, *_):
     return _token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _backward_shapes(grad_out, q, k, v, out, lse, scale, is_causal):
+def _backward_shapes(grad_out, q, k, v, out, lse, scale, is_causal, starts=None):
     return _token_major(q), _token_major(k), _token_major(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, is_causal = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, is_causal, starts = inputs
+    ctx.save_for_backward(q, k, v, *output, starts)
     ctx.is_causal = is_causal
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, starts = ctx.saved_tensors
     scale = q.shape[-1] ** -0.5
-    grads = torch.ops.kha_cpu.attention_backward(_heads(grad_out), q, k, v, _heads(out), lse, scale, ctx.is_causal)
-    return (*(_heads(g) for g in grads), None)
+    grads = torch.ops.kha_cpu.attention_backward(_heads(grad_out), q, k, v, _heads(out), lse, scale, ctx.is_causal,
+                                                 starts)
+    return (*(_heads(g) for g in grads), None, None)
 
 
 _attention.register_fake(_attention_shapes)
@@ -371,8 +373,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return _cross_entropy(logits, targets, ignore_index)[0]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+              starts: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention (GQA when K/V have fewer heads) on the AMX kernels; inputs are cast to bf16
-    as CPU autocast would cast them for SDPA. Call only where :func:`attention_applies`."""
+    as CPU autocast would cast them for SDPA. Call only where :func:`attention_applies`.
+
+    ``starts`` (``(B, L)``, non-decreasing along each row, ``starts[b, i] <= i``; with ``is_causal``): query ``i``
+    sees keys ``starts[b, i] .. i`` only, the document mask of :class:`kha.attention.DocumentMask`; key blocks
+    before a query block's first start are skipped."""
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    return _heads(_attention(q, k, v, is_causal)[0])
+    if starts is not None:
+        starts = starts.to(torch.int32).contiguous()
+    return _heads(_attention(q, k, v, is_causal, starts)[0])

@@ -163,8 +163,18 @@ def muon(preset: str) -> list[Variant]:
                                                                               ("mlp-v", "KHA-MLP", "mlp", "v"))]
 
 
+def docmask(preset: str) -> list[Variant]:
+    """The document mask's effect on the ``study`` preset (``--preset`` is not used): baseline and KHA-MLP on V,
+    each trained (and validated) without and with ``doc_mask``; the contrasts of ``kha report`` pair them by seed."""
+    masked = {"doc_mask": True}
+    return [Variant("baseline", "docmask", "baseline", preset="study"),
+            Variant("mlp-v", "docmask", "KHA-MLP", "mlp", "v", preset="study"),
+            Variant("baseline-doc", "docmask", "baseline, doc mask", preset="study", train=masked),
+            Variant("mlp-v-doc", "docmask", "KHA-MLP, doc mask", "mlp", "v", preset="study", train=masked)]
+
+
 GRIDS = {"table1": table1, "table2": table2, "table3": table3, "table5": table5, "study": study, "study2": study2,
-         "muon": muon}
+         "muon": muon, "docmask": docmask}
 
 
 def grid_variants(grid: str, preset: str = "tiny", only: list[str] | None = None) -> list[Variant]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .attention import RMSNorm
+from .attention import DocumentMask, RMSNorm, document_positions
 from .config import ModelConfig, MoEConfig
 from .sampling import check_sampling, next_token
 from .variants import build_attention
@@ -201,9 +201,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, positions=None, attention_mask=None, cache=None, impl=None) -> torch.Tensor:
+    def forward(self, x, positions=None, attention_mask=None, cache=None, impl=None, documents=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions=positions, attention_mask=attention_mask, cache=cache,
-                          impl=impl)
+                          impl=impl, documents=documents)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -218,6 +218,9 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+DOC_POSITIONS = ("restart", "continue")
 
 
 class LMOutput(NamedTuple):
@@ -259,9 +262,17 @@ class DecoderLM(nn.Module):
                     nn.init.normal_(w, std=std)
 
     def forward(self, input_ids, targets=None, positions=None, attention_mask=None, caches=None,
-                impl=None) -> LMOutput:
+                impl=None, doc_ids=None, doc_positions: str = "restart") -> LMOutput:
         """``input_ids`` ``(B, T)``; ``targets`` ``(B, T)`` with -100 to ignore; ``caches`` from
-        :meth:`new_caches` for incremental decoding; other arguments as in :class:`kha.Attention`."""
+        :meth:`new_caches` for incremental decoding; other arguments as in :class:`kha.Attention`.
+
+        ``doc_ids`` (``(B, T)``, :func:`kha.attention.document_ids` of packed windows) limits attention to each
+        token's document (the mask is built once here for every layer); RoPE positions then restart at every
+        document (``doc_positions="restart"``, as each document alone would have them) or keep the window's
+        index (``"continue"``); explicit ``positions`` win. RoPE depends only on position differences within a
+        document, so the two agree up to rounding."""
+        if doc_positions not in DOC_POSITIONS:
+            raise ValueError(f"unknown doc_positions {doc_positions!r}; valid are {', '.join(DOC_POSITIONS)}")
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
         if input_ids.dim() != 2:
@@ -269,9 +280,18 @@ class DecoderLM(nn.Module):
         check_token_ids(input_ids, self.cfg.vocab_size)
         if input_ids.shape[-1] > self.cfg.max_seq_len:
             raise ValueError(f"input of {input_ids.shape[-1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        documents = None
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}; expected {tuple(input_ids.shape)} "
+                                 "(one document index per input token)")
+            flex = doc_ids.is_cuda and self.layers[0].attn.resolve_impl(impl) == "sdpa"
+            documents = DocumentMask.build(doc_ids, flex=flex)
+            if positions is None and doc_positions == "restart":
+                positions = document_positions(documents.starts)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, attention_mask, None if caches is None else caches[i], impl)
+            x = layer(x, positions, attention_mask, None if caches is None else caches[i], impl, documents)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

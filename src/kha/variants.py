@@ -218,7 +218,9 @@ class TalkingHeadsAttention(Attention):
             )
         return super().resolve_impl(impl)
 
-    def attend(self, q, k, v, mask, is_causal, impl):
+    def attend(self, q, k, v, mask, is_causal, impl, documents=None):
+        if documents is not None:
+            mask, is_causal = documents.dense(), False
         logits = torch.einsum("bhts,hg->bgts", attention_logits(q, k), self.logits_mix.float())
         probs = torch.softmax(mask_logits(logits, mask, is_causal), dim=-1)
         return weighted_values(torch.einsum("bhts,hg->bgts", probs, self.weights_mix.float()), v)

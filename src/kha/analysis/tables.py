@@ -406,7 +406,10 @@ CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: dec
                         ("fp32-baseline", "baseline", "precision, baseline: fp32 - bf16"),
                         ("fp32-mlp-v", "mlp-v", "precision, KHA-MLP v: fp32 - bf16")),
              "muon": (("muon-baseline", "adamw-baseline", "optimizer, baseline: Muon - AdamW"),
-                      ("muon-mlp-v", "adamw-mlp-v", "optimizer, KHA-MLP v: Muon - AdamW"))}
+                      ("muon-mlp-v", "adamw-mlp-v", "optimizer, KHA-MLP v: Muon - AdamW")),
+             "docmask": (("baseline-doc", "baseline", "document mask: masked - unmasked (baseline)"),
+                         ("mlp-v-doc", "mlp-v", "document mask: masked - unmasked (KHA-MLP v)"),
+                         ("mlp-v-doc", "baseline-doc", "KHA-MLP v - baseline, both document-masked"))}
 
 
 def contrasts_md(g: GridResults) -> str | None:

@@ -17,6 +17,11 @@
 // interleaved) that bf16 AMX needs. Per-thread buffers of L columns have rows L + 32 values apart: rows
 // 1 or 2 KB apart would all map to a few L1 sets.
 //
+// Document mask (optional, with causal): per query i a first key starts[i] (non-decreasing along the sequence),
+// so query i sees keys starts[i] .. i. Key blocks before a query block's first start are skipped (forward: S
+// is computed from that block on; backward: a key block meets only the query blocks whose first start is not
+// past it), and partial blocks are masked row by row.
+//
 // Preconditions (check_inputs; kha.cpu_kernels.attention_applies tests them first): bf16, as many queries as
 // keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0; a CPU with AMX-BF16
 // and AVX512-BF16 (kha.cpu_kernels.cpu_supports, before the extension is built).
@@ -64,6 +69,13 @@ inline __m512i interleave_idx() {
 // lanes [0, left) of a vector of 16 (all 16 from left = 16 on)
 inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
+// lanes l of a vector of 16 whose column c + l lies in [lo, hi)
+inline __mmask16 window(int64_t c, int64_t lo, int64_t hi) {
+  const __mmask16 below = c < hi ? tail(hi - c) : __mmask16(0);
+  const __mmask16 above = lo <= c ? __mmask16(0xFFFF) : lo >= c + 16 ? __mmask16(0) : __mmask16(0xFFFF << (lo - c));
+  return below & above;
+}
+
 // 16 bf16 (the lanes of m; the others 0) -> floats
 inline __m512 load_bf16(const BFloat16* src, __mmask16 m = 0xFFFF) {
   const __m256i x = _mm256_maskz_loadu_epi16(m, src);
@@ -98,10 +110,11 @@ inline void to_bf16(const float* src, BFloat16* dst, int64_t n) {
 // One block's softmax gradient, from S^T and dP^T (fp32 rows of ld_in values, row j = key j, BLK queries):
 // P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - dsum), both in bf16 (rows of ld_out values), and dS^T
 // again in VNNI layout (rows j, j + 1 interleaved; rows of 2 BLK values) as the right operand of
-// dQ^T = K^T dS^T. On a causal diagonal block, key j is seen by queries i >= j only.
+// dQ^T = K^T dS^T. On a causal diagonal block, key j is seen by queries i >= j only; with the queries' document
+// starts (null when every query sees every key of the block), key key0 + j only by queries with start <= it.
 inline void softmax_grad_block(const float* s, const float* dp, int64_t ld_in, const float* lse, const float* dsum,
-                               float scale, bool diagonal, BFloat16* p_t, BFloat16* ds_t, int64_t ld_out,
-                               BFloat16* ds_vnni) {
+                               float scale, bool diagonal, const int32_t* starts, int64_t key0, BFloat16* p_t,
+                               BFloat16* ds_t, int64_t ld_out, BFloat16* ds_vnni) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512i pairs = interleave_idx();
   for (int64_t j = 0; j < BLK; j += 2) {
@@ -110,9 +123,10 @@ inline void softmax_grad_block(const float* s, const float* dp, int64_t ld_in, c
       __m512 ds[2];
       for (int64_t r = 0; r < 2; ++r) {
         const int64_t in = (j + r) * ld_in + i, out = (j + r) * ld_out + i, first = diagonal ? j + r : 0;
-        const __mmask16 seen = i >= first ? __mmask16(0xFFFF)
-                               : i + 16 <= first ? __mmask16(0)
-                               : __mmask16(0xFFFF << (first - i));
+        __mmask16 seen = window(i, first, BLK);
+        if (starts != nullptr)
+          seen &= _mm512_cmple_epi32_mask(_mm512_loadu_si512(starts + i),
+                                          _mm512_set1_epi32(static_cast<int>(key0 + j + r)));
         const __m512 p = _mm512_maskz_mov_ps(seen, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + in), scale_v, lse_i)));
         ds[r] = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + in), dsum_i));
         store_bf16(p_t + out, p);
@@ -279,14 +293,34 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(D > 0 && D % 16 == 0, "kha_cpu attention: head_dim ", D, " must be a multiple of 16");
 }
 
+// The document mask's first key per query, (B, L) int32, or null without one; checked (a start past its query
+// or below the one before it would read scores never computed).
+const int32_t* document_starts(const std::optional<at::Tensor>& starts, const at::Tensor& q, bool is_causal) {
+  if (!starts.has_value()) return nullptr;
+  const int64_t B = q.size(0), L = q.size(2);
+  TORCH_CHECK(is_causal && starts->scalar_type() == at::kInt && starts->is_contiguous() &&
+                  starts->sizes() == at::IntArrayRef({B, L}),
+              "kha_cpu attention: document starts must be a contiguous (B, L) int32 tensor, with is_causal");
+  const int32_t* st = starts->const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) {
+      const int32_t x = st[b * L + i];
+      TORCH_CHECK(x >= 0 && x <= i && (i == 0 || x >= st[b * L + i - 1]),
+                  "kha_cpu attention: document starts must satisfy 0 <= starts[i] <= i, non-decreasing in i");
+    }
+  return st;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& logsumexp, double scale_d, bool is_causal) {
+    const at::Tensor& out_in, const at::Tensor& logsumexp, double scale_d, bool is_causal,
+    const std::optional<at::Tensor>& starts_in) {
   auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
   auto out = unit_stride(out_in), grad_out = unit_stride(grad_out_in);
   check_inputs(q, k, v);
+  const int32_t* starts = document_starts(starts_in, q, is_causal);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   TORCH_CHECK(grad_out.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
                   logsumexp.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes() &&
@@ -318,6 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     configure_tiles();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / KV, kv = t % KV;
+      const int32_t* st = starts != nullptr ? starts + b * L : nullptr;
+      // the first key block query block m sees (0 without a document mask)
+      const auto first_block = [&](int64_t m) -> int64_t { return st != nullptr ? st[m * BLK] / BLK : 0; };
       const BFloat16* k_bk = kr.head(b, kv);
       copy_padded(k_bk, kr.sl, L, D, Dp, k_rows);
       copy_padded(vr.head(b, kv), vr.sl, L, D, Dp, v_rows);
@@ -345,24 +382,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
         for (int64_t n0 = 0; n0 < NB; n0 += CHUNK) {
           const int64_t n1 = std::min(NB, n0 + CHUNK);
           for (int64_t n = n0; n < n1; ++n) {
-            // key block n against every query that sees it (q0 onwards): S^T, dP^T [64 keys x Lq queries]
-            const int64_t q0 = is_causal ? n * BLK : 0, Lq = L - q0;
-            for (int64_t m = q0 / BLK; m < NB; ++m) {
+            // key block n against every query that sees it (query blocks q0 / BLK to m_end): S^T, dP^T
+            // [64 keys x Lq queries]
+            const int64_t q0 = is_causal ? n * BLK : 0;
+            int64_t m_end = q0 / BLK;
+            while (m_end < NB && first_block(m_end) <= n) ++m_end;
+            const int64_t Lq = m_end * BLK - q0;
+            for (int64_t m = q0 / BLK; m < m_end; ++m) {
               const int64_t c = m * BLK - q0;  // the query block's first column
+              // the block's document starts, where some query in it starts after key block n's first key
+              const int32_t* partial = st != nullptr && st[m * BLK + BLK - 1] > n * BLK ? st + m * BLK : nullptr;
               tile_gemm(BLK, BLK, Dp, k_rows + n * BLK * Dp, Dp, qt_packed + m * BLK * Dp, 2 * BLK, s + c, Ls, false);
               tile_gemm(BLK, BLK, Dp, v_rows + n * BLK * Dp, Dp, dot_packed + m * BLK * Dp, 2 * BLK, dp + c, Ls, false);
               softmax_grad_block(s + c, dp + c, Ls, lse_h + m * BLK, dsum + m * BLK, scale, is_causal && m == n,
-                                 p_t + c, ds_t + c, Ls, ds_vnni + (m * CHUNK + n - n0) * BLK * BLK);
+                                 partial, n * BLK, p_t + c, ds_t + c, Ls, ds_vnni + (m * CHUNK + n - n0) * BLK * BLK);
             }
             // dV_n += P^T dO, dK_n += dS^T Q over those queries
             tile_gemm(BLK, D, Lq, p_t, Ls, do_packed + q0 * D, 2 * D, dv_acc + n * BLK * D, D, true);
             tile_gemm(BLK, D, Lq, ds_t, Ls, q_packed + q0 * D, 2 * D, dk_acc + n * BLK * D, D, true);
           }
-          // dQ_m^T += K^T dS^T over the chunk's key blocks that query block m sees
+          // dQ_m^T += K^T dS^T over the chunk's key blocks that query block m sees (from its first one on;
+          // the first product for m sets dQ_m^T)
           for (int64_t m = is_causal ? n0 : 0; m < NB; ++m) {
-            const int64_t blocks = (is_causal ? std::min(n1, m + 1) : n1) - n0;
-            tile_gemm(D, BLK, blocks * BLK, kt + n0 * BLK, Ls, ds_vnni + m * CHUNK * BLK * BLK, 2 * BLK,
-                      dqt + m * BLK, Ls, n0 > 0);
+            const int64_t from = std::max(n0, first_block(m));
+            const int64_t blocks = (is_causal ? std::min(n1, m + 1) : n1) - from;
+            if (blocks <= 0) continue;
+            tile_gemm(D, BLK, blocks * BLK, kt + from * BLK, Ls, ds_vnni + (m * CHUNK + from - n0) * BLK * BLK,
+                      2 * BLK, dqt + m * BLK, Ls, from > first_block(m));
           }
         }
         BFloat16* dq_h = dqr.head(b, h);
@@ -391,9 +437,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 // then the exact softmax of each row and O_m = P V in one product; it returns O and the rows' log-sum-exp
 // (lse), what the backward needs.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, double scale_d, bool is_causal) {
+                                                     const at::Tensor& v_in, double scale_d, bool is_causal,
+                                                     const std::optional<at::Tensor>& starts_in) {
   auto q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
   check_inputs(q, k, v);
+  const int32_t* starts = document_starts(starts_in, q, is_causal);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const int64_t Dp = (D + 31) / 32 * 32, NB = L / BLK, Ls = L + 32;
   const float scale = static_cast<float>(scale_d);
@@ -417,21 +465,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
         copy_padded(qr.head(b, h), qr.sl, L, D, Dp, q_rows);
         for (int64_t m = 0; m < NB; ++m) {
           const int64_t keys = is_causal ? (m + 1) * BLK : L;
-          for (int64_t n = 0; n < keys / BLK; ++n)
+          // the rows' document starts (null without a document mask) and the first key column computed
+          const int32_t* st = starts != nullptr ? starts + b * L + m * BLK : nullptr;
+          const int64_t first = st != nullptr ? st[0] / BLK * BLK : 0;
+          for (int64_t n = first / BLK; n < keys / BLK; ++n)
             tile_gemm(BLK, BLK, Dp, q_rows + m * BLK * Dp, Dp, kt_packed + n * BLK * Dp, 2 * BLK, s + n * BLK, Ls,
                       false);
           BFloat16* out_m = outr.head(b, h) + m * BLK * outr.sl;
           float* lse_m = lse.data_ptr<float>() + (b * H + h) * L + m * BLK;
           for (int64_t r = 0; r < BLK; ++r) {
             const float* s_r = s + r * Ls;
-            const int64_t seen = is_causal ? m * BLK + r + 1 : L;  // keys c < seen
+            const int64_t lo = st != nullptr ? st[r] : 0;  // keys lo <= c < seen
+            const int64_t seen = is_causal ? m * BLK + r + 1 : L;
             __m512 max_v = _mm512_set1_ps(-INFINITY);
-            for (int64_t c = 0; c < seen; c += 16)
-              max_v = _mm512_mask_max_ps(max_v, tail(seen - c), max_v, _mm512_loadu_ps(s_r + c));
+            for (int64_t c = lo / 16 * 16; c < seen; c += 16)
+              max_v = _mm512_mask_max_ps(max_v, window(c, lo, seen), max_v, _mm512_loadu_ps(s_r + c));
             const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(max_v));
             __m512 sum = _mm512_setzero_ps();
-            for (int64_t c = 0; c < keys; c += 16) {
-              const __mmask16 in = c < seen ? tail(seen - c) : __mmask16(0);
+            for (int64_t c = first; c < keys; c += 16) {
+              const __mmask16 in = window(c, lo, seen);
               const __m512 pc = _mm512_maskz_mov_ps(
                   in, exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s_r + c), row_max), scale_v)));
               sum = _mm512_add_ps(sum, pc);
@@ -440,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
             row_sum[r] = _mm512_reduce_add_ps(sum);
             lse_m[r] = _mm512_cvtss_f32(row_max) * scale + std::log(row_sum[r]);
           }
-          tile_gemm(BLK, D, keys, p, Ls, v_packed, 2 * D, o, D, false);
+          tile_gemm(BLK, D, keys - first, p + first, Ls, v_packed + first * D, 2 * D, o, D, false);
           for (int64_t r = 0; r < BLK; ++r) {
             const __m512 inv = _mm512_set1_ps(1.f / row_sum[r]);
             for (int64_t d = 0; d < D; d += 16)
@@ -836,9 +888,10 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
 }
 
 TORCH_LIBRARY(kha_cpu, m) {
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal) -> (Tensor, Tensor)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal, Tensor? starts=None) -> "
+        "(Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
-        "float scale, bool is_causal) -> (Tensor, Tensor, Tensor)");
+        "float scale, bool is_causal, Tensor? starts=None) -> (Tensor, Tensor, Tensor)");
   m.def("norm_rope_forward(Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor");
   m.def("norm_rope_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) "
         "-> (Tensor, Tensor)");

@@ -21,6 +21,7 @@ import tyro
 from ..config import PRESETS, ModelConfig, MoEConfig, get_preset
 from ..errors import UserError
 from ..knock import KNOCK_TYPES, parse_targets
+from ..model import DOC_POSITIONS
 from .precision import check_precision
 
 
@@ -44,6 +45,12 @@ class TrainConfig:
     data: str = "data/shakespeare"
     """A directory written by ``kha data prepare``."""
     seq_len: int = 128
+    doc_mask: bool = False
+    """Limit attention to each token's document within a window (block-diagonal causal; documents end at the
+    data's ``<|endoftext|>``), in training and validation. Off: windows cut across documents attend across them."""
+    doc_positions: str = "restart"
+    """With doc_mask: RoPE positions restart at every document (restart, as each document alone) or keep the
+    window's index (continue); RoPE sees only position differences, so the two agree up to rounding."""
     batch_size: int = 16
     """Sequences per process per micro-step; the global batch is batch_size x processes x grad_accum."""
     grad_accum: int = 1
@@ -114,6 +121,8 @@ class TrainConfig:
                              "folder); e.g. --out runs/my-run")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets are {', '.join(PRESETS)}")
+        if self.doc_positions not in DOC_POSITIONS:
+            raise ValueError(f"unknown doc_positions {self.doc_positions!r}; valid are {', '.join(DOC_POSITIONS)}")
         if self.knock not in KNOCK_TYPES:
             raise ValueError(f"unknown knock {self.knock!r}; valid are {', '.join(KNOCK_TYPES)}")
         parse_targets(self.knock, self.knock_targets)
@@ -207,6 +216,16 @@ def check_resume_steps(target_steps: int, checkpoint_step: int) -> None:
     if target_steps < checkpoint_step:
         raise UserError(f"--steps {target_steps} is below the checkpoint's step {checkpoint_step}: nothing would be "
                         f"trained; pass --steps above {checkpoint_step} to continue, or another --out to start anew")
+
+
+def check_resume_documents(started: dict, cfg: TrainConfig) -> None:
+    """A run keeps its document masking: resuming onto the other setting would change what it learns mid-run."""
+    for key in ("doc_mask", "doc_positions") if cfg.doc_mask else ("doc_mask",):
+        before = started.get(key, TrainConfig.__dataclass_fields__[key].default)
+        if before != getattr(cfg, key):
+            flag = f"--{'no-' if not before else ''}doc-mask" if key == "doc_mask" else f"--doc-positions {before}"
+            raise UserError(f"this run trained with {key}={before!r}, not {getattr(cfg, key)!r}: pass {flag} to "
+                            "resume it, or another --out to start a new run")
 
 
 def apply_overrides(cfg, overrides: dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import cpu_kernels, safe_io
+from ..attention import document_ids
 from ..data.loader import TokenBatches, read_manifest, verify_shards
 from ..errors import UserError, read_json
 from ..flops import model_flops_per_token, peak_flops
@@ -33,7 +34,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, base_model_config, check_resume_steps
+from .config import TrainConfig, base_model_config, check_resume_documents, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import autocast_context, resolve_precision
@@ -50,13 +51,25 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
     return replace(model_cfg, vocab_size=vocab_size, max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
 
 
+def document_inputs(cfg: TrainConfig, eos_id: int):
+    """The model's document-mask arguments for a batch of windows (none without ``doc_mask``): the documents'
+    indices, computed on the batch's device, and the positions option."""
+    def inputs(tokens: torch.Tensor) -> dict:
+        return {"doc_ids": document_ids(tokens, eos_id), "doc_positions": cfg.doc_positions} if cfg.doc_mask else {}
+
+    return inputs
+
+
 @torch.no_grad()
-def evaluate(model, batches: TokenBatches, n_batches: int, runtime: Runtime, autocast) -> float:
+def evaluate(model, batches: TokenBatches, n_batches: int, runtime: Runtime, autocast, documents=None) -> float:
+    """Mean validation loss over ``n_batches``; ``documents``: :func:`document_inputs`, as in training."""
     model.eval()
     losses = []
     for inputs, targets in batches.val_batches(n_batches):
+        inputs = inputs.to(runtime.device)
         with autocast():
-            losses.append(model(inputs.to(runtime.device), targets=targets.to(runtime.device)).loss.float())
+            extra = documents(inputs) if documents is not None else {}
+            losses.append(model(inputs, targets=targets.to(runtime.device), **extra).loss.float())
     model.train()
     return mean_across_ranks(torch.stack(losses).mean()).item()
 
@@ -128,6 +141,8 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
     if ckpt is not None:
         step = int(ckpt.name.removeprefix("step_"))
         check_resume_steps(cfg.steps, step)  # before train_config.json is rewritten with the new steps
+        if (out / "train_config.json").is_file():
+            check_resume_documents(read_json(out / "train_config.json"), cfg)
         if cfg.steps == step:
             print(f"{ckpt} is already at --steps {step}: nothing left to train; pass a larger --steps to continue",
                   flush=True)
@@ -198,7 +213,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
 
     # model: the same seed gives the same base weights whatever the knock setting
     torch.manual_seed(cfg.seed)
-    model_cfg = build_model_config(cfg, read_manifest(cfg.data)["tokenizer"]["vocab_size"])
+    tokenizer = read_manifest(cfg.data)["tokenizer"]
+    model_cfg = build_model_config(cfg, tokenizer["vocab_size"])
+    documents = document_inputs(cfg, tokenizer["eos_id"])
     model = DecoderLM(model_cfg).to(runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
     model = parallelize(model, runtime, compile=cfg.compile)
@@ -240,7 +257,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             for _ in range(cfg.grad_accum):
                 inputs, targets = (t.to(runtime.device) for t in train_data.next_batch())
                 with autocast():
-                    loss = model(inputs, targets=targets).loss / cfg.grad_accum
+                    loss = model(inputs, targets=targets, **documents(inputs)).loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             # the stop flag travels with the loss: one reduction, and every rank stops after the same step
@@ -265,7 +282,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_step / dt / peak
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                record["val_loss"] = evaluate(model, val_data, cfg.eval_batches, runtime, autocast)
+                record["val_loss"] = evaluate(model, val_data, cfg.eval_batches, runtime, autocast, documents)
             if runtime.is_main:
                 metrics.write(record)
                 if writer is not None:

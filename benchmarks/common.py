@@ -283,10 +283,11 @@ def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device)
     return precision, why, amx and precision == "bf16"
 
 
-def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device):
+def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device,
+                   prepare: Callable[[nn.Module], None] | None = None):
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch: ``DecoderLM`` with the loss
     inside, the run's autocast, backward, gradient clipping, ``build_optimizer``'s AdamW; ``compile`` as
-    ``kha train --compile`` (``kha.train.distributed.parallelize``)."""
+    ``kha train --compile`` (``kha.train.distributed.parallelize``); ``prepare(model)`` before that, if given."""
     from kha import cpu_kernels
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
@@ -297,7 +298,10 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     if precision == "bf16" and device.type == "cpu":
         cpu_kernels.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
     torch.manual_seed(0)
-    model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
+    model = DecoderLM(cfg).to(device)
+    if prepare is not None:
+        prepare(model)
+    model = parallelize(model, Runtime(0, 1, device), compile=compile)
     optimizer = build_optimizer(model, TrainConfig())
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
 

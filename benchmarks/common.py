@@ -55,8 +55,10 @@ def small_lm_config(knock: str = "none", targets=None) -> ModelConfig:
 
 def describe(cfg: ModelConfig) -> str:
     a = cfg.attention
+    m = cfg.moe
+    ffn = f"MoE {m.n_experts} experts of {m.d_expert}, top-{m.top_k}" if m else f"SwiGLU {cfg.d_ff}"
     return (f"{cfg.n_layers} layers, d_model {a.d_model}, {a.n_heads} query / {a.n_kv_heads} KV heads of "
-            f"{a.head_dim}, SwiGLU {cfg.d_ff}, vocabulary {cfg.vocab_size:,}, "
+            f"{a.head_dim}, {ffn}, vocabulary {cfg.vocab_size:,}, "
             f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings")
 
 

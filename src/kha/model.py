@@ -5,6 +5,9 @@
   DeepSeek-V3): a per-expert bias is added to the router scores only to *choose* experts, gates come
   from the unbiased scores, and after every optimizer step the bias moves by ``rate * sign(mean - load)``
   from that step's token counts (all-reduced across ranks when distributed). Router math is fp32.
+- The experts (``EXPERT_FORMS``): ``torch._grouped_mm`` or a padded block matmul over a buffer of static size with
+  offsets computed on the device (no host sync: ``torch.compile(fullgraph=True)`` takes the MoE whole, and
+  routing that changes step to step recompiles nothing), and the per-expert loop as the reference.
 - ``Block``: pre-RMSNorm attention and FFN with residuals.
 - ``DecoderLM``: embeddings (tied to the LM head by default), blocks, final norm, LM head; ``forward``
   returns logits and, given targets, the mean cross-entropy; ``generate`` decodes with the KV cache.

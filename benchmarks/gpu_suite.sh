@@ -39,20 +39,23 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-if [[ $dry == --dry-run ]]; then
+if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
     gpu=(--device cpu --quick); mfu=(--cpu-logic-check); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
+    scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
     gpu=(--device cuda); mfu=(--repeats 10); steps=300; train=(--device cuda --batch-size 32 --seq-len 256)
+    scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1
 fi
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee "$out/suite.txt"
+budget=$((budget * scale))
 results="$work/gpu_suite"
 mkdir -p "$results"
 start_all=$SECONDS
 
 step() {  # step NAME LIMIT COMMAND...: table to NAME.md, stderr to NAME.log, a line in suite.txt
-    local name=$1 limit=$2 start=$SECONDS rc left
+    local name=$1 limit=$(($2 * scale)) start=$SECONDS rc left
     shift 2
     left=$((budget - (SECONDS - start_all)))
     (( limit > left )) && limit=$left

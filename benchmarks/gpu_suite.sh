@@ -41,9 +41,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
     gpu=(--device cpu --quick); mfu=(--cpu-logic-check); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
+    rounds=()
     scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
     gpu=(--device cuda); mfu=(--repeats 10); steps=300; train=(--device cuda --batch-size 32 --seq-len 256)
+    rounds=(--repeats 5)
     scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1
 fi
@@ -77,7 +79,7 @@ if [[ -f $data/manifest.json ]]; then
 else
     echo "moe_compile: skipped, no $data (kha data prepare --out data/shakespeare)" | tee -a "$out/suite.txt"
 fi
-step moe 45 "$py" benchmarks/moe.py "${gpu[@]}" --shapes tiny --repeats 5 --json "$results/moe.json"
+step moe 45 "$py" benchmarks/moe.py "${gpu[@]}" --shapes tiny "${rounds[@]}" --json "$results/moe.json"
 step precision 600 "$py" benchmarks/precision.py "${gpu[@]}" --shapes study --json "$results/precision.json"
 echo "suite: $((SECONDS - start_all)) s of a $budget s budget" | tee -a "$out/suite.txt"
 tar -czf "$out/gpu_suite.tar.gz" -C "$work" gpu_suite

@@ -55,8 +55,10 @@ def small_lm_config(knock: str = "none", targets=None) -> ModelConfig:
 
 def describe(cfg: ModelConfig) -> str:
     a = cfg.attention
+    m = cfg.moe
+    ffn = f"MoE {m.n_experts} experts of {m.d_expert}, top-{m.top_k}" if m else f"SwiGLU {cfg.d_ff}"
     return (f"{cfg.n_layers} layers, d_model {a.d_model}, {a.n_heads} query / {a.n_kv_heads} KV heads of "
-            f"{a.head_dim}, SwiGLU {cfg.d_ff}, vocabulary {cfg.vocab_size:,}, "
+            f"{a.head_dim}, {ffn}, vocabulary {cfg.vocab_size:,}, "
             f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings")
 
 
@@ -284,11 +286,13 @@ def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device)
 
 
 def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device,
-                   ids: torch.Tensor | None = None, doc_mask: bool = False, doc_positions: str = "restart"):
+                   ids: torch.Tensor | None = None, doc_mask: bool = False, doc_positions: str = "restart",
+                   prepare: Callable[[nn.Module], None] | None = None):
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch (or ``ids``, ``(batch, seq +
     1)``): ``DecoderLM`` with the loss inside, the run's autocast, backward, gradient clipping,
     ``build_optimizer``'s AdamW; ``compile`` as ``kha train --compile`` (``kha.train.distributed.parallelize``);
-    ``doc_mask``, ``doc_positions`` as in ``TrainConfig``, with token 0 as ``<|endoftext|>``."""
+    ``doc_mask``, ``doc_positions`` as in ``TrainConfig``, with token 0 as ``<|endoftext|>``; ``prepare(model)``
+    before compiling, if given."""
     from kha import cpu_kernels
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
@@ -300,7 +304,10 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     if precision == "bf16" and device.type == "cpu":
         cpu_kernels.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
     torch.manual_seed(0)
-    model = parallelize(DecoderLM(cfg).to(device), Runtime(0, 1, device), compile=compile)
+    model = DecoderLM(cfg).to(device)
+    if prepare is not None:
+        prepare(model)
+    model = parallelize(model, Runtime(0, 1, device), compile=compile)
     optimizer = build_optimizer(model, TrainConfig())
     if ids is None:
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))

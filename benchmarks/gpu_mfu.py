@@ -1,33 +1,41 @@
 """GPU training throughput and MFU (model FLOPs utilisation) of a ~136M-parameter dense LM, baseline vs KHA-MLP
-(v) vs KHA-Linear (qkv): bf16 autocast, torch.compile, fused SDPA (flash / cuDNN / memory-efficient only:
-a fall-back to the math kernel is an error unless ``--allow-math-sdpa``).
+(v) vs KHA-Linear (qkv), or with ``--moe`` of the paper's MoE moe-a0.4b (baseline): bf16 autocast,
+torch.compile, fused SDPA (flash / cuDNN / memory-efficient only: a fall-back to the math kernel is an error
+unless ``--allow-math-sdpa``).
 
 Model: 12 layers, d_model 768, GQA 16 query / 4 KV heads of 128 (the paper's head size), SwiGLU 2304,
 vocabulary 32,768, tied embeddings (136.2M parameters); batch 16 x seq 2048 by default (``--batch``,
-``--seq-len``; ``--quick``: batch 2 x seq 256). MFU = ``kha.flops.model_flops_per_token`` x tokens/s /
-``kha.flops.peak_flops`` (the dense bf16 peak of the GPU), the figure ``kha train`` logs.
+``--seq-len``; ``--quick``: batch 2 x seq 256). ``--moe``: the ``moe-a0.4b`` preset whole (12 layers x 1152,
+64 experts of 768, top-4, vocabulary 157,184: 0.437B activated of 2.35B parameters; fp32 weights and AdamW
+state ~38 GB, so one 80 GB GPU holds it), batch 8 x seq 2048 by default, MFU on the activated FLOPs.
+MFU = ``kha.flops.model_flops_per_token`` x tokens/s / ``kha.flops.peak_flops`` (the dense bf16 peak of the
+GPU), the figure ``kha train`` logs (for MoE the activated parameters count: each token's router, top-k experts
+and shared layers).
 GPU only: on a machine without CUDA it says so and exits (status 0) without measuring, unless
 ``--cpu-logic-check`` (for CI without a GPU: the same code on CPU, fp32, eager, 2 layers, batch 1 x seq 32,
-one round, no SDPA restriction; it checks the code and measures nothing meaningful).
+one round, no SDPA restriction; with ``--moe`` the ``tiny-moe`` preset; it checks the code and measures
+nothing meaningful).
 
-    .venv/bin/python benchmarks/gpu_mfu.py [--batch 16 --seq-len 2048 --json PATH]
+    .venv/bin/python benchmarks/gpu_mfu.py [--moe] [--batch 16 --seq-len 2048 --json PATH]
 """
 
 from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from kha.attention import AttentionConfig
-from kha.config import ModelConfig
+from kha.config import ModelConfig, get_preset
 from kha.flops import model_flops_per_token, peak_flops
-from kha.model import DecoderLM
+from kha.model import DecoderLM, count_parameters
 
 CASES = ("baseline", "mlp-v", "linear-qkv")
+MOE_PRESET = "moe-a0.4b"
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
@@ -40,8 +48,9 @@ def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0], repeats=20)
     p.set_defaults(dtype="bf16", compile=True)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager instead of torch.compile")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, help="default: 16 (dense), 8 (--moe)")
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--moe", action="store_true", help=f"the MoE preset {MOE_PRESET} (baseline only) instead")
     p.add_argument("--allow-math-sdpa", action="store_true", help="let SDPA fall back to the unfused math kernel")
     p.add_argument("--cpu-logic-check", action="store_true",
                    help="run the logic on CPU at a toy size (CI without a GPU; numbers meaningless)")
@@ -55,17 +64,28 @@ def main() -> None:
         sys.exit(0)
     env = common.setup(args)
     info = common.machine_info(env)
-    common.print_banner("GPU training throughput and MFU, baseline vs KHA", info)
-    batch, seq = (1, 32) if args.cpu_logic_check else (2, 256) if env.quick else (args.batch, args.seq_len)
+    common.print_banner(f"GPU training throughput and MFU, {MOE_PRESET + ' (MoE)' if args.moe else 'baseline vs KHA'}",
+                        info)
+    batch, seq = (1, 32) if args.cpu_logic_check else (2, 256) if env.quick else (
+        args.batch or (8 if args.moe else 16), args.seq_len)
     n_layers = 2 if args.cpu_logic_check else 12
+    cases_here = ("baseline",) if args.moe else CASES
+
+    def config(knock, targets):
+        if args.moe:
+            cfg = get_preset("tiny-moe" if args.cpu_logic_check else MOE_PRESET, knock, targets)
+            return replace(cfg, max_seq_len=max(cfg.max_seq_len, seq))
+        return model_config(knock, targets, seq, n_layers)
+
     peak = peak_flops(env.device)
     context = nullcontext if args.allow_math_sdpa else lambda: sdpa_kernel(FUSED)
 
-    tokens = torch.randint(0, 32_768, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(env.device)
+    vocab = config("none", None).vocab_size
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(env.device)
     cases, flops, params = [], {}, {}
-    for key in CASES:
+    for key in cases_here:
         _, knock, targets = common.KNOCKS[key]
-        cfg = model_config(knock, targets, seq, n_layers)
+        cfg = config(knock, targets)
         torch.manual_seed(0)
         model = DecoderLM(cfg).to(env.device).train()
         compiled = env.maybe_compile(model)
@@ -73,13 +93,15 @@ def main() -> None:
         cases.append(common.training_case(key, lambda m=compiled: m(tokens[:, :-1]).logits,
                                           common.lm_loss(tokens[:, 1:]), common.adamw(model), env, context))
     peak_text = f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "unknown (MFU n/a)"
-    print(f"- model: {common.describe(model_config('none', None, seq, n_layers))} ({params['baseline']:,} "
-          f"parameters); batch {batch} x seq {seq} = {batch * seq:,} tokens per step; peak {peak_text}; fused SDPA "
+    activated = count_parameters(config("none", None))["activated"]
+    print(f"- model: {common.describe(config('none', None))} ({params['baseline']:,} parameters, "
+          f"{activated:,} activated per token); batch {batch} x seq {seq} = {batch * seq:,} tokens per step; "
+          f"peak {peak_text}; fused SDPA "
           f"{'preferred' if args.allow_math_sdpa else 'required'}\n", flush=True)
     stats = common.summarize(common.measure(cases, env, "train"), "baseline")
 
     rows, results = [], []
-    for key in CASES:
+    for key in cases_here:
         s = stats[key]
         tok_s = batch * seq / s["median_s"]
         mfu = flops[key] * tok_s / peak if peak else None

@@ -1,64 +1,85 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/benchmarks.md waits for, in one run, most important first, each under its own time
-# limit so that one slow or failing step cannot eat the others' time:
-#   1. gpu_mfu.py: tokens/s and MFU of the 136M dense model (target >= 40 % MFU), ~3 min
-#   2. an MoE training run: `kha train` of the tiny-moe preset, bf16, 300 steps (needs data/shakespeare), ~1 min
-#   3. precision.py --shapes study,small: fp32 / bf16, eager / compiled per shape, ~3 min
-#   4. moe.py: MoE against dense, grouped_mm / padded / loop, ~1 min
-#   5. vs_transformers.py --dtype bf16 --compile (needs transformers), ~4 min
-# Each writes NAME.md (its printed table), NAME.json and NAME.log (stderr) into OUT_DIR; a summary of exit codes
-# and wall times goes to OUT_DIR/suite.txt (16 files in all: pack the folder to copy it elsewhere). Each step stops
-# after KHA_SUITE_LIMIT_S seconds (default 150, so the whole suite takes at most 12.5 min plus start-up).
+# Every GPU measurement docs/benchmarks.md waits for, in one run of at most 8 minutes wall on one H100/H200
+# (compilation included), most important first. Each step runs under `timeout -k 10 LIMIT` (SIGTERM, then SIGKILL
+# 10 s later if the step ignores it) with LIMIT = its own limit, cut to what is left of the suite's budget; a step
+# with under 20 s left is skipped and says so.
+#   1. gpu_mfu       dense 136M: baseline, KHA-MLP v, KHA-Linear qkv; bf16, compiled; MFU        (limit 130 s)
+#   2. gpu_mfu_moe   moe-a0.4b (0.437B activated of 2.35B), bf16, compiled; MFU on activated FLOPs (limit 150 s)
+#   3. moe_compile   `kha train --config tiny-moe --compile` vs eager, 300 steps each: recompiles, step time
+#                    (needs data/shakespeare or KHA_SUITE_DATA)                                       (limit 100 s)
+#   4. moe           MoE step vs dense, expert forms (grouped_mm / padded / loop), tiny shape, eager (limit 45 s)
+#   5. precision     fp32 / bf16, eager / compiled, study shape                                         (what is left)
+# vs_transformers.py (a 157k-vocabulary dense-0.6b compile that alone took more than 150 s) is not in the suite.
+#
+# Results: OUT_DIR/gpu_suite.tar.gz (each step's NAME.md table, NAME.json, NAME.log stderr) and OUT_DIR/suite.txt
+# (machine, exit code and wall time of every step; exit 124/137: the step hit its limit): two files.
 #
 #   benchmarks/gpu_suite.sh OUT_DIR            on a CUDA machine (python: $PYTHON, else python3)
 #   benchmarks/gpu_suite.sh OUT_DIR --dry-run  the same steps on CPU at toy sizes: checks the script, measures nothing
 #
-# On a machine whose Python lacks kha's dependencies (e.g. tyro), put their wheels in .whl/ first (here:
-# `pip download --no-deps --only-binary=:all: -d .whl tyro docstring-parser typeguard`); they are installed
-# into a temporary folder, not into the machine's Python.
+# Budget: KHA_SUITE_BUDGET_S (default 450 s for the steps; with start-up and packing under 8 minutes).
+# Wheels: a machine whose Python lacks kha's dependencies (GPU machines here: torch 2.11 and no tyro) gets them
+# from .whl/ in the working tree, installed into a temporary folder, never into the machine's Python. Fill it
+# beforehand on a machine with a package index:
+#   pip download --no-deps --only-binary=:all: -d .whl tyro docstring-parser typeguard typing-extensions
+# and carry .whl/ (and data/shakespeare, from `kha data prepare --out data/shakespeare`) with the tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [--dry-run]}
 dry=${2:-}
 py=${PYTHON:-python3}
-limit=${KHA_SUITE_LIMIT_S:-150}
+budget=${KHA_SUITE_BUDGET_S:-450}
+data=${KHA_SUITE_DATA:-data/shakespeare}
 mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 if compgen -G ".whl/*.whl" > /dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kha-site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/kha-site${PYTHONPATH:+:$PYTHONPATH}"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" .whl/*.whl || exit 1
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-if [[ $dry == --dry-run ]]; then
-    gpu=(--device cpu --quick); mfu=(--cpu-logic-check); steps=3; train_device=cpu; compile=()
+if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
+    gpu=(--device cpu --quick); mfu=(--cpu-logic-check); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
+    rounds=()
+    scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
-    gpu=(--device cuda); mfu=(--batch 16 --seq-len 2048); steps=300; train_device=cuda; compile=(--compile)
+    gpu=(--device cuda); mfu=(--repeats 10); steps=300; train=(--device cuda --batch-size 32 --seq-len 256)
+    rounds=(--repeats 5)
+    scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1
 fi
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee "$out/suite.txt"
+budget=$((budget * scale))
+results="$work/gpu_suite"
+mkdir -p "$results"
+start_all=$SECONDS
 
-step() {  # step NAME COMMAND...: run under the limit, table to NAME.md, stderr to NAME.log, a line in suite.txt
-    local name=$1 start=$SECONDS rc
-    shift
-    echo "== $name: $*"
-    timeout "$limit" "$@" > "$out/$name.md" 2> "$out/$name.log"
+step() {  # step NAME LIMIT COMMAND...: table to NAME.md, stderr to NAME.log, a line in suite.txt
+    local name=$1 limit=$(($2 * scale)) start=$SECONDS rc left
+    shift 2
+    left=$((budget - (SECONDS - start_all)))
+    (( limit > left )) && limit=$left
+    if (( limit < 20 )); then
+        echo "$name: skipped, ${left} s of the budget left" | tee -a "$out/suite.txt"
+        return
+    fi
+    echo "== $name (limit $limit s): $*"
+    timeout -k 10 "$limit" "$@" > "$results/$name.md" 2> "$results/$name.log"
     rc=$?
-    echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$out/suite.txt"
+    echo "$name: exit $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/suite.txt"
 }
 
-step gpu_mfu "$py" benchmarks/gpu_mfu.py "${mfu[@]}" --json "$out/gpu_mfu.json"
-if [[ -f data/shakespeare/manifest.json ]]; then
-    rm -rf "$out/moe_run"
-    step moe_train "$py" -m kha.cli train --preset tiny-moe --data data/shakespeare --device "$train_device" \
-        --precision bf16 "${compile[@]}" --steps "$steps" --batch-size 32 --seq-len 256 --eval-every 100 \
-        --eval-batches 10 --ckpt-every "$steps" --no-progress --out "$out/moe_run"
-    cp "$out/moe_run/metrics.jsonl" "$out/moe_train_metrics.jsonl" 2> /dev/null
-    rm -rf "$out/moe_run"  # checkpoints and weights stay behind
+step gpu_mfu 130 "$py" benchmarks/gpu_mfu.py "${mfu[@]}" --json "$results/gpu_mfu.json"
+step gpu_mfu_moe 150 "$py" benchmarks/gpu_mfu.py --moe "${mfu[@]}" --json "$results/gpu_mfu_moe.json"
+if [[ -f $data/manifest.json ]]; then
+    step moe_compile 100 "$py" benchmarks/moe_compile.py --data "$data" --steps "$steps" --precision bf16 \
+        "${train[@]}" --json "$results/moe_compile.json"
 else
-    echo "moe_train: skipped, no data/shakespeare (kha data prepare --out data/shakespeare)" | tee -a "$out/suite.txt"
+    echo "moe_compile: skipped, no $data (kha data prepare --out data/shakespeare)" | tee -a "$out/suite.txt"
 fi
-step precision "$py" benchmarks/precision.py "${gpu[@]}" --shapes study,small --json "$out/precision.json"
-step moe "$py" benchmarks/moe.py "${gpu[@]}" --json "$out/moe.json"
-step vs_transformers "$py" benchmarks/vs_transformers.py "${gpu[@]}" --dtype bf16 "${compile[@]}" \
-    --json "$out/vs_transformers.json"
+step moe 45 "$py" benchmarks/moe.py "${gpu[@]}" --shapes tiny "${rounds[@]}" --json "$results/moe.json"
+step precision 600 "$py" benchmarks/precision.py "${gpu[@]}" --shapes study --json "$results/precision.json"
+echo "suite: $((SECONDS - start_all)) s of a $budget s budget" | tee -a "$out/suite.txt"
+tar -czf "$out/gpu_suite.tar.gz" -C "$work" gpu_suite

@@ -999,3 +999,70 @@ def test_ablate_does_not_train_into_a_linked_runs_folder(data_dir, tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'runs'))} is a symbolic link"):
         run_grid("study", out, seeds=1, base=small_run(data_dir, out, steps=1), log=lambda msg: None)
     assert list(elsewhere.iterdir()) == []
+
+
+SLOW_STEP = """
+import signal, sys, time
+import kha.train.loop as loop, kha.train.stopsignal as stopsignal
+from kha.train import TrainConfig, train
+
+stopsignal.STOP_BOUND_S, stopsignal.REPEAT_GRACE_S, stopsignal.ANSWER_S = 1.0, 0.5, 0.5
+real = loop.lr_at
+
+def lr_at(step, cfg):  # step 2 never finishes: asleep in Python, or stuck in C as in a hung collective
+    if step == 1:
+        print("slow step", file=sys.stderr, flush=True)
+        if sys.argv[3] == "stuck":  # SIGTERM blocked here: delivered to another thread, no Python handler runs
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        time.sleep(3600)
+    return real(step, cfg)
+
+loop.lr_at = lr_at
+train(TrainConfig(out=sys.argv[1], data=sys.argv[2], preset="tiny", seq_len=32, batch_size=4, steps=6, lr=3e-3,
+                  eval_every=3, eval_batches=2, ckpt_every=1, progress=False))
+"""
+
+
+def test_a_stop_that_hangs_says_so_and_a_second_sigterm_ends_it_then_resume_reproduces_the_run(
+        data_dir, tmp_path, reference):
+    """A step that does not finish after SIGTERM: the message naming how to stop at once comes within the bound
+    (1 s here), and a second SIGTERM ends the process promptly although no Python handler can run (the main thread
+    is made unreachable as in a hung collective: SIGTERM blocked there, so it lands on another thread); the
+    checkpoints written before stay usable, and the resumed run is the uninterrupted one, bit for bit."""
+    import queue
+    import threading
+    import time
+
+    script, out = tmp_path / "slow_step.py", tmp_path / "run"
+    script.write_text(SLOW_STEP)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(data_dir), "stuck"], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+
+    def wait_for(text: str, within: float) -> tuple[float, str]:
+        start = time.monotonic()
+        while (left := start + within - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+                if text in line:
+                    return time.monotonic() - start, line
+            except queue.Empty:
+                break
+        proc.kill()
+        pytest.fail(f"no {text!r} within {within} s")
+
+    try:
+        wait_for("slow step", 120)
+        os.kill(proc.pid, signal.SIGTERM)
+        waited, line = wait_for("still stopping 1 s after SIGTERM", 10)
+        assert 0.9 <= waited <= 5, waited
+        assert f"send SIGTERM again (kill -TERM {proc.pid}) or press Ctrl-C, or kill -9 {proc.pid}" in line, line
+        os.kill(proc.pid, signal.SIGTERM)  # > REPEAT_GRACE_S after the first
+        rc = proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM, rc  # os._exit from the watcher: no Python handler could run
+    assert ckpts(out) == ["step_0000001"] and (out / ".lock").exists()  # what the stop at once leaves
+    train(small_run(data_dir, out, resume=True))  # takes the stale lock over
+    assert losses(out) == losses(reference)

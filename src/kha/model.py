@@ -5,6 +5,9 @@
   DeepSeek-V3): a per-expert bias is added to the router scores only to *choose* experts, gates come
   from the unbiased scores, and after every optimizer step the bias moves by ``rate * sign(mean - load)``
   from that step's token counts (all-reduced across ranks when distributed). Router math is fp32.
+- The experts (``EXPERT_FORMS``): ``torch._grouped_mm`` or a padded block matmul over a buffer of static size with
+  offsets computed on the device (no host sync: ``torch.compile(fullgraph=True)`` takes the MoE whole, and
+  routing that changes step to step recompiles nothing), and the per-expert loop as the reference.
 - ``Block``: pre-RMSNorm attention and FFN with residuals.
 - ``DecoderLM``: embeddings (tied to the LM head by default), blocks, final norm, LM head; ``forward``
   returns logits and, given targets, the mean cross-entropy; ``generate`` decodes with the KV cache.
@@ -44,7 +47,7 @@ class SwiGLU(nn.Module):
 
 
 class Router(nn.Module):
-    """Chooses ``top_k`` experts per token; keeps the balancing bias and this step's token counts."""
+    """Chooses ``top_k`` experts per token; keeps the balancing bias and the token counts since its last update."""
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
@@ -71,49 +74,63 @@ class Router(nn.Module):
             gates = gates / gates.sum(dim=-1, keepdim=True)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.cfg.n_experts)
+                self.tokens_per_expert += expert_counts(chosen, self.cfg.n_experts)
         return chosen, gates
 
     @torch.no_grad()
-    def update_bias(self) -> dict[str, float]:
-        """Sign-rule bias step from the counts since the last call; returns and clears the load metrics."""
+    def update_bias(self) -> dict[str, torch.Tensor]:
+        """Sign-rule bias step from the counts since the last call; returns (as 0-d tensors: reading them is the
+        caller's choice, this method never waits for the device) and clears the load metrics. No counts (mean
+        0) leave the bias as it is: every ``sign(mean - count)`` is then 0."""
         counts = self.tokens_per_expert
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         mean = counts.mean()
-        metrics = {"max_over_mean": (counts.max() / mean).item() if mean > 0 else float("nan"),
-                   "tokens": counts.sum().item()}
-        if mean > 0:
-            self.expert_bias += self.cfg.bias_update_rate * torch.sign(mean - counts)
+        metrics = {"max_over_mean": counts.max() / mean, "tokens": counts.sum()}  # 0 / 0 = nan: no tokens
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(mean - counts)
         counts.zero_()
         return metrics
 
 
-def run_experts_loop(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
-    """SwiGLU of each expert on its contiguous slice of ``x`` (rows sorted by expert), one expert at a time.
+def expert_counts(chosen: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many rows of ``chosen`` (expert indices) went to each expert: an ``(n_experts,)`` int64 tensor of static
+    size (``torch.bincount``'s size would depend on the values)."""
+    flat = chosen.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
-    The reference the batched forms are tested against.
-    """
+
+def run_experts_loop(x: torch.Tensor, counts, w_gate, w_up, w_down) -> torch.Tensor:
+    """SwiGLU of each expert on its contiguous slice of ``x`` (rows sorted by expert; ``counts[e]`` rows for
+    expert ``e``, a list or tensor), one expert at a time. The reference the other forms are tested against; it
+    reads the counts on the host (a device sync, a graph break under ``torch.compile``)."""
     outs = []
-    for e, chunk in enumerate(torch.split(x, counts)):
+    for e, chunk in enumerate(torch.split(x, torch.as_tensor(counts).tolist())):
         if chunk.shape[0]:
             outs.append((F.silu(chunk @ w_gate[e]) * (chunk @ w_up[e])) @ w_down[e])
     return torch.cat(outs) if outs else x.new_zeros(0, w_down.shape[-1])
 
 
-def run_experts_padded(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
-    """The same as :func:`run_experts_loop` as three batched matmuls over ``(E, max(counts), d)``.
+def padded_layout(counts: torch.Tensor, n_rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where the ``n_rows`` expert-sorted rows go in a buffer in which each expert's group starts at a multiple
+    of ``align`` rows, all computed on the device from ``counts`` (no host sync, static shapes).
 
-    Each expert's rows go to their own zero-padded slot; with balanced routing the padding is small.
+    Returns each row's position, the groups' end offsets (int32, as ``torch._grouped_mm`` takes them; the last
+    group runs to the buffer's end, so that every row of the buffer belongs to a group), and the buffer's size:
+    ``n_rows + n_experts * (align - 1)`` rounded up to a multiple of ``align``, the most the padding can need.
     """
-    n_experts, capacity = len(counts), max(counts, default=0)
-    sizes = torch.tensor(counts, device=x.device)
-    expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), sizes)
-    slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(sizes, 0) - sizes)[expert]
-    padded = x.new_zeros(n_experts, capacity, x.shape[-1])
-    padded[expert, slot] = x
-    hidden = swiglu_gate(torch.bmm(padded, w_gate), torch.bmm(padded, w_up))
-    return torch.bmm(hidden, w_down)[expert, slot]
+    counts = counts.to(torch.int64)
+    size = -(-(n_rows + counts.shape[0] * (align - 1)) // align) * align
+    padded = (counts + align - 1) // align * align
+    ends = torch.cumsum(padded, 0)
+    ends = torch.cat([ends[:-1], ends.new_full((1,), size)])
+    rows = torch.arange(n_rows, device=counts.device)
+    expert = torch.bucketize(rows, torch.cumsum(counts, 0), right=True)  # the expert of each sorted row
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)  # padded start - start
+    return rows + shift[expert], ends.to(torch.int32), size
+
+
+def _scatter_rows(x: torch.Tensor, position: torch.Tensor, size: int) -> torch.Tensor:
+    return x.new_zeros(size, x.shape[-1]).index_copy(0, position, x)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -121,23 +138,57 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def run_experts_grouped(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
-    """The same as :func:`run_experts_loop` with ``torch._grouped_mm`` (no padding), in autocast's dtype."""
+def run_experts_grouped(x: torch.Tensor, counts, w_gate, w_up, w_down) -> torch.Tensor:
+    """The same as :func:`run_experts_loop` with ``torch._grouped_mm``, in autocast's dtype.
+
+    Each expert's rows start 16-byte aligned in a buffer of static size (:func:`padded_layout`), so the group
+    offsets stay on the device and the shapes never change with the routing: no sync, no recompilation.
+    """
     dtype = _compute_dtype(x)
-    offsets = torch.cumsum(torch.tensor(counts, device=x.device), 0).to(torch.int32)
-    x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
-    hidden = swiglu_gate(torch._grouped_mm(x, w_gate, offs=offsets), torch._grouped_mm(x, w_up, offs=offsets))
-    return torch._grouped_mm(hidden, w_down, offs=offsets)
+    position, ends, size = padded_layout(torch.as_tensor(counts, device=x.device), x.shape[0],
+                                         max(1, 16 // dtype.itemsize))
+    buffer = _scatter_rows(x.to(dtype), position, size)
+    w_gate, w_up, w_down = (w.to(dtype) for w in (w_gate, w_up, w_down))
+    hidden = swiglu_gate(torch._grouped_mm(buffer, w_gate, offs=ends), torch._grouped_mm(buffer, w_up, offs=ends))
+    return torch._grouped_mm(hidden, w_down, offs=ends)[position]
+
+
+def padded_block(n_rows: int, n_experts: int) -> int:
+    """Rows per block of :func:`run_experts_padded`: a power of two from 8 to 128, about half the mean rows per
+    expert. Larger blocks mean fewer weight gathers and larger matmuls (on a 2-core CPU a layer of ``tiny-moe``
+    ran fastest at 128, 0.65-0.75x the time at 32, measured eager and compiled), smaller ones less padding."""
+    return 1 << max(3, min(7, (n_rows // (2 * n_experts)).bit_length() - 1))
+
+
+def run_experts_padded(x: torch.Tensor, counts, w_gate, w_up, w_down, block: int | None = None) -> torch.Tensor:
+    """The same as :func:`run_experts_loop` as three batched matmuls over blocks of ``block`` rows (default:
+    :func:`padded_block`), each block one expert's: the form for where ``torch._grouped_mm`` is missing or slow.
+
+    Each expert's rows are padded to whole blocks in a buffer of static size (:func:`padded_layout`); every block
+    is multiplied by its expert's weights (gathered per block). Dropless, no sync, shapes independent of the
+    routing; it pays up to ``block - 1`` zero rows per expert and the weight gathers.
+    """
+    block = block or padded_block(x.shape[0], w_gate.shape[0])
+    dtype = _compute_dtype(x)
+    position, ends, size = padded_layout(torch.as_tensor(counts, device=x.device), x.shape[0], block)
+    w_gate, w_up, w_down = (w.to(dtype) for w in (w_gate, w_up, w_down))
+    n_blocks = size // block
+    starts = torch.arange(n_blocks, device=x.device) * block
+    owner = torch.bucketize(starts, ends.to(torch.int64), right=True)  # the expert of each block
+    blocks = _scatter_rows(x.to(dtype), position, size).view(n_blocks, block, -1)
+    hidden = swiglu_gate(torch.bmm(blocks, w_gate[owner]), torch.bmm(blocks, w_up[owner]))
+    return torch.bmm(hidden, w_down[owner]).view(size, -1)[position]
 
 
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 
+@torch.compiler.assume_constant_result
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward and backward here (it is private, and on CUDA needs a
     recent GPU and bf16): tried once per device type and dtype on a small problem, with gradients on even when
     the first call comes from ``no_grad`` or inference code (else the probe's backward would fail there and
-    switch ``_grouped_mm`` off for the whole process)."""
+    switch ``_grouped_mm`` off for the whole process). ``torch.compile`` runs it eagerly and keeps the answer."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_WORKS:
         try:
@@ -152,19 +203,29 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_WORKS[key]
 
 
-def run_experts(x: torch.Tensor, counts: list[int], w_gate, w_up, w_down) -> torch.Tensor:
-    """Every expert's SwiGLU without a Python loop: ``torch._grouped_mm`` where it works for this device,
-    dtype and shape (rows 16-byte aligned), else the padded batched matmul.
+def run_experts(x: torch.Tensor, counts, w_gate, w_up, w_down) -> torch.Tensor:
+    """Every expert's SwiGLU without a Python loop or a host sync: ``torch._grouped_mm`` where it works (on CUDA:
+    a recent GPU, bf16, rows a multiple of 16 bytes), else the padded batched matmul (:func:`run_experts_padded`).
 
-    On CPU ``_grouped_mm`` is taken in fp32 only: in bf16 its CPU kernel made a training step 1.55x slower
-    than the padded form (benchmarks/moe.py, docs/benchmarks.md), while in fp32 it was the fastest form there.
+    On CPU the padded form is taken: at ``tiny-moe``'s shape it ran a layer in 0.8x the time of ``_grouped_mm``
+    in fp32 and 0.5x in bf16 eager, and 0.3x in bf16 compiled (benchmarks/moe.py, docs/benchmarks.md);
+    ``torch.compile`` accepts ``_grouped_mm`` in bf16 only.
     """
-    dtype = _compute_dtype(x)
-    aligned = all(n * dtype.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[-1]))
-    fast_here = x.device.type != "cpu" or dtype == torch.float32
-    if aligned and fast_here and not torch.compiler.is_compiling() and grouped_mm_works(x.device, dtype):
+    if takes_grouped_mm(x.device, _compute_dtype(x), x.shape[-1], w_gate.shape[-1]):
         return run_experts_grouped(x, counts, w_gate, w_up, w_down)
     return run_experts_padded(x, counts, w_gate, w_up, w_down)
+
+
+def takes_grouped_mm(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
+    """:func:`run_experts`' choice: ``_grouped_mm`` off CPUs, where it works, with rows of a multiple of 16 bytes,
+    and in bf16 while compiling."""
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in (d_model, d_expert))
+    traceable = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return device.type != "cpu" and aligned and traceable and grouped_mm_works(device, dtype)
+
+
+EXPERT_FORMS = {"auto": run_experts, "grouped": run_experts_grouped, "padded": run_experts_padded,
+                "loop": run_experts_loop}
 
 
 class MoE(nn.Module):
@@ -177,16 +238,16 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, d_model, cfg.d_expert))
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, d_model, cfg.d_expert))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, d_model))
+        self.form = "auto"  # how the experts run: a key of EXPERT_FORMS (all give the same function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, gates = self.router(flat)
-        assignment = chosen.flatten()
-        order = torch.argsort(assignment, stable=True)
+        order = torch.argsort(chosen.flatten(), stable=True)
         token = order // self.cfg.top_k
-        counts = torch.bincount(assignment, minlength=self.cfg.n_experts).tolist()
-        y = run_experts(flat[token], counts, self.w_gate, self.w_up, self.w_down)
+        counts = expert_counts(chosen, self.cfg.n_experts)
+        y = EXPERT_FORMS[self.form](flat[token], counts, self.w_gate, self.w_up, self.w_down)
         # weight and sum the k expert outputs of each token in fp32 (under autocast y is bf16)
         y = y.float() * gates.flatten()[order, None]
         combined = torch.zeros(flat.shape, device=flat.device, dtype=torch.float32).index_add_(0, token, y)
@@ -305,8 +366,9 @@ class DecoderLM(nn.Module):
         """One empty KV cache per layer, of the kind each layer's attention variant needs."""
         return [layer.attn.new_cache() for layer in self.layers]
 
-    def update_moe_biases(self) -> list[dict[str, float]]:
-        """Call once after every optimizer step: loss-free balancing update; per-layer load metrics."""
+    def update_moe_biases(self) -> list[dict[str, torch.Tensor]]:
+        """Call once after every optimizer step: loss-free balancing update (tensor ops only, no host sync);
+        per-layer load metrics as 0-d tensors."""
         return [layer.ffn.router.update_bias() for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     @torch.no_grad()

@@ -277,8 +277,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                       "spike": spikes.update(done, loss_value)}
-            if moe_load:
-                record["moe_max_over_mean"] = max(m["max_over_mean"] for m in moe_load)
+            if moe_load:  # read here, outside the compiled model, once per step
+                record["moe_max_over_mean"] = torch.stack([m["max_over_mean"] for m in moe_load]).max().item()
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_step / dt / peak
             if done % cfg.eval_every == 0 or done == cfg.steps:

@@ -1,0 +1,130 @@
+"""MoE without host syncs: the expert forms against the per-expert loop, ``torch.compile(fullgraph=True)`` over MoE
+models with every knock, no recompilation while the routing changes, and ``kha train --compile`` on an MoE preset."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from kha.attention import AttentionConfig
+from kha.cli import main
+from kha.config import ModelConfig, MoEConfig
+from kha.model import (
+    DecoderLM,
+    expert_counts,
+    padded_layout,
+    run_experts_grouped,
+    run_experts_loop,
+    run_experts_padded,
+)
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+COUNTS = [5, 0, 17, 1, 9, 0, 32, 4]  # uneven, two experts without tokens
+
+
+def moe_config(knock: str = "none") -> ModelConfig:
+    attn = AttentionConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, knock=knock)
+    return ModelConfig(attention=attn, n_layers=1, d_ff=64, vocab_size=97,
+                       moe=MoEConfig(n_experts=8, top_k=2, d_expert=16))
+
+
+def test_padded_layout_aligns_every_group_and_keeps_the_rows_in_order():
+    counts = torch.tensor(COUNTS)
+    position, ends, size = padded_layout(counts, sum(COUNTS), 8)
+    assert size == 72 + 8 * 7 and size % 8 == 0  # static: the rows plus the most padding 8 experts can need
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()
+    assert ends.dtype == torch.int32 and ends[-1] == size and bool((starts % 8 == 0).all())
+    first = torch.cumsum(counts, 0) - counts
+    for e, n in enumerate(COUNTS):  # expert e's rows fill its group from its start, in order
+        assert position[first[e]:first[e] + n].tolist() == list(range(starts[e], starts[e] + n))
+        assert starts[e] + n <= ends[e]
+
+
+@pytest.mark.parametrize("form", ["grouped", "padded-8", "padded-16", "padded-default"])
+def test_expert_forms_equal_the_loop_forward_and_gradients(form):
+    """fp32, 1e-5: outputs and every gradient, with two experts that receive no token."""
+    if form == "grouped" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    torch.manual_seed(1)
+    x = torch.randn(sum(COUNTS), 16, requires_grad=True)
+    weights = [(0.3 * torch.randn(8, *s)).requires_grad_() for s in ((16, 32), (16, 32), (32, 16))]
+    upstream = torch.randn(sum(COUNTS), 16)
+    ref = run_experts_loop(x, COUNTS, *weights)
+    ref_grads = torch.autograd.grad(ref, [x, *weights], upstream)
+    counts = torch.tensor(COUNTS)
+    if form == "grouped":
+        out = run_experts_grouped(x, counts, *weights)
+    else:
+        block = None if form == "padded-default" else int(form.split("-")[1])
+        out = run_experts_padded(x, counts, *weights, block=block)
+    torch.testing.assert_close(out, ref, **FP32)
+    for g, r in zip(torch.autograd.grad(out, [x, *weights], upstream), ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **FP32)
+
+
+def test_expert_counts_have_a_static_size():
+    chosen = torch.tensor([[0, 3], [3, 1], [0, 3]])
+    assert expert_counts(chosen, 6).tolist() == [2, 1, 0, 3, 0, 0]
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, targets=ids).loss
+    loss.backward()
+    return loss.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("knock", ["none", "linear", "mlp", "gate"])
+def test_fullgraph_compile_of_an_moe_model_equals_eager_under_bf16_autocast(knock):
+    """``fullgraph=True`` fails on any graph break (a ``.tolist()``, a Python ``max`` over counts); forward and
+    backward under CPU bf16 autocast. Tolerance: bf16 rounding (the compiled graph fuses and orders ops
+    differently); the same routing, so the loss differs by rounding only."""
+    torch.manual_seed(0)
+    model = DecoderLM(moe_config(knock)).train()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    eager_loss, eager_grads = _loss_and_grads(model, ids)
+    compiled_loss, compiled_grads = _loss_and_grads(torch.compile(model, fullgraph=True), ids)
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-2)
+    assert (compiled_grads - eager_grads).norm() <= 5e-2 * eager_grads.norm()
+
+
+@pytest.mark.slow
+def test_training_steps_with_changing_routing_compile_once():
+    """12 AdamW steps on new batches with the balancing update after each: the routing changes every step (the
+    token counts per expert differ), and after the first step (the warm-up: forward and backward graphs compiled
+    once) nothing compiles again, under CPU bf16 autocast."""
+    torch.manual_seed(0)
+    model = DecoderLM(moe_config("mlp")).train()
+    compiled = torch.compile(model, fullgraph=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    router = model.layers[0].ffn.router
+    generator = torch.Generator().manual_seed(1)
+    loads, graphs = [], None
+    for step in range(12):
+        ids = torch.randint(0, 97, (4, 16), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(ids, targets=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads.append(router.tokens_per_expert.clone())
+        metrics = model.update_moe_biases()
+        assert metrics[0]["tokens"].item() == 4 * 16 * 2
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            torch._dynamo.config.error_on_recompile = True  # any recompilation from here on raises
+    torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len({tuple(load.tolist()) for load in loads}) >= 10  # the routing really changed
+    assert router.expert_bias.abs().sum() > 0  # and the balancing bias moved
+
+
+@pytest.mark.slow
+def test_kha_train_compile_on_an_moe_preset(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny-moe", "--data", str(data_dir), "--out", str(out), "--compile",
+                 "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
+                 "--no-progress", "--precision", "bf16"]) == 0
+    assert "step 3: loss" in capsys.readouterr().out
+    assert (out / "model.safetensors").exists()

@@ -68,7 +68,8 @@ def summary_dict(s: Summary | None) -> dict | None:
 def report(losses: dict[str, dict[str, dict[int, float]]], args) -> dict:
     """Print the tables; return the summaries for the JSON."""
     out: dict = {"bf16_minus_fp32": {}, "contrast": {}}
-    print("\n## bf16 - fp32, paired by seed\n\n| arm | condition | fp32 final val loss | bf16 - fp32 |\n|---|---|---|---|")
+    print("\n## bf16 - fp32, paired by seed\n")
+    print("| arm | condition | fp32 final val loss | bf16 - fp32 |\n|---|---|---|---|")
     for arm, by_cond in losses.items():
         for cond, values in by_cond.items():
             if cond == "fp32":
@@ -84,7 +85,7 @@ def report(losses: dict[str, dict[str, dict[int, float]]], args) -> dict:
     print("\n## KHA contrast (arm - baseline, paired by seed): bf16 against fp32\n")
     print("| arm | precision (form) | contrast | bf16 contrast - fp32 contrast | seeds |\n|---|---|---|---|---|")
     for arm in knocked:
-        fp32 = {s: losses[arm]["fp32"][s] - base["fp32"][s] for s in losses[arm].get("fp32", {}) if s in base.get("fp32", {})}
+        fp32 = {s: v - base["fp32"][s] for s, v in losses[arm].get("fp32", {}).items() if s in base.get("fp32", {})}
         print(f"| {ARMS[arm][0]} | fp32 | {fmt_summary(summarize(fp32.values()), 4, signed=True, mark=True)} | | "
               f"{len(fp32)} |")
         out["contrast"][f"{arm} | fp32"] = {"per_seed": fp32, "summary": summary_dict(summarize(fp32.values()))}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kha import AttentionConfig
 from kha.config import ModelConfig
-from kha.knock import make_knocks
+from kha.knock import FOLD_ROWS_PER_INPUT, make_knocks
 from kha.model import DecoderLM
 from kha.train import train
 from kha.variants import build_attention
@@ -36,13 +36,15 @@ LATENT = ("mla", "mla_q", "gla")
 CASES = [(name, knock, targets) for name in VARIANTS
          for knock, targets in [("linear", "qkv"), ("linear", "v"), ("mlp", "v"), ("mlp", "qkv"), ("gate", "qk")]
          if name not in LATENT or knock == "linear"]
-# rows of the input: 2 x 40 = 80 >= every projection's input width (KHA-Linear folds), 1 x 5 below it (residual)
-SHAPES = {"fold": (2, 40), "residual": (1, 5)}
+# rows of the input: 4 x 64 = 256 >= FOLD_ROWS_PER_INPUT x every projection's input width (KHA-Linear folds),
+# 1 x 5 below it (residual)
+SHAPES = {"fold": (4, 64), "residual": (1, 5)}
 
 
 def pair(name: str, knock: str, targets, **kwargs):
-    """The same float64 weights (knocks and norms moved off their init) in the fused and the plain form."""
-    cfg = AttentionConfig(d_model=D_MODEL, head_dim=16, knock=knock, knock_targets=targets,
+    """The same float64 weights (knocks and norms moved off their init) in the fused and the plain form. Without
+    RoPE: it turns its input in fp32 (fp32 angles), where a difference of 1e-16 can flip a rounding."""
+    cfg = AttentionConfig(d_model=D_MODEL, head_dim=16, knock=knock, knock_targets=targets, rope=False,
                           **{**VARIANTS[name], **kwargs})
     fused = build_attention(cfg).double()
     perturb(fused, scale=0.1)
@@ -72,14 +74,14 @@ def test_fused_form_is_the_plain_function_with_the_same_gradients(name, knock, t
 
 @pytest.mark.parametrize("name,knock,targets", [c for c in CASES if c[2] != "qk"])
 def test_fused_form_decodes_as_it_runs_whole(name, knock, targets):
-    """A whole sequence (80 rows: folded) equals the same sequence decoded token by token (residual path)."""
+    """A whole sequence (256 rows: folded) equals the same sequence decoded token by token (residual path)."""
     fused, _ = pair(name, knock, targets)
-    x = torch.randn(2, 40, D_MODEL, dtype=torch.float64)
+    x = torch.randn(4, 64, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         whole = fused(x)
         cache = fused.new_cache()
-        prefix = fused(x[:, :30], cache=cache)  # 60 rows: folded for KHA-Linear where the input is 64 wide
-        steps = [fused(x[:, i:i + 1], cache=cache) for i in range(30, 40)]
+        prefix = fused(x[:, :32], cache=cache)  # 128 rows: folded where the input is 32 wide (MLA's k_up, v_up)
+        steps = [fused(x[:, i:i + 1], cache=cache) for i in range(32, 64)]
     torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), whole, **F64)
 
 
@@ -127,7 +129,7 @@ PROBE = {"gqa": dict(n_heads=4, n_kv_heads=2), "gta": dict(variant="gta", n_head
 @pytest.mark.parametrize("target", "qkv")
 @pytest.mark.parametrize("variant", list(PROBE))
 def test_folded_linear_knock_keeps_its_deviation_inside_the_model(variant, target):
-    """KHA-Linear folded into its projection, in every variant, as training runs it (256 rows, bf16 autocast):
+    """KHA-Linear folded into its projection, in every variant, as training runs it (512 rows, bf16 autocast):
     the knocked projection's deviation from the unknocked one (both exact, float64) is kept with a slope
     >= 0.95, where the plain form's bf16 product ``bf16(x W) @ bf16(T)`` keeps less than 90 % of it."""
     cfg = AttentionConfig(d_model=128, head_dim=64, knock="linear", knock_targets=target, **PROBE[variant])
@@ -139,7 +141,7 @@ def test_folded_linear_knock_keeps_its_deviation_inside_the_model(variant, targe
     dim = cfg.knock_dim(target)
     proj = fused.knock_projections(target)[0]
     name = next(n for n, m in fused.named_modules() if m is proj)
-    x = torch.randn(256, proj.in_features)
+    x = torch.randn(FOLD_ROWS_PER_INPUT * 128, proj.in_features)
     with torch.no_grad():
         base = F.linear(x.double(), proj.weight.double()).unflatten(-1, (-1, dim))
         deviation = base @ fused.knocks[target].weight.double() - base
@@ -163,21 +165,21 @@ def test_identity_at_init_is_exactly_the_baseline(knock, targets, bf16):
     torch.manual_seed(0)
     knocked = DecoderLM(ModelConfig(attention=replace(attn, knock=knock, knock_targets=targets), n_layers=2,
                                     d_ff=128, vocab_size=97))
-    for t in (40, 8):  # 80 rows: folded; 8 rows: residual
-        ids = torch.randint(0, 97, (2, t))
+    for b, t in ((4, 64), (2, 8)):  # 256 rows: folded; 16 rows: residual
+        ids = torch.randint(0, 97, (b, t))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             assert torch.equal(knocked(ids).logits, base(ids).logits)
 
 
 @pytest.mark.parametrize("knock,targets", [("linear", "qkv"), ("mlp", "v")])
 def test_fused_knocks_compile_whole(knock, targets):
-    """``torch.compile(fullgraph=True)`` traces the fused knocks (the fold's autocast-off region included),
+    """``torch.compile(fullgraph=True)`` traces the fused knocks (KHA-Linear folded),
     forward and backward under bf16 autocast, to the eager result (aot_eager runs the same ops)."""
     attn = AttentionConfig(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, knock=knock, knock_targets=targets)
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(attention=attn, n_layers=2, d_ff=128, vocab_size=97))
     perturb(model, scale=0.01)
-    ids = torch.randint(0, 97, (2, 41))
+    ids = torch.randint(0, 97, (4, 65))  # 256 rows: KHA-Linear folded
 
     def loss_and_grads(module):
         model.zero_grad()

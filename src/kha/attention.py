@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .knock import fold_into_linear, make_knocks, parse_targets
+from .knock import check_form, fold_into_linear, make_knocks, parse_targets
 
 ATTENTION_IMPLS = ("sdpa", "eager")
 # "gqa" covers MHA (n_kv_heads == n_heads), GQA and MQA (n_kv_heads == 1); the others live in kha.variants:
@@ -50,7 +50,9 @@ class AttentionConfig:
     ``variant`` picks the attention family (see :func:`kha.variants.build_attention`).
     ``head_dim`` defaults to ``d_model // n_heads`` and may be set independently (Qwen3 uses 128).
     ``knock_targets`` defaults to the paper's choice for the knock type: q, k, v for ``linear``; v for
-    ``mlp`` and ``gate``. It accepts ``"qkv"``, ``"v"``, ``("q", "v")`` and so on.
+    ``mlp`` and ``gate``. It accepts ``"qkv"``, ``"v"``, ``("q", "v")`` and so on. ``knock_form`` is how the
+    knocks are computed (:mod:`kha.knock`): ``"fused"`` (robust in bf16, KHA-Linear folded into the
+    projections) or ``"plain"`` (the formulas as written, the reference); the same function and parameters.
 
     MLA / GLA only: ``kv_lora_rank`` (the cached latent's width, all groups together), ``q_lora_rank``
     (None = queries projected directly from the input), ``rope_head_dim`` (the decoupled RoPE part of
@@ -65,6 +67,7 @@ class AttentionConfig:
     head_dim: int | None = None
     knock: str = "none"
     knock_targets: tuple[str, ...] | str | None = None
+    knock_form: str = "fused"
     qk_norm: bool = True
     rope: bool = True
     rope_theta: float = 1_000_000.0
@@ -101,6 +104,7 @@ class AttentionConfig:
         if self.rope and not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         self.knock_targets = parse_targets(self.knock, self.knock_targets)
+        check_form(self.knock_form)
         if self.variant in LATENT_VARIANTS:
             self._check_latent()
         elif self.variant == "gta":
@@ -401,8 +405,11 @@ class AttentionBase(nn.Module):
         """An empty cache of the kind this variant stores (callers need not know the variant)."""
         return self.cache_class()
 
-    def _knock(self, target: str, x: torch.Tensor) -> torch.Tensor:
-        return self.knocks[target](x) if target in self.knocks else x
+    def _project(self, target: str, proj: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``proj(x)`` as ``(..., heads, dim)`` with the knock on ``target``, if any, in ``cfg.knock_form``."""
+        if target not in self.knocks:
+            return proj(x).unflatten(-1, (-1, dim))
+        return self.knocks[target].project(proj, x, dim, self.cfg.knock_form)
 
     def resolve_impl(self, impl: str | None) -> str:
         impl = self.default_impl if impl is None else impl
@@ -485,11 +492,10 @@ class Attention(AttentionBase):
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V as ``(B, heads, T, head_dim)``: projections, knocks, QK-norm, RoPE."""
-        b, t, _ = x.shape
         hd = self.cfg.head_dim
-        q = self._knock("q", self.q_proj(x).view(b, t, self.cfg.n_heads, hd))
-        k = self._knock("k", self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
-        v = self._knock("v", self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd))
+        q = self._project("q", self.q_proj, x, hd)
+        k = self._project("k", self.k_proj, x, hd)
+        v = self._project("v", self.v_proj, x, hd)
         if (self.q_norm is not None and self.rotary is not None and cpu_kernels.fuses(q, self.q_norm.weight)
                 and cpu_kernels.fuses(k, self.k_norm.weight)):
             cos, sin = self.rotary.cos_sin(positions)

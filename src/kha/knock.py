@@ -9,6 +9,21 @@ every head while heads never exchange features in the forward pass.
   ``W_gate`` zero, so ``2 * sigmoid(0) = 1`` and the transform starts as the identity.
 - ``gate``:   ``2 * x * sigmoid(x @ W_gate)`` (the Table 2 ablation), ``W_gate`` zero.
 
+Forms (``AttentionConfig.knock_form``; the same function, different rounding):
+
+- ``"plain"``: the formulas above as written, each matrix cast to the activations' dtype: the reference.
+  Under bf16 autocast this loses part of a knock's deviation from the identity, since bf16 rounds entries
+  near 1 to multiples of 2^-8 below 1 and 2^-7 above it (an AdamW step of ~LR on the diagonal is invisible
+  until it crosses a rounding step).
+- ``"fused"`` (default): the identity-initialised matrices enter the bf16 products only through ``W - I``,
+  formed in fp32, or folded with the projection in fp32. KHA-Linear runs folded into its projection,
+  ``x (W_proj T)`` (one matmul; the folded weight's entries are not near 1), or, when the fold would cost
+  more than the knock (fewer rows than ``FOLD_ROWS_PER_INPUT`` times the projection's input width, e.g.
+  decoding, or small batches on a CPU), ``y + y (T - I)``;
+  KHA-MLP runs ``u = y + y (W_up - I)`` and the gate in one matmul ``y [W_up - I | W_gate]``, then
+  ``h + h (W_down - I)`` with ``h = 2 u sigmoid(g) = u + u tanh(g / 2)``: a gate near 1 kept as its deviation
+  from 1 (bf16 would round ``sigmoid(g)`` near 0.5 to a multiple of 2^-9); the gate knock likewise.
+
 Parameters are plain ``nn.Parameter`` matrices used as ``x @ W`` (input dim first), never ``nn.Linear``,
 so generic ``nn.Linear`` re-initialisers leave them alone. Their initialisation draws no random numbers,
 so a knocked model built under a seed has the same base weights as the baseline built under that seed.
@@ -17,6 +32,7 @@ so a knocked model built under a seed has the same base weights as the baseline 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KNOCK_TYPES = ("none", "linear", "mlp", "gate")
@@ -25,6 +41,46 @@ KNOCK_TARGETS = ("q", "k", "v")
 DEFAULT_TARGETS = {"none": (), "linear": ("q", "k", "v"), "mlp": ("v",), "gate": ("v",)}
 # Square head_dim x head_dim matrices each knock type owns (for parameter and FLOP accounting).
 MATRICES_PER_KNOCK = {"none": 0, "linear": 1, "mlp": 3, "gate": 1}
+KNOCK_FORMS = ("fused", "plain")
+
+
+def check_form(form: str) -> None:
+    if form not in KNOCK_FORMS:
+        raise ValueError(f"unknown knock_form {form!r}; valid are {', '.join(KNOCK_FORMS)} (fused: bf16-robust "
+                         "and faster, the default; plain: the formulas as written, the reference)")
+
+
+# KHA-Linear folds into its projection when the rows (tokens x batch) are at least this many times the projection's
+# input width: the fold's cost, heads x head_dim^2 x d_in, does not grow with the batch, while the knock's,
+# rows x heads x head_dim^2, does; below that the fold's weight-sized casts and sums cost more than they save
+# (measured on a 2-core CPU, bf16, 1,024 rows into 512 features: the fold slower, at 4,096 faster).
+FOLD_ROWS_PER_INPUT = 4
+
+
+def _minus_identity(w: torch.Tensor) -> torch.Tensor:
+    """``w - I`` in ``w``'s dtype (fp32 master weights): small entries, exact in bf16 up to its relative precision."""
+    return w - torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+
+
+def _plus_product(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + x @ delta`` over the last dimension, as one ``addmm`` (the sum inside the product's accumulation)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.addmm(flat, flat, delta.to(x.dtype)).view(x.shape[:-1] + delta.shape[-1:])
+
+
+def folded(weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor, dim: int):
+    """The weight and bias of ``x -> (x W^T + b) T`` per head of width ``dim`` (eq. 8), as one linear layer.
+
+    ``weight`` is ``(heads * dim, d)``; head ``i``'s rows ``W_i`` become ``T^T W_i = W_i + (T - I)^T W_i``, its bias
+    ``b_i T``. Only the correction's product runs in the autocast dtype (its entries are small, so bf16 keeps
+    them to its relative precision); the sum is formed in the weight's dtype (fp32 master weights), so the
+    folded entries keep the knock's small deviation until the one cast that autocast applies when they are used.
+    """
+    delta = _minus_identity(t).t()
+    w = weight + torch.matmul(delta.to(weight.dtype), weight.unflatten(0, (-1, dim))).flatten(0, 1).to(weight.dtype)
+    if bias is None:
+        return w, None
+    return w, bias + (bias.unflatten(0, (-1, dim)) @ delta.t().to(bias.dtype)).flatten().to(bias.dtype)
 
 
 def parse_targets(knock: str, targets) -> tuple[str, ...]:
@@ -49,7 +105,25 @@ def parse_targets(knock: str, targets) -> tuple[str, ...]:
     return tuple(t for t in KNOCK_TARGETS if t in items)
 
 
-class LinearKnock(nn.Module):
+def _gated(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``2 x sigmoid(logits)`` as ``x + x tanh(logits / 2)``: the same function, but the gate's small deviation
+    from 1 is not rounded away (bf16 spaces values near 0.5 by 2^-9)."""
+    return x + x * torch.tanh(0.5 * logits)
+
+
+class Knock(nn.Module):
+    """A knock on one target: ``forward`` is the plain form, ``residual`` the fused one (module docstring);
+    :meth:`project` is how the attention applies it to a head projection."""
+
+    foldable = False
+
+    def project(self, proj: nn.Linear, x: torch.Tensor, dim: int, form: str) -> torch.Tensor:
+        """``proj(x)`` as ``(..., heads, dim)``, then this knock in ``form``."""
+        y = proj(x).unflatten(-1, (-1, dim))
+        return self(y) if form == "plain" else self.residual(y)
+
+
+class LinearKnock(Knock):
     """KHA-Linear: ``x @ T``, ``T`` identity at init."""
 
     foldable = True
@@ -62,15 +136,24 @@ class LinearKnock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.to(x.dtype)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return _plus_product(x, _minus_identity(self.weight))
+
+    def project(self, proj: nn.Linear, x: torch.Tensor, dim: int, form: str) -> torch.Tensor:
+        if form == "plain":
+            return super().project(proj, x, dim, form)
+        if x.numel() < FOLD_ROWS_PER_INPUT * x.shape[-1] * proj.in_features:
+            return self.residual(proj(x).unflatten(-1, (-1, dim)))
+        return F.linear(x, *folded(proj.weight, proj.bias, self.weight, dim)).unflatten(-1, (-1, dim))
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.copy_(torch.eye(self.weight.shape[0]))
 
 
-class MLPKnock(nn.Module):
+class MLPKnock(Knock):
     """KHA-MLP (eq. 9): ``2 * ((x @ W_up) * sigmoid(x @ W_gate)) @ W_down``; identity at init."""
 
-    foldable = False
     identity_init = ("w_up", "w_down")
 
     def __init__(self, head_dim: int):
@@ -84,6 +167,12 @@ class MLPKnock(nn.Module):
         hidden = (x @ self.w_up.to(dt)) * torch.sigmoid(x @ self.w_gate.to(dt))
         return 2.0 * (hidden @ self.w_down.to(dt))
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        up_gate = x @ torch.cat((_minus_identity(self.w_up), self.w_gate), dim=1).to(x.dtype)
+        hidden = _gated(x + up_gate[..., :n], up_gate[..., n:])
+        return _plus_product(hidden, _minus_identity(self.w_down))
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             n = self.w_up.shape[0]
@@ -92,10 +181,9 @@ class MLPKnock(nn.Module):
             self.w_down.copy_(torch.eye(n))
 
 
-class GateKnock(nn.Module):
+class GateKnock(Knock):
     """Gate-only knock (Table 2 ablation, known to hurt): ``2 * x * sigmoid(x @ W_gate)``; identity at init."""
 
-    foldable = False
     identity_init = ()
 
     def __init__(self, head_dim: int):
@@ -104,6 +192,9 @@ class GateKnock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2.0 * x * torch.sigmoid(x @ self.w_gate.to(x.dtype))
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return _gated(x, x @ self.w_gate.to(x.dtype))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -126,13 +217,11 @@ def fold_into_linear(proj: nn.Linear, knock: LinearKnock, head_dim: int) -> None
     ``proj`` maps to ``heads * head_dim`` features; head ``i``'s rows ``W_i`` (``head_dim x d``) give
     ``y_i = x W_i^T + b_i``, so ``y_i T = x (T^T W_i)^T + b_i T``.
     """
-    t = knock.weight.detach()
     with torch.no_grad():
-        w = proj.weight.view(-1, head_dim, proj.weight.shape[-1])  # (heads, head_dim, d)
-        proj.weight.copy_(torch.matmul(t.t().to(w.dtype), w).reshape_as(proj.weight))
-        if proj.bias is not None:
-            b = proj.bias.view(-1, head_dim)
-            proj.bias.copy_((b @ t.to(b.dtype)).reshape_as(proj.bias))
+        weight, bias = folded(proj.weight, proj.bias, knock.weight, head_dim)
+        proj.weight.copy_(weight)
+        if bias is not None:
+            proj.bias.copy_(bias)
 
 
 def fold_knocks(module: nn.Module) -> nn.Module:

@@ -93,9 +93,9 @@ class GroupedTiedAttention(AttentionBase):
     def qkv(self, x, positions, cache):
         b, t, _ = x.shape
         cfg, half = self.cfg, self.cfg.head_dim // 2
-        q = self._knock("q", self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim))
-        tied = self._knock("v", self.kv_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim))
-        k_rope = self._knock("k", self.k_rope_proj(x).view(b, t, 1, half))
+        q = self._project("q", self.q_proj, x, cfg.head_dim)
+        tied = self._project("v", self.kv_proj, x, cfg.head_dim)
+        k_rope = self._project("k", self.k_rope_proj, x, half)
         if self.q_norm is not None:
             q, k_rope = self.q_norm(q), self.k_rope_norm(k_rope)
         if self.rotary is not None:
@@ -169,7 +169,7 @@ class LatentAttention(AttentionBase):
         if cfg.q_lora_rank is not None:
             q_in = self.q_down(x)
             q_in = q_in if self.q_latent_norm is None else self.q_latent_norm(q_in)
-        q_nope = self._knock("q", self.q_proj(q_in).view(b, t, cfg.n_heads, hd))
+        q_nope = self._project("q", self.q_proj, q_in, hd)
         q = torch.cat((q_nope, self._rope(self.q_rope_proj(q_in).view(b, t, cfg.n_heads, rd), positions)), -1)
 
         latent = self.kv_down(x).chunk(cfg.n_latents, dim=-1)
@@ -181,10 +181,8 @@ class LatentAttention(AttentionBase):
             latent, k_rope = cache.update(latent, k_rope)
         s = latent.shape[1]
         chunks = latent.chunk(cfg.n_latents, dim=-1)
-        k_nope = torch.cat([up(c) for up, c in zip(self.k_up, chunks, strict=True)], dim=-1)
-        v = torch.cat([up(c) for up, c in zip(self.v_up, chunks, strict=True)], dim=-1)
-        k_nope = self._knock("k", k_nope.view(b, s, cfg.n_kv_heads, hd))
-        v = self._knock("v", v.view(b, s, cfg.n_kv_heads, hd))
+        k_nope = torch.cat([self._project("k", up, c, hd) for up, c in zip(self.k_up, chunks, strict=True)], dim=-2)
+        v = torch.cat([self._project("v", up, c, hd) for up, c in zip(self.v_up, chunks, strict=True)], dim=-2)
         k = torch.cat((k_nope, k_rope[:, :, None].expand(b, s, cfg.n_kv_heads, rd)), dim=-1)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 

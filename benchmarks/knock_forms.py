@@ -1,0 +1,67 @@
+"""What the knocks cost in each form: one training step of the whole model, as ``kha train`` runs it, of the
+baseline, KHA-MLP (v) and KHA-Linear (q, k, v), each knock in the plain form (the formulas as written, the
+reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection, W - I
+residual forms), with the FLOPs overhead ``kha.flops`` predicts beside the measured one.
+
+Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU
+1536, vocabulary 8192), batch 2 x seq 512; ``--quick``: the ``tiny`` preset, batch 2 x seq 64. Every case is
+timed in one interleaved group and its ratio taken to the baseline's step of the same round.
+
+    .venv/bin/python benchmarks/knock_forms.py --dtype bf16 [--compile --repeats 20 --json PATH]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import common
+from kha.config import get_preset
+from kha.flops import model_flops_per_token
+
+CASES = [("baseline", None), ("mlp-v", "plain"), ("mlp-v", "fused"), ("linear-qkv", "plain"),
+         ("linear-qkv", "fused")]
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n\n")[0], repeats=12)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (512; --quick: 64)")
+    args = p.parse_args()
+    env = common.setup(args)
+    info = common.machine_info(env)
+    common.print_banner("Training step of the whole model: knock forms against the baseline", info)
+    base_cfg = get_preset("tiny") if env.quick else common.small_lm_config()
+    seq = args.seq_len or (64 if env.quick else 512)
+    flags = f"--precision {args.dtype}{' --compile' if env.compile else ''}"
+    print(f"- model: {common.describe(base_cfg)}; batch {args.batch} x seq {seq}; the step of `kha train {flags}` "
+          "(loss inside, clipping, AdamW)\n", flush=True)
+    precision = "bf16" if args.dtype == "bf16" else "fp32"
+    base_flops = model_flops_per_token(base_cfg, seq)
+    cases, meta = [], {}
+    for key, form in CASES:
+        label, knock, targets = common.KNOCKS[key]
+        cfg = base_cfg.with_knock(knock, targets)
+        if form is not None:
+            cfg = replace(cfg, attention=replace(cfg.attention, knock_form=form))
+        name = key if form is None else f"{key} {form}"
+        step = common.kha_train_step(cfg, args.batch, seq, precision, env.compile, env.device)
+        cases.append(common.Case(name, step))
+        meta[name] = {"label": label, "form": form, "predicted_flops_overhead": model_flops_per_token(cfg, seq)
+                      / base_flops - 1}
+    stats = common.summarize(common.measure(cases, env, "knock forms"), "baseline")
+    rows, results = [], []
+    for case in cases:
+        s, m = stats[case.name], meta[case.name]
+        rows.append([m["label"], m["form"] or "", common.fmt_time(s), common.fmt_ratio(s),
+                     common.fmt_pct(s["ratio"] - 1), common.fmt_pct(m["predicted_flops_overhead"])])
+        results.append({"case": case.name, **m, "batch": args.batch, "seq_len": seq, **s})
+    print(common.markdown_table(["model", "knock form", "step ms", "ratio to baseline", "measured overhead",
+                                 "predicted FLOPs overhead"], rows))
+    print("\nPredicted: model FLOPs per token with the knocks over the baseline's (kha.flops.model_flops_per_token, "
+          "eq. 12 for the knocks); the fused KHA-Linear form does fewer (it folds T into the projection) plus a "
+          "fold per step that does not grow with the batch.")
+    common.finish(args, info, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -128,3 +128,16 @@ def test_kha_train_compile_on_an_moe_preset(data_dir, tmp_path, capsys):
                  "--no-progress", "--precision", "bf16"]) == 0
     assert "step 3: loss" in capsys.readouterr().out
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_model_takes_a_second_sequence_length_as_a_dynamic_shape():
+    """A second length makes dynamo recompile with the length symbolic (automatic dynamic shapes): attention must
+    still pass SDPA a Python bool for ``is_causal``, and the losses stay eager's (fp32, 1e-5)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DecoderLM(moe_config("mlp")).train()
+    compiled = torch.compile(model, fullgraph=True)
+    for length in (16, 24, 32):
+        ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+        torch.testing.assert_close(compiled(ids, targets=ids).loss, model(ids, targets=ids).loss, **FP32)

@@ -451,8 +451,8 @@ class AttentionBase(nn.Module):
         mask, is_causal = None, False
         if attention_mask is not None or (past > 0 and t > 1):
             mask = build_mask(t, past, attention_mask, x.device)
-        else:
-            is_causal = past == 0 and t > 1
+        elif past == 0 and t > 1:  # a branch, not a value: under dynamic shapes SDPA needs a Python bool
+            is_causal = True
         out = self.attend(q, k, v, mask, is_causal, impl, documents)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

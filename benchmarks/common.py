@@ -285,7 +285,7 @@ def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device)
     return precision, why, amx and precision == "bf16"
 
 
-def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device,
+def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device, *,
                    ids: torch.Tensor | None = None, doc_mask: bool = False, doc_positions: str = "restart",
                    prepare: Callable[[nn.Module], None] | None = None):
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch (or ``ids``, ``(batch, seq +

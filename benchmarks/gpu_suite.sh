@@ -18,7 +18,7 @@
 #   benchmarks/gpu_suite.sh OUT_DIR --dry-run  the same steps on CPU at toy sizes: checks the script, measures nothing
 #
 # Budget: KHA_SUITE_BUDGET_S (default 450 s for the steps; with start-up and packing under 8 minutes).
-# Wheels: a machine whose Python lacks kha's dependencies (GPU machines here: torch 2.11 and no tyro) gets them
+# Wheels: a machine whose Python lacks kha's dependencies (e.g. torch 2.11 without tyro) gets them
 # from .whl/ in the working tree, installed into a temporary folder, never into the machine's Python. Fill it
 # beforehand on a machine with a package index:
 #   pip download --no-deps --only-binary=:all: -d .whl tyro docstring-parser typeguard typing-extensions

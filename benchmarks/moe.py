@@ -82,7 +82,7 @@ def main() -> None:
             cases = [common.Case("dense", common.kha_train_step(dense, batch, seq, precision, env.compile,
                                                                 env.device))]
             cases += [common.Case(f"MoE, {form}", common.kha_train_step(moe, batch, seq, precision, env.compile,
-                                                                         env.device, with_form(form)))
+                                                                         env.device, prepare=with_form(form)))
                       for form in forms(precision, env.compile, env.device)]
             stats = common.summarize(common.measure(cases, env, f"{name} {precision}"), "dense")
             for case in cases:

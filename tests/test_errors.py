@@ -2,6 +2,8 @@
 shows it); typed and finite training configs; knocks, folding and sequence-length limits that say what they do."""
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -546,7 +548,29 @@ def test_resume_with_other_steps_warns_with_the_old_and_new_lr(data_dir, tmp_pat
     assert expected in out, out
     assert lr_at(3, longer) != lr_at(3, small_run(data_dir, tmp_path, steps=3))
     # the same settings: no warning
-    assert schedule_change(tmp_path / "run" / "train_config.json", longer, 6) is None
+    assert schedule_change(json.loads((tmp_path / "run" / "train_config.json").read_text()), longer, 6) is None
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--optimizer", "muon"], "this run trained with optimizer='adamw', not 'muon': pass --optimizer adamw"),
+    (["--knock-decay", "identity"],
+     "this run trained with knock_decay='zero', not 'identity': pass --knock-decay zero"),
+])
+def test_a_resume_onto_another_optimizer_setting_is_refused(data_dir, tmp_path, capsys, flags, expected):
+    """The optimizer's groups and state belong to the run: another optimizer or knock decay is one line naming the
+    flag to pass; ``--decay-knocks`` (the older spelling) and ``--knock-decay zero`` count as the same."""
+    from kha.train import train
+
+    from conftest import small_run
+
+    out = tmp_path / "run"
+    train(small_run(data_dir, out, steps=3, knock="mlp", decay_knocks=True))
+    train(small_run(data_dir, out, steps=3, knock="mlp", knock_decay="zero", resume=True))  # the same decay
+    cfg = small_run(data_dir, out, steps=3, knock="mlp", decay_knocks=True, resume=True)
+    overrides = {"optimizer": "muon"} if flags[0] == "--optimizer" else {"knock_decay": "identity",
+                                                                          "decay_knocks": False}
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        train(dataclasses.replace(cfg, **overrides))
 
 
 def test_resume_with_another_batch_names_the_batch_size_flag(data_dir, tmp_path, capsys):

@@ -55,6 +55,7 @@ def small_config(knock="none", targets=None, variant="gqa", moe=None, tie=True, 
 CONFIGS = {
     "gqa-mlp": small_config("mlp"),
     "gqa-linear-untied": small_config("linear", tie=False),
+    "gqa-mlp-plain-form": small_config("mlp", knock_form="plain"),
     "gta-mlp": small_config("mlp", variant="gta"),
     "mla-linear": small_config("linear", variant="mla"),
     "talking-gate": small_config("gate", variant="talking"),

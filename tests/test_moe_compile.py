@@ -90,7 +90,7 @@ def test_fullgraph_compile_of_an_moe_model_equals_eager_under_bf16_autocast(knoc
 
 
 @pytest.mark.slow
-def test_training_steps_with_changing_routing_compile_once():
+def test_training_steps_with_changing_routing_compile_once(monkeypatch):
     """12 AdamW steps on new batches with the balancing update after each: the routing changes every step (the
     token counts per expert differ), and after the first step (the warm-up: forward and backward graphs compiled
     once) nothing compiles again, under CPU bf16 autocast."""
@@ -113,8 +113,7 @@ def test_training_steps_with_changing_routing_compile_once():
         assert metrics[0]["tokens"].item() == 4 * 16 * 2
         if step == 0:
             graphs = counters["stats"]["unique_graphs"]
-            torch._dynamo.config.error_on_recompile = True  # any recompilation from here on raises
-    torch._dynamo.config.error_on_recompile = False
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any recompilation now raises
     assert counters["stats"]["unique_graphs"] == graphs
     assert len({tuple(load.tolist()) for load in loads}) >= 10  # the routing really changed
     assert router.expert_bias.abs().sum() > 0  # and the balancing bias moved

@@ -690,7 +690,7 @@ def test_report_refuses_json_names_that_would_inject_lines_or_paths(tmp_path, ca
     study = _study(tmp_path)
     grid = json.loads((study / "grid.json").read_text())
     (study / "grid.json").write_text(json.dumps(edit(grid)))
-    _fails_one_line(["report", study], capsys, str(study / "grid.json"), expected.replace("\\r", "\\r"))
+    _fails_one_line(["report", study], capsys, str(study / "grid.json"), expected)
     assert not (study / "report.md").exists()
 
 

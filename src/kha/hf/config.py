@@ -47,6 +47,7 @@ class KHAConfig(PreTrainedConfig):
         attention_variant: str = "gqa",
         knock: str = "none",
         knock_targets: list[str] | str | None = None,
+        knock_form: str = "fused",
         kv_lora_rank: int = 512,
         q_lora_rank: int | None = None,
         rope_head_dim: int = 64,
@@ -73,7 +74,7 @@ class KHAConfig(PreTrainedConfig):
         self.qk_norm = qk_norm
         self.rope = rope
         self.attention_variant = attention_variant
-        self.knock = knock
+        self.knock, self.knock_form = knock, knock_form
         self.kv_lora_rank = kv_lora_rank
         self.q_lora_rank = q_lora_rank
         self.rope_head_dim = rope_head_dim
@@ -93,7 +94,8 @@ class KHAConfig(PreTrainedConfig):
             d_model=self.hidden_size, n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads,
             variant=self.attention_variant, head_dim=self.head_dim, knock=self.knock,
             knock_targets=None if self.knock_targets is None else tuple(self.knock_targets),
-            qk_norm=self.qk_norm, rope=self.rope, rope_theta=self.rope_theta, qkv_bias=self.attention_bias,
+            knock_form=self.knock_form, qk_norm=self.qk_norm, rope=self.rope, rope_theta=self.rope_theta,
+            qkv_bias=self.attention_bias,
             norm_eps=self.qk_norm_eps, kv_lora_rank=self.kv_lora_rank, q_lora_rank=self.q_lora_rank,
             rope_head_dim=self.rope_head_dim, latent_groups=self.latent_groups,
         )
@@ -115,6 +117,7 @@ class KHAConfig(PreTrainedConfig):
             tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
             max_position_embeddings=cfg.max_seq_len, attention_bias=a.qkv_bias, qk_norm=a.qk_norm, rope=a.rope,
             attention_variant=a.variant, knock=a.knock, knock_targets=list(a.knock_targets),
-            kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank, rope_head_dim=a.rope_head_dim,
+            knock_form=a.knock_form, kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank,
+            rope_head_dim=a.rope_head_dim,
             latent_groups=a.latent_groups, moe=None if cfg.moe is None else asdict(cfg.moe), **kwargs,
         )

@@ -36,12 +36,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .. import safe_io
 from ..data.sources import sha256_file
 from ..errors import UserError
+from .config import MAX_SEED, MAX_STEPS
 from .distributed import Runtime, any_rank, barrier
 
 FORMAT = "kha-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUMS = "checksums.json"
-MAX_STEP = 10**9  # a step count beyond any training run: a larger one in meta.json was edited
 MAX_WORLD = 1 << 20
 
 
@@ -205,15 +205,15 @@ def _check_meta(meta, path: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: not a JSON object")
     step = meta.get("step")
-    if not _is_int(step, 0, MAX_STEP):
-        raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {MAX_STEP}]")
+    if not _is_int(step, 0, MAX_STEPS):
+        raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {MAX_STEPS}]")
     if path.name.startswith("step_") and path.name[5:].isdigit() and int(path.name[5:]) != step:
         raise CheckpointError(f"{where}: step {step} disagrees with its folder {path.name}")
     if not _is_int(meta.get("world_size"), 1, MAX_WORLD):
         raise CheckpointError(f"{where}: world_size {meta.get('world_size')!r} is not a number of processes")
     data = meta.get("data")
     ints = ("epoch", "step", "seed", "seq_len", "global_batch")
-    if not (isinstance(data, dict) and all(_is_int(data.get(k), 0, 2**63 - 1) for k in ints)
+    if not (isinstance(data, dict) and all(_is_int(data.get(k), 0, MAX_SEED) for k in ints)
             and all(isinstance(data.get(k), str) for k in ("split", "data_sha256"))):
         raise CheckpointError(f"{where}: 'data' is not a data position (whole numbers {', '.join(ints)}; strings "
                               "split, data_sha256)")
@@ -222,8 +222,8 @@ def _check_meta(meta, path: Path) -> dict:
     if not (isinstance(spikes, dict) and isinstance(spikes.get("history"), list)
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                     for x in spikes["history"])
-            and isinstance(spikes.get("spikes"), list) and all(_is_int(x, 0, MAX_STEP) for x in spikes["spikes"])
-            and isinstance(spikes.get("in_event", False), bool) and _is_int(spikes.get("high_run", 0), 0, MAX_STEP)):
+            and isinstance(spikes.get("spikes"), list) and all(_is_int(x, 0, MAX_STEPS) for x in spikes["spikes"])
+            and isinstance(spikes.get("in_event", False), bool) and _is_int(spikes.get("high_run", 0), 0, MAX_STEPS)):
         raise CheckpointError(f"{where}: 'callbacks' lacks the spike detector's state (callbacks.spikes: history "
                               "of finite losses, spikes of steps, in_event, high_run)")
     return meta

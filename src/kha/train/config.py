@@ -110,7 +110,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.seed <= MAX_SEED:  # numpy refuses negative seeds; torch.manual_seed overflows past 64 bits
+        if not 0 <= self.seed <= MAX_SEED:  # numpy refuses negative seeds; the seed must fit a signed 64-bit integer
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {self.seed!r}")
         if self.steps > MAX_STEPS:
             raise ValueError(f"steps must be at most {MAX_STEPS:,} (10**9), got {self.steps:,}: warmup alone would "
@@ -218,14 +218,32 @@ def check_resume_steps(target_steps: int, checkpoint_step: int) -> None:
                         f"trained; pass --steps above {checkpoint_step} to continue, or another --out to start anew")
 
 
-def check_resume_documents(started: dict, cfg: TrainConfig) -> None:
-    """A run keeps its document masking: resuming onto the other setting would change what it learns mid-run."""
-    for key in ("doc_mask", "doc_positions") if cfg.doc_mask else ("doc_mask",):
-        before = started.get(key, TrainConfig.__dataclass_fields__[key].default)
-        if before != getattr(cfg, key):
-            flag = f"--{'no-' if not before else ''}doc-mask" if key == "doc_mask" else f"--doc-positions {before}"
-            raise UserError(f"this run trained with {key}={before!r}, not {getattr(cfg, key)!r}: pass {flag} to "
-                            "resume it, or another --out to start a new run")
+# Fields a run keeps for its whole life: resuming onto another value would change what it learns mid-run (the
+# optimizer's groups and state, or the attention mask), so a resume that asks for one is refused.
+RESUME_FIXED = ("doc_mask", "doc_positions", "optimizer", "knock_optimizer", "knock_decay")
+
+
+def _fixed_value(config: dict, key: str):
+    """``config[key]`` (its default when absent); ``knock_decay`` as in effect (``decay_knocks`` means "zero")."""
+    default = TrainConfig.__dataclass_fields__[key].default
+    if key == "knock_decay" and config.get("decay_knocks", False):
+        return "zero"
+    return config.get(key, default)
+
+
+def check_resume_fixed(started: dict, cfg: TrainConfig) -> None:
+    """Refuse a resume whose :data:`RESUME_FIXED` settings differ from those the run started with (``started``:
+    its ``train_config.json``; a field it lacks had its default). ``doc_positions`` counts only with the mask."""
+    now = cfg.to_dict()
+    for key in RESUME_FIXED:
+        if key == "doc_positions" and not cfg.doc_mask:
+            continue
+        before, after = _fixed_value(started, key), _fixed_value(now, key)
+        if before != after:
+            flag = (f"--{'' if before else 'no-'}doc-mask" if key == "doc_mask"
+                    else f"--{key.replace('_', '-')} {before}")
+            raise UserError(f"this run trained with {key}={before!r}, not {after!r}: pass {flag} to resume it, or "
+                            "another --out to start a new run")
 
 
 def apply_overrides(cfg, overrides: dict):

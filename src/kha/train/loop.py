@@ -34,7 +34,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, base_model_config, check_resume_documents, check_resume_steps
+from .config import TrainConfig, base_model_config, check_resume_fixed, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import autocast_context, resolve_precision
@@ -141,12 +141,13 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
     if ckpt is not None:
         step = int(ckpt.name.removeprefix("step_"))
         check_resume_steps(cfg.steps, step)  # before train_config.json is rewritten with the new steps
-        if (out / "train_config.json").is_file():
-            check_resume_documents(read_json(out / "train_config.json"), cfg)
+        started = started_config(out)
+        if started is not None:
+            check_resume_fixed(started, cfg)
         if cfg.steps == step:
             print(f"{ckpt} is already at --steps {step}: nothing left to train; pass a larger --steps to continue",
                   flush=True)
-        elif (note := schedule_change(out / "train_config.json", cfg, step)) is not None:
+        elif started is not None and (note := schedule_change(started, cfg, step)) is not None:
             print(note, flush=True)
         return step
     if any(ckpt_root.glob("step_*")):
@@ -159,14 +160,21 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
 SCHEDULE_FIELDS = ("steps", "lr", "warmup_frac", "min_lr_frac")
 
 
-def schedule_change(started_config: Path, cfg: TrainConfig, step: int) -> str | None:
-    """A warning when a resume at ``step`` changes the LR schedule the run started with (``train_config.json``):
-    the schedule is a function of these settings, so e.g. a larger ``--steps`` stretches the cosine from here on."""
-    if not started_config.is_file():
+def started_config(out: Path) -> dict | None:
+    """The ``train_config.json`` a run started with (None for a run that has none), checked to be a JSON object."""
+    path = out / "train_config.json"
+    if not path.is_file():
         return None
-    started = read_json(started_config)
+    started = read_json(safe_io.inside(path, out))
     if not isinstance(started, dict):
-        return None  # a damaged file is not this check's to report
+        raise UserError(f"{path}: not a training config (a JSON object); restore it or start again with --overwrite")
+    return started
+
+
+def schedule_change(started: dict, cfg: TrainConfig, step: int) -> str | None:
+    """A warning when a resume at ``step`` changes the LR schedule the run started with (``started``, its
+    ``train_config.json``): the schedule is a function of these settings, so e.g. a larger ``--steps`` stretches
+    the cosine from here on."""
     changed = {k: started[k] for k in SCHEDULE_FIELDS if k in started and started[k] != getattr(cfg, k)}
     if not changed:
         return None
@@ -340,10 +348,7 @@ def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str,
     """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
     its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
     keeps the precision it started in; one that lands on other kernels says so."""
-    path = out / "train_config.json"
-    started = read_json(safe_io.inside(path, out)) if cfg.resume and path.is_file() else None
-    if started is not None and not isinstance(started, dict):
-        raise UserError(f"{path}: not a training config (a JSON object); restore it or start again with --overwrite")
+    started = started_config(out) if cfg.resume else None
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     precision, why, covered = planned_precision(cfg, runtime.device, asked)
     bf16_cpu = runtime.device.type == "cpu" and precision == "bf16"

@@ -21,15 +21,15 @@ from kha.train import TrainConfig
 
 @pytest.fixture
 def figures(monkeypatch):
-    """The figures the plot functions would write, kept open instead (both modules' ``_save``)."""
+    """The figures the plot functions would write, kept open instead (``save_figure`` as both modules call it)."""
     kept = []
 
     def keep(fig, out_png):
         kept.append(fig)
         return Path(out_png)
 
-    monkeypatch.setattr(plots, "_save", keep)
-    monkeypatch.setattr(knocks_module, "_save", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
+    monkeypatch.setattr(knocks_module, "save_figure", keep)
     yield kept
     import matplotlib.pyplot as plt
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import safe_io
 from .data.tokenizer import EOS, load_tokenizer
 from .errors import UserError
 from .model import DecoderLM
@@ -65,7 +66,7 @@ def load_generator(folder: str, tokenizer: str | None = None):
     else:
         raise _no_weights(path)
     own = path / TOKENIZER
-    tok_path = Path(tokenizer) if tokenizer else own if own.exists() else run_tokenizer(path)
+    tok_path = Path(tokenizer) if tokenizer else safe_io.inside(own, path) if own.exists() else run_tokenizer(path)
     if tok_path is None:
         raise UserError(f"{folder}: no tokenizer.json here, and the data folder named in its train_config.json has "
                         "none (moved or deleted?); pass --tokenizer FILE (the data folder's tokenizer.json)")

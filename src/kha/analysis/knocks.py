@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import safe_io
+from .plots import save_figure
 
 KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.attn\.knocks\.([qkv])\.(weight|w_up|w_gate|w_down)$")
 PARAM_ORDER = {"weight": 0, "w_up": 1, "w_gate": 2, "w_down": 3}
@@ -146,7 +146,7 @@ def plot_knock_heatmaps(knocks: dict[tuple[int, str, str], torch.Tensor], out_pn
                 ax.set_ylabel(f"layer {layer}", fontsize=9)
         fig.colorbar(im, ax=list(axes[r]), fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     fig.suptitle(title or "knock matrices, W - init (W - I; W_gate: W)", fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_knock_movement(stats: dict[int, list[dict]] | list[dict], out_png: Path, title: str = "") -> Path:
@@ -180,15 +180,4 @@ def plot_knock_movement(stats: dict[int, list[dict]] | list[dict], out_png: Path
         ax_moved.set_title(f"faint to solid: steps {steps[0]} .. {steps[-1]}", fontsize=8)
     fig.suptitle(title or "how far the knocks moved from their init", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
-
-
-def _save(fig, out_png: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    with safe_io.atomic_output(out_png) as tmp:  # a link at out_png is refused, never written through
-        fig.savefig(tmp)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

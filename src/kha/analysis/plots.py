@@ -41,10 +41,11 @@ def _plt():
     return plt
 
 
-def _save(fig, out_png: Path) -> Path:
+def save_figure(fig, out_png: Path) -> Path:
+    """Write ``fig`` to ``out_png`` (its folders made without following links) and close it."""
     plt = _plt()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    safe_io.make_dirs(out_png.parent)
     with safe_io.atomic_output(out_png) as tmp:  # a link at out_png is refused, never written through
         fig.savefig(tmp)
     plt.close(fig)
@@ -146,7 +147,7 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
             a.legend(fontsize=7, ncol=2 if len(curves) > 2 else 1)
     (ax_diff or ax).set_xlabel("optimizer step")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _grid_runs(root: Path) -> tuple[dict, dict[str, list[Path]]]:
@@ -211,7 +212,7 @@ def plot_deltas(root: Path, out_png: Path | None = None, level: float = 0.95) ->
     ax.set_title(f"{meta['grid']}: final validation loss against the baseline", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    return _save(fig, out_png or Path(root) / "deltas.png")
+    return save_figure(fig, out_png or Path(root) / "deltas.png")
 
 
 def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.95) -> Path | None:
@@ -246,7 +247,7 @@ def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out_png or Path(root) / "deltas_vs_tokens.png")
+    return save_figure(fig, out_png or Path(root) / "deltas_vs_tokens.png")
 
 
 def plot_run_knocks(run_dir: Path, out_dir: Path, name: str = "") -> list[Path]:

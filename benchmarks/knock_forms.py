@@ -1,7 +1,8 @@
 """What the knocks cost in each form: one training step of the whole model, as ``kha train`` runs it, of the
 baseline, KHA-MLP (v) and KHA-Linear (q, k, v), each knock in the plain form (the formulas as written, the
-reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection, W - I
-residual forms), with the FLOPs overhead ``kha.flops`` predicts beside the measured one.
+reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection from 4x
+its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), with the FLOPs overhead
+``kha.flops`` predicts beside the measured one.
 
 Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU
 1536, vocabulary 8192), batch 2 x seq 512; ``--quick``: the ``tiny`` preset, batch 2 x seq 64. Every case is
@@ -58,8 +59,9 @@ def main() -> None:
     print(common.markdown_table(["model", "knock form", "step ms", "ratio to baseline", "measured overhead",
                                  "predicted FLOPs overhead"], rows))
     print("\nPredicted: model FLOPs per token with the knocks over the baseline's (kha.flops.model_flops_per_token, "
-          "eq. 12 for the knocks); the fused KHA-Linear form does fewer (it folds T into the projection) plus a "
-          "fold per step that does not grow with the batch.")
+          "eq. 12 for the knocks). The fused KHA-Linear form folds T into the projection (fewer FLOPs, plus a fold "
+          "per step that does not grow with the batch) only where the rows are at least 4x the projection's input "
+          "width; below that (this shape's default) it runs the residual form.")
     common.finish(args, info, results)
 
 

@@ -90,7 +90,7 @@ def test_fullgraph_compile_of_an_moe_model_equals_eager_under_bf16_autocast(knoc
 
 
 @pytest.mark.slow
-def test_training_steps_with_changing_routing_compile_once(monkeypatch):
+def test_training_steps_with_changing_routing_compile_once():
     """12 AdamW steps on new batches with the balancing update after each: the routing changes every step (the
     token counts per expert differ), and after the first step (the warm-up: forward and backward graphs compiled
     once) nothing compiles again, under CPU bf16 autocast."""
@@ -101,19 +101,22 @@ def test_training_steps_with_changing_routing_compile_once(monkeypatch):
     router = model.layers[0].ffn.router
     generator = torch.Generator().manual_seed(1)
     loads, graphs = [], None
-    for step in range(12):
-        ids = torch.randint(0, 97, (4, 16), generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = compiled(ids, targets=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loads.append(router.tokens_per_expert.clone())
-        metrics = model.update_moe_biases()
-        assert metrics[0]["tokens"].item() == 4 * 16 * 2
-        if step == 0:
-            graphs = counters["stats"]["unique_graphs"]
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any recompilation now raises
+    try:
+        for step in range(12):
+            ids = torch.randint(0, 97, (4, 16), generator=generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = compiled(ids, targets=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loads.append(router.tokens_per_expert.clone())
+            metrics = model.update_moe_biases()
+            assert metrics[0]["tokens"].item() == 4 * 16 * 2
+            if step == 0:
+                graphs = counters["stats"]["unique_graphs"]
+                torch._dynamo.config.error_on_recompile = True  # any recompilation from here on raises
+    finally:
+        torch._dynamo.config.error_on_recompile = False
     assert counters["stats"]["unique_graphs"] == graphs
     assert len({tuple(load.tolist()) for load in loads}) >= 10  # the routing really changed
     assert router.expert_bias.abs().sum() > 0  # and the balancing bias moved

@@ -7,8 +7,8 @@ the same round. Peak memory is measured on CUDA only (``torch.cuda.max_memory_al
 call, minus what was allocated when the call began); on CPU it is reported as n/a.
 
 ``--dtype bf16`` means ``torch.autocast(..., dtype=torch.bfloat16)`` over fp32 weights, as kha's training
-loop does on GPUs (fp32 on CUDA allows TF32 matmuls); ``--compile`` wraps the modules in ``torch.compile``
-(default options, recompile limit raised so that no case falls back to eager).
+loop does on GPUs (fp32 here allows TF32 matmuls on CUDA; kha train keeps full fp32); ``--compile`` wraps the
+modules in ``torch.compile`` (default options, recompile limit raised so that no case falls back to eager).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def setup(args: argparse.Namespace) -> Env:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores, as in training
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 (kha train keeps full fp32)
     return Env(torch.device(args.device), args.dtype, args.compile, repeats, warmup, args.quick, keep_freed_memory())
 
 

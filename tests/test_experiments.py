@@ -272,6 +272,33 @@ def test_report_tables_have_the_papers_shape(tmp_path, grid, rows):
         assert "| MoE |" in report and "| 5 | 192 | 128x4 |" in report and "| 6 | 192 | 736 |" in report
 
 
+def test_shards_split_a_grid_between_processes(data_dir, tmp_path, monkeypatch, capsys):
+    """Two shards in one folder train each run of the grid exactly once and together all of them (counted by a
+    stand-in for train); a shard writes no report, ``--report`` afterwards does; a bad shard is a clear error."""
+    import kha.train as train_module
+    from kha.cli import main
+
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(Path(cfg.out).relative_to(tmp_path).as_posix())
+        return {"val_loss": 1.0}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    common = ["ablate", "table2", "--out", str(tmp_path), "--seeds", "3", "--only", "baseline,mlp-v",
+              "--data", str(data_dir), "--no-progress"]
+    assert main([*common, "--shard", "0/2"]) == 0
+    first = list(trained)
+    assert main([*common, "--shard", "1/2"]) == 0
+    jobs = grid_jobs(grid_variants("table2", only=["baseline", "mlp-v"]), [0, 1, 2])
+    expected = [f"runs/{v.name}/seed_{s}" for v, s in jobs]
+    assert first == expected[0::2] and trained == expected[0::2] + expected[1::2]
+    assert not (tmp_path / "report.md").exists() and "--report" in capsys.readouterr().out
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        assert main([*common, "--shard", bad]) == 2
+        assert f"--shard '{bad}'" in capsys.readouterr().err
+
+
 def test_cli_ablate_report_and_plot(tmp_path, capsys):
     from kha.cli import build_parser, main
     from kha.experiments import _base_config

@@ -276,12 +276,26 @@ def bf16_comparison_warning(configs: list[TrainConfig]) -> str | None:
             "--precision fp32 (about 2x slower here); --precision bf16 keeps bf16 without this warning.")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``: this process runs every N-th job of the grid from job I."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r} is not I/N (e.g. 0/4: the first of 4 workers)") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text!r}: I must be in [0, N) and N at least 1 (e.g. 0/4 ... 3/4)")
+    return index, count
+
+
 def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: list[str] | None = None,
-             log=print) -> list[dict]:
+             log=print, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Train every seed x variant of ``grid`` under ``out`` (skip finished runs, resume interrupted ones).
 
-    ``seeds``: a count (seeds 0..n-1) or a list. ``base``: the shared training settings. Returns one
-    ``{"variant", "seed", "state", "out"}`` per run, ``state`` being what was found before running it.
+    ``seeds``: a count (seeds 0..n-1) or a list. ``base``: the shared training settings. ``shard``
+    ``(I, N)``: run only jobs I, I + N, I + 2N, ... of the grid's seed-major order, so that N processes (on
+    one GPU, or on N machines sharing the folder) split a grid between them; each job belongs to one shard.
+    Returns one ``{"variant", "seed", "state", "out"}`` per run of this shard, ``state`` being what was found
+    before running it.
     A run that stops on a non-finite loss is reported and the grid goes on; a run stopped by a signal
     (``kha.train.stopsignal``) stops the grid.
     """
@@ -295,7 +309,8 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     if not seeds:
         raise UserError("no seeds: --seeds must be a positive integer (seeds 0..N-1)")
     variants = grid_variants(grid, base.preset, only)
-    jobs = grid_jobs(variants, seeds)
+    index, count = shard
+    jobs = grid_jobs(variants, seeds)[index::count]
     configs = [run_config(base, v, s, out) for v, s in jobs]
     for cfg in configs:
         safe_io.check_no_links(cfg.out, out, doing="train")  # runs/, a variant's or a seed's folder: no link
@@ -360,7 +375,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.report:
         only = [n.strip() for n in args.only.split(",")] if args.only else None
-        run_grid(args.grid, out, args.seeds, _base_config(args), only)
+        shard = parse_shard(args.shard) if args.shard else (0, 1)
+        run_grid(args.grid, out, args.seeds, _base_config(args), only, shard=shard)
+        if shard[1] > 1:  # the other shards may still run: the report is written once they are all done
+            print(f"shard {shard[0]}/{shard[1]} done; when every shard is, `kha ablate {args.grid} --out {out} "
+                  "--report` writes the report")
+            return 0
     elif not (out / "grid.json").exists():
         raise ValueError(f"{out} holds no grid (no grid.json); run `kha ablate {args.grid} --out {out}` first")
     elif (found := read_grid(out)["grid"]) != args.grid:
@@ -399,6 +419,9 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: the whole grid)")
     p.add_argument("--report", action="store_true", help="only write the report of what is there; train nothing")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only jobs I, I+N, ... of the grid (0 <= I < N): N processes, on one GPU or on "
+                   "machines sharing OUT, split a grid; each writes no report")
     _add_train_overrides(p)
     p.set_defaults(func=cmd_ablate)
 

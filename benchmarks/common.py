@@ -276,13 +276,11 @@ def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable
 
 def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
     """What ``kha train --precision auto`` picks for this model and batch on ``device``, why, and whether its
-    attention then trains on kha's AMX kernel (``kha.cpu_kernels``), as ``kha.train.loop`` decides it."""
-    from kha import cpu_kernels
-    from kha.train.precision import resolve_precision
+    attention then trains on kha's AMX kernel (``kha.cpu_kernels``): ``kha.train.precision.plan_precision``."""
+    from kha.train.precision import plan_precision
 
-    amx = device.type == "cpu" and cpu_kernels.covers(cfg.attention, batch, seq)
-    precision, why = resolve_precision("auto", device, cfg.d_model, amx_attention=amx)
-    return precision, why, amx and precision == "bf16"
+    precision, why, covered = plan_precision("auto", cfg, batch, seq, device)
+    return precision, why, covered and precision == "bf16"
 
 
 def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device, *,

@@ -217,8 +217,8 @@ def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, c
     """An ``auto`` run resumed elsewhere (here: a rule that would now pick fp32) continues in its precision."""
     import kha.train.loop as loop
 
-    monkeypatch.setattr(loop, "resolve_precision", lambda asked, device, d, amx_attention=False: (
-        (asked, "asked for") if asked != "auto" else ("fp32", "auto")))
+    monkeypatch.setattr(loop, "plan_precision", lambda asked, model_cfg, batch, seq, device: (
+        (asked, "asked for", False) if asked != "auto" else ("fp32", "auto", False)))
     train(_bf16_run(data_dir, tmp_path / "r", precision="bf16", steps=3))
     train(_bf16_run(data_dir, tmp_path / "r", precision="auto", steps=6, resume=True))
     assert capsys.readouterr().out.count("precision: bf16") == 2

@@ -37,7 +37,7 @@ from .checkpoint import (
 from .config import TrainConfig, base_model_config, check_resume_fixed, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
 from .optim import build_optimizer, clip_gradients, lr_at
-from .precision import autocast_context, resolve_precision
+from .precision import autocast_context, plan_precision
 from .runlock import RunLock
 from .stopsignal import StopOnSignal
 
@@ -336,12 +336,7 @@ def _kernels_label(kernels: dict[str, bool]) -> str:
 def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None = None) -> tuple[str, str, bool]:
     """``(precision, why, amx_attention)``: what ``asked`` (default ``cfg.precision``) resolves to for ``cfg``'s
     model on ``device``, and whether kha's AMX attention kernel covers it there."""
-    asked = asked or cfg.precision
-    model_cfg = base_model_config(cfg)
-    covered = (device.type == "cpu" and asked in ("auto", "bf16")
-               and cpu_kernels.covers(model_cfg.attention, cfg.batch_size, cfg.seq_len))
-    precision, why = resolve_precision(asked, device, model_cfg.d_model, amx_attention=covered)
-    return precision, why, covered
+    return plan_precision(asked or cfg.precision, base_model_config(cfg), cfg.batch_size, cfg.seq_len, device)
 
 
 def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, dict[str, bool]]:

@@ -69,6 +69,18 @@ def resolve_precision(precision: str, device: torch.device, d_model: int,
     return "bf16", f"auto: CPU with native bf16 and d_model {d_model} >= {AUTO_BF16_MIN_D_MODEL}"
 
 
+def plan_precision(precision: str, model_cfg, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
+    """``(fp32 | bf16, reason, amx_attention)`` for a run of ``model_cfg`` (a ``kha.config.ModelConfig``) at
+    ``batch`` x ``seq`` asking for ``precision``: :func:`resolve_precision` told whether ``kha.cpu_kernels``'s
+    AMX attention covers the model there (asked for auto or bf16 on a CPU), and that answer."""
+    from kha import cpu_kernels
+
+    covered = (device.type == "cpu" and precision in ("auto", "bf16")
+               and cpu_kernels.covers(model_cfg.attention, batch, seq))
+    resolved, why = resolve_precision(precision, device, model_cfg.d_model, amx_attention=covered)
+    return resolved, why, covered
+
+
 def autocast_context(precision: str, device: torch.device):
     """A fresh context manager for one forward pass in ``precision`` (already resolved)."""
     if precision == "bf16":

@@ -201,14 +201,14 @@ class GateKnock(Knock):
             self.w_gate.zero_()
 
 
-_KNOCK_CLASSES = {"linear": LinearKnock, "mlp": MLPKnock, "gate": GateKnock}
+KNOCK_CLASSES = {"linear": LinearKnock, "mlp": MLPKnock, "gate": GateKnock}
 
 
 def make_knocks(knock: str, targets: tuple[str, ...], head_dim: int) -> nn.ModuleDict:
     """One shared knock module per target, keyed ``"q"``, ``"k"``, ``"v"``."""
     if knock == "none":
         return nn.ModuleDict()
-    return nn.ModuleDict({t: _KNOCK_CLASSES[knock](head_dim) for t in targets})
+    return nn.ModuleDict({t: KNOCK_CLASSES[knock](head_dim) for t in targets})
 
 
 def fold_into_linear(proj: nn.Linear, knock: LinearKnock, head_dim: int) -> None:

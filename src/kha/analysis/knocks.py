@@ -73,8 +73,12 @@ def _load_checkpoint_knocks(ckpt: Path) -> dict[tuple[int, str, str], torch.Tens
 
 
 def knock_init(param: str, w: torch.Tensor) -> torch.Tensor:
-    """A knock matrix's init: zero for ``w_gate``, the identity for the others."""
-    return torch.zeros_like(w) if param == "w_gate" else torch.eye(w.shape[0], dtype=w.dtype)
+    """A knock matrix's init: the identity for the parameters a knock class names in ``identity_init``, else
+    zero (``w_gate``)."""
+    from ..knock import KNOCK_CLASSES
+
+    identity = {name for cls in KNOCK_CLASSES.values() for name in cls.identity_init}
+    return torch.eye(w.shape[0], dtype=w.dtype) if param in identity else torch.zeros_like(w)
 
 
 def knock_stats(knocks: dict[tuple[int, str, str], torch.Tensor]) -> list[dict]:

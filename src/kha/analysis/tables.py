@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safe_io
@@ -294,15 +294,11 @@ class GridResults:
 
     def model_config(self, name: str):
         """The ModelConfig of the variant's first finished run (its ``model_config.json``)."""
-        from ..attention import AttentionConfig
-        from ..config import ModelConfig, MoEConfig
+        from ..runfiles import model_config_from_dict
 
         root = self.root / "runs" / name
         for path in sorted(root.glob("seed_*/model_config.json")):
-            d = read_json(safe_io.inside(path, self.root))
-            d["attention"] = AttentionConfig(**d["attention"])
-            d["moe"] = MoEConfig(**d["moe"]) if d["moe"] else None
-            return ModelConfig(**{k: d[k] for k in (f.name for f in fields(ModelConfig))})
+            return model_config_from_dict(read_json(safe_io.inside(path, self.root)))
         return None
 
 

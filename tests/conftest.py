@@ -76,6 +76,22 @@ def small_run(data_dir, out, **overrides):
     return TrainConfig(**values)
 
 
+def fails(argv, capsys, *expected: str) -> str:
+    """``kha ARGV`` exits 2 with one ``kha ...`` line on stderr (other libraries' progress bars aside) that names
+    the command and contains every ``expected`` text, and no traceback."""
+    from kha.cli import main
+
+    capsys.readouterr()  # what earlier steps printed
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.startswith("kha ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"kha {argv[0]}"), err
+    for text in expected:
+        assert text in lines[0], (text, err)
+    return lines[0]
+
+
 def losses(run_dir) -> list[float]:
     """The training losses of ``run_dir/metrics.jsonl``, step by step."""
     from kha.train.callbacks import read_metrics

@@ -23,20 +23,7 @@ from kha.knock import fold_knocks, parse_targets  # noqa: E402
 from kha.model import DecoderLM  # noqa: E402
 from kha.train.config import TrainConfig, check_resume_steps, load_config  # noqa: E402
 
-from conftest import perturb  # noqa: E402
-
-
-def fails(argv, capsys, *expected: str) -> str:
-    """``kha ARGV`` exits 2 with one stderr line that contains every ``expected`` text and no traceback."""
-    capsys.readouterr()  # what earlier steps printed
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    assert err.startswith(f"kha {argv[0]}"), err
-    for text in expected:
-        assert text in err, (text, err)
-    return err
-
+from conftest import fails, perturb  # noqa: E402
 
 # --- 1. typed, finite training configs -------------------------------------------------------------------------
 

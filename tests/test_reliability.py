@@ -40,7 +40,7 @@ from kha.train.distributed import Runtime
 from kha.train.runlock import RunLock, RunLockedError
 from kha.train.stopsignal import StopOnSignal
 
-from conftest import losses, small_run
+from conftest import fails, losses, small_run
 
 
 def ckpts(run_dir) -> list[str]:
@@ -655,16 +655,6 @@ def _victim(tmp_path) -> Path:
     return victim
 
 
-def _fails_one_line(argv, capsys, *expected: str) -> str:
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.split("\n") if line.startswith("kha ")]  # transformers' progress bars aside
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert all(text in lines[0] for text in expected), (expected, err)
-    return lines[0]
-
-
 def _study(tmp_path) -> Path:
     study = tmp_path / "study"
     shutil.copytree(STUDY, study, ignore=shutil.ignore_patterns("*.png", "report.md"))
@@ -674,7 +664,7 @@ def _study(tmp_path) -> Path:
 def test_report_refuses_a_linked_report_md_and_leaves_its_target(tmp_path, capsys):
     victim, study = _victim(tmp_path), _study(tmp_path)
     (study / "report.md").symlink_to(victim)
-    _fails_one_line(["report", study], capsys, f"{study / 'report.md'} is a symbolic link (to {victim})")
+    fails(["report", study], capsys, f"{study / 'report.md'} is a symbolic link (to {victim})")
     assert victim.read_text() == "echo precious\n" and (study / "report.md").is_symlink()
     assert not [p for p in study.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     (study / "report.md").unlink()
@@ -690,7 +680,7 @@ def test_report_refuses_json_names_that_would_inject_lines_or_paths(tmp_path, ca
     study = _study(tmp_path)
     grid = json.loads((study / "grid.json").read_text())
     (study / "grid.json").write_text(json.dumps(edit(grid)))
-    _fails_one_line(["report", study], capsys, str(study / "grid.json"), expected)
+    fails(["report", study], capsys, str(study / "grid.json"), expected)
     assert not (study / "report.md").exists()
 
 
@@ -699,14 +689,14 @@ def test_report_does_not_read_a_run_through_a_link_out_of_the_study(tmp_path, ca
     run = study / "runs" / "baseline" / "seed_0"
     shutil.move(run, elsewhere)
     run.symlink_to(elsewhere)
-    _fails_one_line(["report", study], capsys, f"{run} leads out of {study}")
+    fails(["report", study], capsys, f"{run} leads out of {study}")
 
 
 def test_plot_refuses_a_linked_png_and_leaves_its_target(tmp_path, capsys):
     victim, run = _victim(tmp_path), tmp_path / "run"
     shutil.copytree(STUDY / "runs" / "baseline" / "seed_0", run)
     (run / "loss_curves.png").symlink_to(victim)
-    _fails_one_line(["plot", run], capsys, f"{run / 'loss_curves.png'} is a symbolic link")
+    fails(["plot", run], capsys, f"{run / 'loss_curves.png'} is a symbolic link")
     assert victim.read_text() == "echo precious\n"
     (run / "loss_curves.png").unlink()
     assert main(["plot", str(run)]) == 0 and (run / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -802,7 +792,7 @@ def test_hf_convert_refuses_a_linked_file_in_its_output(tmp_path, reference, cap
     victim, out = _victim(tmp_path), tmp_path / "hf"
     out.mkdir()
     (out / "config.json").symlink_to(victim)
-    _fails_one_line(["hf-convert", "--from", reference, "--out", out], capsys, f"{out / 'config.json'} is a symbolic")
+    fails(["hf-convert", "--from", reference, "--out", out], capsys, f"{out / 'config.json'} is a symbolic")
     assert victim.read_text() == "echo precious\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing moved in, the stage removed
 
@@ -817,7 +807,7 @@ def test_export_does_not_copy_a_tokenizer_json_linked_out_of_its_folder(tmp_path
     src, out, secret = tmp_path / "kha", tmp_path / "out", _victim(tmp_path)
     KHAForCausalLM(KHAConfig.from_model_config(cfg)).save_pretrained(src)
     (src / "tokenizer.json").symlink_to(secret)
-    _fails_one_line(["export", "--from", src, "--out", out], capsys, f"{src / 'tokenizer.json'} leads out of {src}")
+    fails(["export", "--from", src, "--out", out], capsys, f"{src / 'tokenizer.json'} leads out of {src}")
     assert not (out / "tokenizer.json").exists() and not (out / "config.json").exists()
     (src / "tokenizer.json").unlink()
     shutil.copy(secret, src / "tokenizer.json")  # a real file in the folder is copied as before
@@ -979,7 +969,7 @@ def test_malformed_metrics_lines_are_one_line_errors_naming_file_and_line(tmp_pa
     study = _study(tmp_path)  # the same line in a study: `kha report` says it in one line
     bad = study / "runs" / "baseline" / "seed_0" / "metrics.jsonl"
     bad.write_text(path.read_text())
-    _fails_one_line(["report", study], capsys, f"{bad}: {expected}")
+    fails(["report", study], capsys, f"{bad}: {expected}")
 
 
 def test_a_binary_metrics_file_is_named(tmp_path):

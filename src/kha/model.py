@@ -284,6 +284,11 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 DOC_POSITIONS = ("restart", "continue")
 
 
+def check_doc_positions(value: str) -> None:
+    if value not in DOC_POSITIONS:
+        raise ValueError(f"unknown doc_positions {value!r}; valid are {', '.join(DOC_POSITIONS)}")
+
+
 class LMOutput(NamedTuple):
     logits: torch.Tensor
     loss: torch.Tensor | None
@@ -332,8 +337,7 @@ class DecoderLM(nn.Module):
         document (``doc_positions="restart"``, as each document alone would have them) or keep the window's
         index (``"continue"``); explicit ``positions`` win. RoPE depends only on position differences within a
         document, so the two agree up to rounding."""
-        if doc_positions not in DOC_POSITIONS:
-            raise ValueError(f"unknown doc_positions {doc_positions!r}; valid are {', '.join(DOC_POSITIONS)}")
+        check_doc_positions(doc_positions)
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; use model.new_caches()")
         if input_ids.dim() != 2:

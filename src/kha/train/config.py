@@ -21,7 +21,7 @@ import tyro
 from ..config import PRESETS, ModelConfig, MoEConfig, get_preset
 from ..errors import UserError
 from ..knock import KNOCK_TYPES, parse_targets
-from ..model import DOC_POSITIONS
+from ..model import check_doc_positions
 from .precision import check_precision
 
 
@@ -121,8 +121,7 @@ class TrainConfig:
                              "folder); e.g. --out runs/my-run")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets are {', '.join(PRESETS)}")
-        if self.doc_positions not in DOC_POSITIONS:
-            raise ValueError(f"unknown doc_positions {self.doc_positions!r}; valid are {', '.join(DOC_POSITIONS)}")
+        check_doc_positions(self.doc_positions)
         if self.knock not in KNOCK_TYPES:
             raise ValueError(f"unknown knock {self.knock!r}; valid are {', '.join(KNOCK_TYPES)}")
         parse_targets(self.knock, self.knock_targets)

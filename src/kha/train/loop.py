@@ -42,8 +42,10 @@ from .runlock import RunLock
 from .stopsignal import StopOnSignal
 
 # what a run writes into its --out folder (none of them may be a symbolic link)
-RUN_FILES = ("train_config.json", "metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors",
-             "checkpoints", "tensorboard")
+# what a run writes in its folder: files (train_config.json is rewritten, the others deleted by --overwrite),
+# then folders
+RUN_FILES = ("train_config.json", "metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors")
+RUN_FOLDERS = ("checkpoints", "tensorboard")
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -123,7 +125,7 @@ def _claim_run(cfg: TrainConfig, runtime: Runtime, lock: RunLock) -> int:
 def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
     out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
     lock.acquire()
-    for name in RUN_FILES:  # fail before training, not at the first write; a linked checkpoints/ is never pruned
+    for name in RUN_FILES + RUN_FOLDERS:  # fail before training, not at the first write; no linked folder is pruned
         safe_io.check_no_links(out / name, out, doing="write, prune or delete")
     verify_shards(cfg.data)  # before anything is deleted
     if not cfg.resume and ((out / "metrics.jsonl").exists() or any(ckpt_root.glob("step_*"))):
@@ -131,9 +133,9 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
             raise ValueError(f"{out} already holds a run (metrics.jsonl or checkpoints); pass --resume to continue "
                              "it, --overwrite to delete it and start again, or another --out")
         print(f"overwrite: deleting the run in {out}", flush=True)
-        for name in ("metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors"):
+        for name in RUN_FILES[1:]:
             (out / name).unlink(missing_ok=True)  # checked above: none is a link
-        for name in ("checkpoints", "tensorboard"):
+        for name in RUN_FOLDERS:
             safe_io.remove_tree(out / name, out)  # a link there is an error, never followed
     if not cfg.resume:
         return -1

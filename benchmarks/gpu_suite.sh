@@ -31,17 +31,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [--dry-run]}
 dry=${2:-}
-py=${PYTHON:-python3}
 budget=${KHA_SUITE_BUDGET_S:-465}
 data=${KHA_SUITE_DATA:-data/shakespeare}
 mkdir -p "$out"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" .whl/*.whl || exit 1
-    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 
 if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
     gpu=(--device cpu --quick); mfu=(--cpu-logic-check); check=(--device cpu); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)

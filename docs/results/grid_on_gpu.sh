@@ -19,15 +19,8 @@ cd "$(dirname "$0")/../.."
 result=${1:?usage: grid_on_gpu.sh RESULT_DIR WORKERS LIMIT_S GRID_DIR GRID [kha ablate options...]}
 workers=${2:?WORKERS}; limit=${3:?LIMIT_S}; grid_dir=${4:?GRID_DIR}; grid=${5:?GRID}
 shift 5
-py=${PYTHON:-python3}
 mkdir -p "$result" "$(dirname "$grid_dir")"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" .whl/*.whl || exit 1
-    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 [[ -n ${KHA_GRID_DATA_ARCHIVE:-} ]] && { tar -xJf "$KHA_GRID_DATA_ARCHIVE" || exit 1; }
 
 pack() {  # the grid's small files into RESULT_DIR/grid.tar.gz, replaced whole

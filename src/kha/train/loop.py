@@ -41,9 +41,8 @@ from .precision import autocast_context, plan_precision
 from .runlock import RunLock
 from .stopsignal import StopOnSignal
 
-# what a run writes into its --out folder (none of them may be a symbolic link)
-# what a run writes in its folder: files (train_config.json is rewritten, the others deleted by --overwrite),
-# then folders
+# what a run writes into its --out folder, none of them a symbolic link: files (train_config.json is rewritten,
+# --overwrite deletes the others) and folders
 RUN_FILES = ("train_config.json", "metrics.jsonl", "model.safetensors", "model_config.json", "knocks.safetensors")
 RUN_FOLDERS = ("checkpoints", "tensorboard")
 

@@ -85,6 +85,10 @@ class TrainConfig:
     else fp32 (see kha.train.precision)."""
     compile: bool = False
     """torch.compile the model (each block, plus the LM head and loss) for faster steps."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms for the run: the same config and seed then give the same losses bit
+    for bit. On CPUs compiled training otherwise is not (inductor accumulates the embedding's gradient with
+    atomic adds); eager CPU training is deterministic either way."""
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 100

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -97,12 +98,18 @@ def save_final_weights(model, model_cfg, out: Path, runtime: Runtime) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the last step's record plus ``params`` and ``spikes`` (count)."""
+    if cfg.deterministic:  # cuBLAS reads it when it starts: deterministic matmul workspaces (CUDA's docs)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     runtime = setup_runtime(cfg.device)
     lock = RunLock(cfg.out)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
+        if cfg.deterministic:  # warn_only: an op without a deterministic form warns rather than stops the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
         with StopOnSignal() as stop:
             return _train(cfg, runtime, lock, stop)
     finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         lock.release()
         teardown_runtime()
 

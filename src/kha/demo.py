@@ -7,8 +7,8 @@
    identity, folding them into the projections gives the baseline's parameter count and the same outputs.
 4. Training: prepare the built-in Shakespeare corpus, train the tiny GQA baseline and the same model with
    KHA-MLP on V (same seed, same base weights, same batches), print both validation losses and write
-   their loss curves to ``runs/demo/loss_curves.png``. A few minutes on 2 CPU cores (in fp32); longer and
-   larger on a GPU (in bf16).
+   their loss curves to ``runs/demo/loss_curves.png``. A few minutes on 2 CPU cores (``--precision auto``:
+   fp32 for this small model unless kha's AMX kernels run it); longer and larger on a GPU (in bf16).
 """
 
 from __future__ import annotations
@@ -86,13 +86,13 @@ def train_pair(out: Path, data: Path, steps: int | None) -> None:
     print(f"\nPreparing the Shakespeare corpus in {data} ...", flush=True)
     prepare(["shakespeare"], data)
     steps = steps or (2000 if gpu else 200)
-    # fp32 on CPU, though bf16 is 2x faster here: at this scale bf16 turns the comparison around (KHA-MLP minus
-    # baseline after 200 steps, seeds 0-2: bf16 +0.21, +0.08, -0.01; fp32 -0.02, +0.01, -0.08;
-    # docs/benchmarks.md, section h)
+    # --precision auto (bf16 on GPUs and on CPUs where it pays, kha.train.precision): with the fused knocks, the
+    # bf16 KHA-MLP contrast at this scale is within the noise of the fp32 one over 8 seeds (bf16 - fp32 contrast
+    # -0.001 [-0.043, +0.041], docs/benchmarks.md section j); seeds 0-2 alone had suggested otherwise
     base = dict(preset="tiny", data=str(data), seq_len=256 if gpu else 128, batch_size=64 if gpu else 16,
                 steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=10,
                 ckpt_every=max(1, steps // 2), seed=0, overwrite=True,  # a demo's runs are disposable
-                precision="auto" if gpu else "fp32")
+                precision="auto")
     runs = {"baseline (GQA 32q/4kv)": TrainConfig(out=str(out / "baseline"), **base),
             "KHA-MLP on V": TrainConfig(out=str(out / "kha-mlp-v"), knock="mlp", **base)}
     results = {}

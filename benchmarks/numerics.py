@@ -111,21 +111,31 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the config's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
     p.add_argument("--preset", default=None, help="model preset (default: the config's)")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the config's)")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="validation batches of the final evaluation (default: the config's)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["baseline"])
     p.add_argument("--forms", nargs="+", choices=["plain", "fused"], default=["fused"],
                    help="knock forms the knocked arms run in bf16")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every run; with --deterministic so that a run repeats bit for bit")
     p.add_argument("--out", type=Path, default=Path("runs/numerics"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     base = replace(load_config(args.config), steps=args.steps, eval_every=args.steps, progress=False)
     changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("lr", args.lr),
-                                 ("preset", args.preset)) if v is not None}
+                                 ("preset", args.preset), ("data", args.data),
+                                 ("eval_batches", args.eval_batches)) if v is not None}
     base = replace(base, **changes)
+    if args.compile:
+        base = replace(base, compile=True, deterministic=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print("# fp32 vs bf16 autocast: final validation loss, paired by seed\n")
-    setup = (f"config {args.config} ({base.preset}, {base.batch_size} x {base.seq_len} tokens per step, LR {base.lr}), "
+    mode = "compiled, deterministic" if args.compile else "eager"
+    setup = (f"config {args.config} ({base.preset}, {base.batch_size} x {base.seq_len} tokens per step, LR {base.lr}, "
+             f"data {base.data}, {base.eval_batches} validation batches, {mode}), "
              f"{args.steps} steps, seeds {seeds.start}-{seeds.stop - 1}, arms {', '.join(args.arms)}, "
              f"bf16 knock forms {', '.join(args.forms)}")
     print(f"- machine: {common.cpu_model()}, {torch.get_num_threads()} torch threads; python "

@@ -20,9 +20,10 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   ``x (W_proj T)`` (one matmul; the folded weight's entries are not near 1), or, when the fold would cost
   more than the knock (fewer rows than ``FOLD_ROWS_PER_INPUT`` times the projection's input width, e.g.
   decoding, or small batches on a CPU), ``y + y (T - I)``;
-  KHA-MLP runs ``u = y + y (W_up - I)`` and the gate in one matmul ``y [W_up - I | W_gate]``, then
-  ``h + h (W_down - I)`` with ``h = 2 u sigmoid(g) = u + u tanh(g / 2)``: a gate near 1 kept as its deviation
-  from 1 (bf16 would round ``sigmoid(g)`` near 0.5 to a multiple of 2^-9); the gate knock likewise.
+  KHA-MLP runs ``u = y + y (W_up - I)``, then ``h + h (W_down - I)`` with
+  ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, each sum inside one ``addmm`` or ``addcmul``:
+  a gate near 1 kept as its deviation from 1 (bf16 would round ``sigmoid`` near 0.5 to a multiple of 2^-9);
+  the gate knock likewise.
 
 Parameters are plain ``nn.Parameter`` matrices used as ``x @ W`` (input dim first), never ``nn.Linear``,
 so generic ``nn.Linear`` re-initialisers leave them alone. Their initialisation draws no random numbers,
@@ -105,10 +106,11 @@ def parse_targets(knock: str, targets) -> tuple[str, ...]:
     return tuple(t for t in KNOCK_TARGETS if t in items)
 
 
-def _gated(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``2 x sigmoid(logits)`` as ``x + x tanh(logits / 2)``: the same function, but the gate's small deviation
-    from 1 is not rounded away (bf16 spaces values near 0.5 by 2^-9)."""
-    return x + x * torch.tanh(0.5 * logits)
+def _gated(value: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor) -> torch.Tensor:
+    """``2 value sigmoid(x @ w_gate)`` as ``value + value tanh(x @ (w_gate / 2))``: the same function, but the
+    gate's small deviation from 1 is not rounded away (bf16 spaces values near 0.5 by 2^-9). The halving is exact
+    in the weight, and the sum runs inside one ``addcmul``."""
+    return torch.addcmul(value, value, torch.tanh(x @ (0.5 * w_gate).to(x.dtype)))
 
 
 class Knock(nn.Module):
@@ -168,9 +170,7 @@ class MLPKnock(Knock):
         return 2.0 * (hidden @ self.w_down.to(dt))
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-1]
-        up_gate = x @ torch.cat((_minus_identity(self.w_up), self.w_gate), dim=1).to(x.dtype)
-        hidden = _gated(x + up_gate[..., :n], up_gate[..., n:])
+        hidden = _gated(_plus_product(x, _minus_identity(self.w_up)), x, self.w_gate)
         return _plus_product(hidden, _minus_identity(self.w_down))
 
     def reset_parameters(self) -> None:
@@ -194,7 +194,7 @@ class GateKnock(Knock):
         return 2.0 * x * torch.sigmoid(x @ self.w_gate.to(x.dtype))
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return _gated(x, x @ self.w_gate.to(x.dtype))
+        return _gated(x, x, self.w_gate)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -88,7 +88,7 @@ def train_pair(out: Path, data: Path, steps: int | None) -> None:
     steps = steps or (2000 if gpu else 200)
     # --precision auto (bf16 on GPUs and on CPUs where it pays, kha.train.precision): with the fused knocks, the
     # bf16 KHA-MLP contrast at this scale is within the noise of the fp32 one over 8 seeds (bf16 - fp32 contrast
-    # -0.001 [-0.043, +0.041], docs/benchmarks.md section j); seeds 0-2 alone had suggested otherwise
+    # +0.027 [-0.039, +0.092], docs/benchmarks.md section j); seeds 0-2 alone had suggested otherwise
     base = dict(preset="tiny", data=str(data), seq_len=256 if gpu else 128, batch_size=64 if gpu else 16,
                 steps=steps, lr=3e-3, eval_every=max(1, steps // 4), eval_batches=10,
                 ckpt_every=max(1, steps // 2), seed=0, overwrite=True,  # a demo's runs are disposable

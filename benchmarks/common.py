@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -390,6 +391,94 @@ def summarize(timings: dict[str, Timing], baseline: str, scale: float = 1.0) -> 
                      "n": len(values), "times_s": values, "ratio": ratio, "ratio_q1": r1, "ratio_q3": r3,
                      "peak_mib": None if t.peak_bytes is None else t.peak_bytes / 2**20}
     return out
+
+
+# Kernel families by name: cuBLAS / CUTLASS GEMMs (and CPU matmul ops), fused attention, Inductor's generated
+# kernels (pointwise and reductions), everything else. First match wins.
+KERNEL_FAMILIES = (
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|xmma|wgmma"
+                        r"|aten::(?:mm|addmm|bmm|baddbmm|linear|matmul|_grouped_mm)\b", re.IGNORECASE)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.IGNORECASE)),
+    ("generated", re.compile(r"^triton_|cpp_fused|^graph_\d+_")),
+)
+FAMILY_NAMES = (*(family for family, _ in KERNEL_FAMILIES), "other")
+
+
+def kernel_family(name: str) -> str:
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+
+
+def covered_time(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals (overlaps counted once)."""
+    covered, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered
+
+
+def _outermost_operator(event) -> bool:
+    """An ``aten::`` operator called from no other (on CPU: counted once, not again for the operators inside)."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def profile_case(case: Case, env: Env, steps: int) -> dict:
+    """Profile ``steps`` calls of an already warmed-up ``case`` with ``torch.profiler``. Per step: wall ms, the
+    kernels launched (on CUDA; on CPU the operators run), their busy ms (union of their time intervals: what
+    the device spent computing) and idle ms (wall - busy: launch and host overhead the device waited on), and
+    busy ms per kernel family (:data:`KERNEL_FAMILIES`). Compared across cases, it says where a knock's extra
+    step time goes: more GEMM time is FLOPs, more generated-kernel time is memory traffic, more idle time is
+    launch overhead. On CPU the "kernels" are the outermost ``aten::`` operators; compiled C++ kernels are
+    not recorded there, so their time counts as idle."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.cuda else [])
+    env.sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            case.run()
+        env.sync()
+        wall = time.perf_counter() - t0
+    if env.cuda:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        kernels = [e for e in prof.events() if _outermost_operator(e)]
+    busy = covered_time((e.time_range.start, e.time_range.end) for e in kernels)
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.name)
+        families[family] = families.get(family, 0.0) + (e.time_range.end - e.time_range.start)
+    per_step = 1e-3 / steps  # µs summed over the steps -> ms per step
+    wall_ms = wall * 1e3 / steps
+    return {"steps": steps, "wall_ms": wall_ms, "kernels": len(kernels) / steps, "busy_ms": busy * per_step,
+            "idle_ms": max(wall_ms - busy * per_step, 0.0),
+            "family_ms": {f: families.get(f, 0.0) * per_step for f in FAMILY_NAMES}}
+
+
+def profile_table(profiles: dict[str, dict], labels: dict[str, str], baseline: str) -> str:
+    """Markdown: each case's profile (:func:`profile_case`) and, from the second case on, its difference to
+    ``baseline`` in ms per step."""
+    base = profiles[baseline]
+    rows = []
+    for name, prof in profiles.items():
+        diff = name != baseline
+        cell = (lambda v, b: f"{v:.2f} ({v - b:+.2f})") if diff else (lambda v, b: f"{v:.2f}")
+        rows.append([labels.get(name, name), cell(prof["wall_ms"], base["wall_ms"]),
+                     f"{prof['kernels']:.0f}" + (f" ({prof['kernels'] - base['kernels']:+.0f})" if diff else ""),
+                     cell(prof["busy_ms"], base["busy_ms"]), cell(prof["idle_ms"], base["idle_ms"]),
+                     *(cell(prof["family_ms"][f], base["family_ms"][f]) for f in FAMILY_NAMES)])
+    return markdown_table(["case", "wall ms", "kernels", "busy ms", "idle ms", *(f"{f} ms" for f in FAMILY_NAMES)],
+                          rows)
 
 
 # ---------------------------------------------------------------- formatting and output

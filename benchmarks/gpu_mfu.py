@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--moe", action="store_true", help=f"the MoE preset {MOE_PRESET} (baseline only) instead")
     p.add_argument("--allow-math-sdpa", action="store_true", help="let SDPA fall back to the unfused math kernel")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of each case (torch.profiler): kernels, busy and idle time "
+                        "per step, and where each knock's extra time goes (default 0: no profile)")
     p.add_argument("--cpu-logic-check", action="store_true",
                    help="run the logic on CPU at a toy size (CI without a GPU; numbers meaningless)")
     args = p.parse_args()
@@ -112,6 +115,12 @@ def main() -> None:
                         "flops_per_token": flops[key], "peak_flops": peak, "mfu": mfu, **s})
     print(common.markdown_table(["case", "params", "step ms", "tokens/s", "GFLOP/token", "MFU",
                                  "time ratio to baseline", "peak MiB"], rows))
+    if args.profile_steps > 0:
+        profiles = {case.name: common.profile_case(case, env, args.profile_steps) for case in cases}
+        print(f"\nProfile of {args.profile_steps} step(s) per case (ms per step; in brackets: minus the baseline)\n")
+        print(common.profile_table(profiles, {k: common.KNOCKS[k][0] for k in profiles}, "baseline"))
+        for result in results:
+            result["profile"] = profiles[result["case"]]
     common.finish(args, info, results)
 
 

@@ -4,8 +4,10 @@
 # 10 s later if the step ignores it) with LIMIT = its own limit, cut to what is left of the suite's budget; a step
 # with under 20 s left is skipped and says so.
 #   0. gpu_check     correctness of the CUDA-only paths (flex doc mask, grouped_mm, MoE compile, knocks) (limit 95 s)
-#   1. gpu_mfu       dense 136M: baseline, KHA-MLP v, KHA-Linear qkv; bf16, compiled; MFU        (limit 150 s)
-#   2. gpu_mfu_moe   moe-a0.4b (0.437B activated of 2.35B), bf16, compiled; MFU on activated FLOPs (limit 125 s)
+#   1. gpu_mfu       dense 136M: baseline, KHA-MLP v, KHA-Linear qkv; bf16, compiled; MFU; then a profile of 3
+#                    steps per case: kernels, busy and idle time, where each knock's extra time goes (limit 160 s)
+#   2. gpu_mfu_moe   moe-a0.4b (0.437B activated of 2.35B), bf16, compiled; MFU on activated FLOPs;
+#                    profiled as gpu_mfu                                                              (limit 130 s)
 #   3. moe_compile   `kha train --config tiny-moe --compile` vs eager, 100 steps each: recompiles, step time
 #                    (needs data/shakespeare or KHA_SUITE_DATA)                                       (limit 120 s)
 #   4. moe           MoE step vs dense, expert forms (grouped_mm / padded / loop), tiny shape, eager (limit 30 s)
@@ -37,11 +39,11 @@ mkdir -p "$out"
 source benchmarks/gpu_env.sh
 
 if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
-    gpu=(--device cpu --quick); mfu=(--cpu-logic-check); check=(--device cpu); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
+    gpu=(--device cpu --quick); mfu=(--cpu-logic-check --profile-steps 1); check=(--device cpu); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
     rounds=()
     scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
-    gpu=(--device cuda); mfu=(--repeats 6 --warmup 2); check=(--device cuda); steps=100; train=(--device cuda --batch-size 32 --seq-len 256)
+    gpu=(--device cuda); mfu=(--repeats 6 --warmup 2 --profile-steps 3); check=(--device cuda); steps=100; train=(--device cuda --batch-size 32 --seq-len 256)
     rounds=(--repeats 5)
     scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1
@@ -69,8 +71,8 @@ step() {  # step NAME LIMIT COMMAND...: table to NAME.md, stderr to NAME.log, a 
 }
 
 step gpu_check 95 "$py" benchmarks/gpu_check.py "${check[@]}" --json "$results/gpu_check.json"
-step gpu_mfu 150 "$py" benchmarks/gpu_mfu.py "${mfu[@]}" --json "$results/gpu_mfu.json"
-step gpu_mfu_moe 125 "$py" benchmarks/gpu_mfu.py --moe "${mfu[@]}" --json "$results/gpu_mfu_moe.json"
+step gpu_mfu 160 "$py" benchmarks/gpu_mfu.py "${mfu[@]}" --json "$results/gpu_mfu.json"
+step gpu_mfu_moe 130 "$py" benchmarks/gpu_mfu.py --moe "${mfu[@]}" --json "$results/gpu_mfu_moe.json"
 if [[ -f $data/manifest.json ]]; then
     step moe_compile 120 "$py" benchmarks/moe_compile.py --data "$data" --steps "$steps" --precision bf16 \
         "${train[@]}" --json "$results/moe_compile.json"

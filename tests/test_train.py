@@ -1,5 +1,6 @@
 """End-to-end training: determinism, SIGKILL + resume, FSDP on 2 gloo processes, stopping on NaN."""
 
+import json
 import os
 import signal
 import subprocess
@@ -122,6 +123,19 @@ def test_partial_checkpoint_is_ignored_on_resume(data_dir, tmp_path):
     record = train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))
     assert record["step"] == 6 and not broken.exists()
     assert [p.name for p in sorted(ckpts.glob("step_*"))] == ["step_0000003", "step_0000006"]
+
+
+def test_train_config_records_where_each_stretch_of_a_run_trained(data_dir, tmp_path):
+    path = tmp_path / "r" / "train_config.json"
+    train(small_run(data_dir, tmp_path / "r", steps=3))
+    first = json.loads(path.read_text())["trained_on"]
+    assert first == [{"first_step": 1, "device": "cpu", "processes": 1, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__}]
+    train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))
+    assert json.loads(path.read_text())["trained_on"] == [*first, {**first[0], "first_step": 4}]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": "not a list"}))  # a tampered file
+    train(small_run(data_dir, tmp_path / "r", steps=9, resume=True))
+    assert json.loads(path.read_text())["trained_on"] == [{**first[0], "first_step": 7}]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -209,14 +209,17 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     resume_step = _claim_run(cfg, runtime, lock)
-    precision, why, kernels = _precision(out, cfg, runtime)
+    started = started_config(out) if cfg.resume else None
+    precision, why, kernels = _precision(cfg, runtime, started)
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
         if kernels["cpu_kernels"]:
             print(f"CPU kernels: {_kernels_label(kernels)} (kha.cpu_kernels; {cpu_kernels.ENV_SWITCH}=0 for "
                   "torch's ops)", flush=True)
         safe_io.make_dirs(ckpt_root, out)
-        saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels}
+        earlier = (started or {}).get("trained_on", [])
+        trained_on = [*(earlier if isinstance(earlier, list) else []), _machine(runtime, max(resume_step, 0) + 1)]
+        saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels, "trained_on": trained_on}
         # atomic: other processes may be reading the old file (_precision) at this moment
         safe_io.write_text(out / "train_config.json", json.dumps(saved, indent=1), out)
     clean_partial(ckpt_root, runtime)
@@ -347,11 +350,20 @@ def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None 
     return plan_precision(asked or cfg.precision, base_model_config(cfg), cfg.batch_size, cfg.seq_len, device)
 
 
-def _precision(out: Path, cfg: TrainConfig, runtime: Runtime) -> tuple[str, str, dict[str, bool]]:
+def _machine(runtime: Runtime, first_step: int) -> dict:
+    """Where a run trains from its step ``first_step`` (1-based, as in ``metrics.jsonl``) on; ``train_config.json``
+    keeps one per (re)start in ``trained_on``, so a run resumed on other hardware (which rounds differently)
+    says which steps ran where."""
+    device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else runtime.device.type
+    return {"first_step": first_step, "device": device, "processes": runtime.world_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict[str, bool]]:
     """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
     its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
-    keeps the precision it started in; one that lands on other kernels says so."""
-    started = started_config(out) if cfg.resume else None
+    keeps the precision it started in (``started``: its ``train_config.json``); one that lands on other kernels
+    says so."""
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     precision, why, covered = planned_precision(cfg, runtime.device, asked)
     bf16_cpu = runtime.device.type == "cpu" and precision == "bf16"

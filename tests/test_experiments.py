@@ -195,6 +195,7 @@ def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatc
     base_losses = [final["baseline", s] for s in (0, 1)]
     assert f"{statistics.mean(base_losses):.3f} ± {statistics.stdev(base_losses):.3f}" in report
     assert f"{final['mlp-v', 1]:.4f}" in report  # per-seed table
+    assert "counted under each): cpu: 4." in report  # mlp-v seed 1 was resumed, on the same device
 
     # plots: curves, deltas, knock heatmaps and movement (mlp-v only; the baseline has no knocks)
     written = plot_dir(root)
@@ -253,10 +254,15 @@ def test_report_tables_have_the_papers_shape(tmp_path, grid, rows):
     unfinished = next(v for v in grid_variants(grid) if v.arm != "baseline")
     path = tmp_path / "runs" / unfinished.name / "seed_2" / "metrics.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    moved = tmp_path / "runs" / unfinished.name / "seed_1" / "train_config.json"  # resumed on a GPU
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "trained_on": [
+        {"first_step": 1, "device": "cpu"}, {"first_step": 3, "device": "NVIDIA H200"}, {"device": 7}]}))
     report = grid_report(tmp_path)
     table = report.split("### Table")[1].split("\n\n")[1].splitlines()
     assert len(table) == 2 + rows, table
     assert "(2/4 steps)" in report
+    # the other fake runs record no device
+    assert f"counted under each): NVIDIA H200: 1, cpu: 1, not recorded: {len(losses) - 1}." in report
     _, results = load_grid(tmp_path)
     assert results[unfinished.name][2].val_loss is None and results[unfinished.name][0].spikes == 1
     assert results[unfinished.name][0].spike_steps == [2]  # every fake run of seed 0 spikes at step 2

@@ -137,6 +137,8 @@ class RunResult:
     steps: int
     curve: dict[int, float]
     """Validation loss by tokens seen, at every evaluation of the run so far."""
+    devices: tuple[str, ...] = ()
+    """The devices it trained on, in order (``train_config.json``'s ``trained_on``; empty where not recorded)."""
 
     @property
     def spikes(self) -> int:
@@ -152,9 +154,14 @@ def load_run(path: Path) -> RunResult:
     done = records[-1]["step"] if records else 0
     # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
     finished = done == cfg["steps"] and "val_loss" in records[-1]
+    trained_on = cfg.get("trained_on")
+    stretches = trained_on if isinstance(trained_on, list) else []
+    devices = [safe_io.plain_text(x["device"], f"{path / 'train_config.json'}: device")
+               for x in stretches if isinstance(x, dict) and isinstance(x.get("device"), str)]
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
                      spike_event_steps(records), done, cfg["steps"],
-                     {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r})
+                     {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r},
+                     tuple(dict.fromkeys(devices)))
 
 
 def read_grid(root: Path) -> dict:
@@ -496,6 +503,16 @@ def per_seed_md(g: GridResults) -> str:
     return _md(["Variant", *[f"seed {s}" for s in seeds], "spikes per seed", "step each spike began"], rows)
 
 
+def devices_line(g: GridResults) -> str:
+    """How many of the grid's runs trained on each device, e.g. ``cpu: 6, NVIDIA H200: 40, not recorded: 2``."""
+    counts: dict[str, int] = {}
+    for runs in g.results.values():
+        for run in runs.values():
+            for device in run.devices or ("not recorded",):
+                counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{device}: {n}" for device, n in sorted(counts.items())) or "no runs yet"
+
+
 def grid_report(root: Path, level: float = 0.95) -> str:
     g = GridResults(root, level)
     meta, results = g.meta, g.results
@@ -511,6 +528,8 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         f"Each: preset {presets}, {train.get('steps')} steps x {train.get('batch_size')} x "
         f"{train.get('seq_len')} tokens (x grad_accum {train.get('grad_accum')}), lr {train.get('lr')}, "
         f"data {train.get('data')}; validation loss over {train.get('eval_batches')} batches.",
+        "",
+        f"Trained on (runs per device; a run resumed on other hardware is counted under each): {devices_line(g)}.",
         "",
         f"Cells: mean ± sd over seeds [{pct} t confidence interval of the mean]. ΔL (paired): per seed, the "
         "variant's loss minus its baseline's with the same seed (same base weights, same batches); mean ± sd "

@@ -393,12 +393,12 @@ def summarize(timings: dict[str, Timing], baseline: str, scale: float = 1.0) -> 
     return out
 
 
-# Kernel families by name: cuBLAS / CUTLASS GEMMs (and CPU matmul ops), fused attention, Inductor's generated
+# Kernel families by name: fused attention, cuBLAS / CUTLASS GEMMs (and CPU matmul ops), Inductor's generated
 # kernels (pointwise and reductions), everything else. First match wins.
-KERNEL_FAMILIES = (
+KERNEL_FAMILIES = (  # attention first: flash and memory-efficient attention kernels are CUTLASS templates
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.IGNORECASE)),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|xmma|wgmma"
                         r"|aten::(?:mm|addmm|bmm|baddbmm|linear|matmul|_grouped_mm)\b", re.IGNORECASE)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.IGNORECASE)),
     ("generated", re.compile(r"^triton_|cpp_fused|^graph_\d+_")),
 )
 FAMILY_NAMES = (*(family for family, _ in KERNEL_FAMILIES), "other")
@@ -430,15 +430,24 @@ def _outermost_operator(event) -> bool:
     return True
 
 
-def profile_case(case: Case, env: Env, steps: int) -> dict:
-    """Profile ``steps`` calls of an already warmed-up ``case`` with ``torch.profiler``. Per step: wall ms, the
-    kernels launched (on CUDA; on CPU the operators run), their busy ms (union of their time intervals: what
-    the device spent computing) and idle ms (wall - busy: launch and host overhead the device waited on), and
-    busy ms per kernel family (:data:`KERNEL_FAMILIES`). Compared across cases, it says where a knock's extra
-    step time goes: more GEMM time is FLOPs, more generated-kernel time is memory traffic, more idle time is
-    launch overhead. On CPU the "kernels" are the outermost ``aten::`` operators; compiled C++ kernels are
-    not recorded there, so their time counts as idle."""
+def device_kernels(events) -> list:
+    """The CUDA kernels, copies and fills among profiler ``events``; not the annotations (``## Call
+    CompiledFxGraph ##``, ``Optimizer.step#AdamW.step``) that the profiler also reports on the device's
+    timeline, which span the gaps between kernels."""
     from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def profile_case(case: Case, env: Env, steps: int, timed_ms: float | None = None) -> dict:
+    """Profile ``steps`` calls of an already warmed-up ``case`` with ``torch.profiler``. Per step: wall ms under
+    the profiler, the kernels launched (on CUDA; on CPU the operators run), their busy ms (union of their time
+    intervals: what the device spent computing), idle ms (``timed_ms``, the step's time measured without the
+    profiler, else the profiled wall time, minus busy: launch and host overhead the device waited on) and busy
+    ms per kernel family (:data:`KERNEL_FAMILIES`). Compared across cases, it says where a knock's extra step
+    time goes: more GEMM time is FLOPs, more generated-kernel time is memory traffic, more idle time is launch
+    overhead. On CPU the "kernels" are the outermost ``aten::`` operators; compiled C++ kernels are not
+    recorded there, so their time counts as idle."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.cuda else [])
@@ -449,10 +458,8 @@ def profile_case(case: Case, env: Env, steps: int) -> dict:
             case.run()
         env.sync()
         wall = time.perf_counter() - t0
-    if env.cuda:
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    else:
-        kernels = [e for e in prof.events() if _outermost_operator(e)]
+    events = prof.events()
+    kernels = device_kernels(events) if env.cuda else [e for e in events if _outermost_operator(e)]
     busy = covered_time((e.time_range.start, e.time_range.end) for e in kernels)
     families: dict[str, float] = {}
     for e in kernels:
@@ -461,7 +468,7 @@ def profile_case(case: Case, env: Env, steps: int) -> dict:
     per_step = 1e-3 / steps  # µs summed over the steps -> ms per step
     wall_ms = wall * 1e3 / steps
     return {"steps": steps, "wall_ms": wall_ms, "kernels": len(kernels) / steps, "busy_ms": busy * per_step,
-            "idle_ms": max(wall_ms - busy * per_step, 0.0),
+            "idle_ms": max((wall_ms if timed_ms is None else timed_ms) - busy * per_step, 0.0),
             "family_ms": {f: families.get(f, 0.0) * per_step for f in FAMILY_NAMES}}
 
 
@@ -520,6 +527,11 @@ TIME_NOTE = ("Times: median [first quartile, third quartile] over the timed roun
 def finish(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
     """Print the closing note and write ``--json`` if asked."""
     print(f"\n{TIME_NOTE}")
+    write_json(args, info, results)
+
+
+def write_json(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
+    """Write ``--json`` (whole, replacing what was there) if asked."""
     if args.json is not None:
         payload = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "results": results}

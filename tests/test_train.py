@@ -133,9 +133,17 @@ def test_train_config_records_where_each_stretch_of_a_run_trained(data_dir, tmp_
                       "torch": torch.__version__}]
     train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))
     assert json.loads(path.read_text())["trained_on"] == [*first, {**first[0], "first_step": 4}]
-    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": "not a list"}))  # a tampered file
+    train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))  # nothing left to train: nothing added
+    assert json.loads(path.read_text())["trained_on"] == [*first, {**first[0], "first_step": 4}]
+    # a tampered file: what is not a well-formed entry of an earlier step is dropped
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": [
+        "x", {"first_step": "1", "device": "cpu"}, {"first_step": 2, "device": 3}, *first,
+        {"first_step": 9, "device": "later"}]}))
     train(small_run(data_dir, tmp_path / "r", steps=9, resume=True))
-    assert json.loads(path.read_text())["trained_on"] == [{**first[0], "first_step": 7}]
+    assert json.loads(path.read_text())["trained_on"] == [*first, {**first[0], "first_step": 7}]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": "not a list"}))
+    train(small_run(data_dir, tmp_path / "r", steps=12, resume=True))
+    assert json.loads(path.read_text())["trained_on"] == [{**first[0], "first_step": 10}]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):

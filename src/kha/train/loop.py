@@ -217,9 +217,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
             print(f"CPU kernels: {_kernels_label(kernels)} (kha.cpu_kernels; {cpu_kernels.ENV_SWITCH}=0 for "
                   "torch's ops)", flush=True)
         safe_io.make_dirs(ckpt_root, out)
-        earlier = (started or {}).get("trained_on", [])
-        trained_on = [*(earlier if isinstance(earlier, list) else []), _machine(runtime, max(resume_step, 0) + 1)]
-        saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels, "trained_on": trained_on}
+        saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels,
+                 "trained_on": _trained_on(started, runtime, max(resume_step, 0) + 1, cfg.steps)}
         # atomic: other processes may be reading the old file (_precision) at this moment
         safe_io.write_text(out / "train_config.json", json.dumps(saved, indent=1), out)
     clean_partial(ckpt_root, runtime)
@@ -350,13 +349,20 @@ def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None 
     return plan_precision(asked or cfg.precision, base_model_config(cfg), cfg.batch_size, cfg.seq_len, device)
 
 
-def _machine(runtime: Runtime, first_step: int) -> dict:
-    """Where a run trains from its step ``first_step`` (1-based, as in ``metrics.jsonl``) on; ``train_config.json``
-    keeps one per (re)start in ``trained_on``, so a run resumed on other hardware (which rounds differently)
-    says which steps ran where."""
+def _trained_on(started: dict | None, runtime: Runtime, first_step: int, steps: int) -> list[dict]:
+    """Where each stretch of a run trained: one entry per (re)start, from its step ``first_step`` (1-based, as in
+    ``metrics.jsonl``) on, so a run resumed on other hardware (which rounds differently) says which steps ran
+    where. Kept from ``started`` (the run's ``train_config.json``): well-formed entries of steps before
+    ``first_step`` (a resume from an earlier checkpoint discards the later ones); none is added for a run that
+    has no step left."""
+    earlier = (started or {}).get("trained_on")
+    kept = [e for e in (earlier if isinstance(earlier, list) else []) if isinstance(e, dict)
+            and type(e.get("first_step")) is int and e["first_step"] < first_step and isinstance(e.get("device"), str)]
+    if first_step > steps:
+        return kept
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else runtime.device.type
-    return {"first_step": first_step, "device": device, "processes": runtime.world_size,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return [*kept, {"first_step": first_step, "device": device, "processes": runtime.world_size,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}]
 
 
 def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict[str, bool]]:

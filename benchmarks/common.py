@@ -436,7 +436,7 @@ def device_kernels(events) -> list:
     timeline, which span the gaps between kernels."""
     from torch.autograd import DeviceType
 
-    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 def profile_case(case: Case, env: Env, steps: int, timed_ms: float | None = None) -> dict:

@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 from kha.analysis.knocks import knock_stats, knocks_from_state, load_knocks
 from kha.analysis.plots import plot_dir
 from kha.analysis.tables import (
+    chi2_cdf,
+    chi2_quantile,
     grid_report,
     load_grid,
     paired_delta,
+    sd_upper_bound,
     seeds_for_half_width,
     summarize,
     t_quantile,
@@ -433,7 +436,9 @@ def test_contrast_between_two_kha_arms_by_hand(tmp_path):
     assert "KHA-Linear on Q, K, V" not in report  # linear-qkv is not in this grid.json: no row
     sd = statistics.stdev([3.02 - 3.0, 3.05 - 3.1, 3.11 - 3.2])  # mlp-v against the baseline
     half = t_quantile(0.975, 2) * sd / math.sqrt(3)
-    assert f"| mlp-v | 3 | {sd:.4f} | ±{half:.4f} | {seeds_for_half_width(sd, 0.02)} |" in report
+    bound = sd * math.sqrt(2 / 0.2107)  # the 90 % upper bound with 2 degrees of freedom (chi2_0.10(2) = 0.2107)
+    needed = f"{seeds_for_half_width(sd, 0.02)} ({seeds_for_half_width(sd_upper_bound(sd, 3), 0.02)})"
+    assert f"| mlp-v | 3 | {sd:.4f} | {bound:.4f} | ±{half:.4f} | {needed} |" in report
 
 
 def test_seeds_for_a_half_width_by_hand():
@@ -445,6 +450,28 @@ def test_seeds_for_a_half_width_by_hand():
     for sd, h in ((0.05, 0.01), (0.02, 0.02), (0.1, 0.03)):
         n = seeds_for_half_width(sd, h)
         assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= h < t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1)
+
+
+def test_chi_square_quantiles_match_published_tables():
+    # NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.4 (critical values of the chi-square
+    # distribution), to the table's 3 decimals
+    for p, df, table in ((0.10, 2, 0.211), (0.10, 5, 1.610), (0.05, 1, 0.004), (0.975, 10, 20.483),
+                         (0.10, 17, 10.085), (0.90, 3, 6.251), (0.01, 40, 22.164), (0.95, 1, 3.841)):
+        assert chi2_quantile(p, df) == pytest.approx(table, abs=6e-4)
+        assert chi2_cdf(chi2_quantile(p, df), df) == pytest.approx(p, abs=1e-12)
+    with pytest.raises(ValueError, match="df must be a positive integer"):
+        chi2_quantile(0.5, 0)
+
+
+def test_sd_upper_bound_covers_the_true_sd_as_often_as_its_level():
+    # Monte Carlo, independent of the chi-square formulas: samples of 3 and of 6 normal values with sd 1; the
+    # 90 % upper bound from each sample's sd should lie above 1 in 90 % of samples (binomial sd of the share
+    # over 20,000 samples: 0.0021, so +-0.01 is about 5 sd)
+    gen = torch.Generator().manual_seed(0)
+    for n in (3, 6):
+        samples = torch.randn(20_000, n, generator=gen, dtype=torch.float64)
+        covered = sum(sd_upper_bound(float(sd), n, 0.9) >= 1.0 for sd in samples.std(dim=1))
+        assert covered / 20_000 == pytest.approx(0.9, abs=0.01)
 
 
 def test_crossover_needs_every_later_interval_below_zero():

@@ -2,6 +2,8 @@
 
 - :func:`t_quantile`: Student's t quantile, exact for integer degrees of freedom (the closed-form t CDF
   of Abramowitz & Stegun 26.7.3-4, inverted by bisection); no scipy needed.
+- :func:`chi2_quantile` (the same for chi-square, closed-form CDF) and :func:`sd_upper_bound`: how large the
+  true sd may be, given few seeds; the seeds table plans with it as well as with the measured sd.
 - :func:`summarize`: n, mean, sample sd and the t-based confidence interval of the mean.
 - :func:`paired_delta`: the same for per-seed differences treatment - baseline (seeds both finished).
 - :func:`load_grid`: a grid directory's ``grid.json`` and, per variant and seed, the final validation loss
@@ -91,6 +93,49 @@ def summarize(values, level: float = 0.95) -> Summary | None:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
     return Summary(n, mean, sd, mean - half, mean + half)
+
+
+def chi2_cdf(x: float, df: int) -> float:
+    """P(X <= x) for chi-square with integer ``df`` >= 1, in closed form (A&S 26.4.4 odd, 26.4.5 even)."""
+    if x <= 0:
+        return 0.0
+    h = x / 2
+    if df % 2 == 0:  # 1 - e^-h (1 + h + h^2/2! + ... + h^(df/2 - 1)/(df/2 - 1)!)
+        term = total = 1.0
+        for j in range(1, df // 2):
+            term *= h / j
+            total += term
+        return max(0.0, 1 - math.exp(-h) * total)
+    # odd: erf(sqrt h) - e^-h (h^(1/2)/Gamma(3/2) + h^(3/2)/Gamma(5/2) + ...), (df - 2)/2 the last power
+    term = math.sqrt(h) / math.gamma(1.5)
+    total = 0.0
+    for j in range(1, (df - 1) // 2 + 1):
+        total += term
+        term *= h / (j + 0.5)
+    return min(1.0, max(0.0, math.erf(math.sqrt(h)) - math.exp(-h) * total))
+
+
+def chi2_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of chi-square with integer ``df`` >= 1 (``chi2_quantile(0.1, 2)`` = 0.2107)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    lo, hi = 0.0, float(df)
+    while chi2_cdf(hi, df) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_cdf(mid, df) < p else (lo, mid)
+        if hi - lo <= 1e-13 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def sd_upper_bound(sd: float, n: int, level: float = 0.9) -> float:
+    """One-sided ``level`` upper confidence bound of the true sd, from a sample sd of ``n`` normal values:
+    sd sqrt((n - 1) / chi2_{1 - level}(n - 1)). With 3 seeds it is 3.1 x the sample sd (at 0.9), with 18 1.3 x."""
+    return sd * math.sqrt((n - 1) / chi2_quantile(1 - level, n - 1))
 
 
 MOST_SEEDS = 10_000  # the search's limit: beyond it an effect is out of reach of seeds alone
@@ -432,20 +477,23 @@ def crossover(curve: list[tuple[int, Summary]]) -> int | None:
     return first
 
 
-PLANNED_HALF_WIDTHS = (0.02, 0.01)  # the size of the paper's KHA effects (ΔL -0.010 to -0.024)
+PLANNED_HALF_WIDTHS = (0.02, 0.015, 0.01)  # the paper's KHA effects (ΔL -0.010 to -0.024); study v2's target
+SD_BOUND_LEVEL = 0.9  # the sd's one-sided upper bound used to say how many seeds it might take
 
 
 def seeds_needed_md(g: GridResults) -> str | None:
-    """Per non-baseline arm: the paired sd of the final ΔL and the seeds a 95 % interval of each half-width in
-    :data:`PLANNED_HALF_WIDTHS` would take at that sd."""
+    """Per non-baseline arm: the paired sd of the final ΔL, its upper bound, and the seeds a 95 % interval of
+    each half-width in :data:`PLANNED_HALF_WIDTHS` would take at that sd (in parentheses: at the bound)."""
     rows = []
     for v in g.variants:
         s = g.delta_summary(v["name"]) if v["arm"] != "baseline" else None
         if s is not None and s.sd is not None:
-            needed = [seeds_for_half_width(s.sd, h, g.level) for h in PLANNED_HALF_WIDTHS]
-            rows.append([v["name"], str(s.n), f"{s.sd:.4f}", f"±{s.hi - s.mean:.4f}",
-                         *(f"> {MOST_SEEDS}" if n is None else str(n) for n in needed)])
-    return _md(["Variant", "seeds", "sd of paired ΔL", "interval now",
+            bound = sd_upper_bound(s.sd, s.n, SD_BOUND_LEVEL)
+            seeds = [[seeds_for_half_width(sd, h, g.level) for sd in (s.sd, bound)] for h in PLANNED_HALF_WIDTHS]
+            cells = ["{} ({})".format(*(f"> {MOST_SEEDS}" if n is None else n for n in pair)) for pair in seeds]
+            rows.append([v["name"], str(s.n), f"{s.sd:.4f}", f"{bound:.4f}", f"±{s.hi - s.mean:.4f}", *cells])
+    return _md(["Variant", "seeds", "sd of paired ΔL", f"sd, {100 * SD_BOUND_LEVEL:g} % upper bound",
+                "interval now",
                 *(f"seeds for ±{h}" for h in PLANNED_HALF_WIDTHS)], rows) if rows else None
 
 
@@ -555,7 +603,9 @@ def grid_report(root: Path, level: float = 0.95) -> str:
     if needed:
         lines += ["### How many seeds would resolve an effect of the paper's size", "",
                   f"Seeds n such that the {pct} t interval of the final paired ΔL, t(n - 1) x sd / sqrt(n), is no "
-                  "wider than ± the half-width, if the paired sd stays what these seeds measured.", "", needed, ""]
+                  "wider than ± the half-width, if the paired sd stays what these seeds measured; in parentheses, "
+                  f"if it is as large as its one-sided {100 * SD_BOUND_LEVEL:g} % upper confidence bound "
+                  "(chi-square, from the same seeds: few seeds measure an sd loosely).", "", needed, ""]
     contrasts = contrasts_md(g)
     if contrasts:
         lines += ["### Other paired contrasts", "",

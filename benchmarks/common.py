@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -336,6 +337,18 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: the order statistics x_(j) and x_(n+1-j) of the
+    largest j whose coverage P(j <= B <= n - j), B ~ Binomial(n, 1/2), is at least ``level`` (None: too few
+    values for that level, fewer than 6 at 0.95)."""
+    n, xs = len(values), sorted(values)
+    below, j = 0.0, 0  # below: P(B <= j - 1)
+    while j < n // 2 and 1 - 2 * (below + math.comb(n, j) / 2**n) >= level:
+        below += math.comb(n, j) / 2**n
+        j += 1
+    return None if j == 0 else (xs[j - 1], xs[n - j])
+
+
 def _call(case: Case, env: Env) -> tuple[float, int | None]:
     if case.setup is not None:
         case.setup()
@@ -380,15 +393,18 @@ def measure(cases: list[Case], env: Env, label: str = "") -> dict[str, Timing]:
 
 def summarize(timings: dict[str, Timing], baseline: str, scale: float = 1.0) -> dict[str, dict]:
     """Per case: median, quartiles, min, max of ``time * scale`` (seconds), peak MiB and the paired ratio
-    to ``baseline`` (median and quartiles over rounds of case time / baseline time in the same round)."""
+    to ``baseline`` (median, quartiles and the median's 95 % interval over rounds of case time / baseline time
+    in the same round)."""
     base = timings[baseline].times
     out = {}
     for name, t in timings.items():
         values = [x * scale for x in t.times]
         q1, med, q3 = _quartiles(values)
-        r1, ratio, r3 = _quartiles([a / b for a, b in zip(t.times, base, strict=True)])
+        ratios = [a / b for a, b in zip(t.times, base, strict=True)]
+        r1, ratio, r3 = _quartiles(ratios)
         out[name] = {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(values), "max_s": max(values),
                      "n": len(values), "times_s": values, "ratio": ratio, "ratio_q1": r1, "ratio_q3": r3,
+                     "ratio_ci95": median_interval(ratios),
                      "peak_mib": None if t.peak_bytes is None else t.peak_bytes / 2**20}
     return out
 
@@ -505,6 +521,12 @@ def fmt_ratio(stats: dict) -> str:
     return f"{stats['ratio']:.3f} [{stats['ratio_q1']:.3f}, {stats['ratio_q3']:.3f}]"
 
 
+def fmt_ratio_ci(stats: dict) -> str:
+    """The 95 % confidence interval of the median ratio (order statistics), or why there is none."""
+    ci = stats.get("ratio_ci95")
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a (< 6 rounds)"
+
+
 def fmt_mib(stats: dict) -> str:
     return "n/a (CPU)" if stats["peak_mib"] is None else f"{stats['peak_mib']:.0f}"
 
@@ -520,7 +542,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 TIME_NOTE = ("Times: median [first quartile, third quartile] over the timed rounds. Ratio: median [quartiles] "
-             "over rounds of case time / baseline time in the same round. Peak MiB: CUDA memory allocated "
+             "over rounds of case time / baseline time in the same round; its 95 % CI, where shown: the median's "
+             "distribution-free interval (order statistics of those ratios). Peak MiB: CUDA memory allocated "
              "during the timed call above what was allocated when it began (n/a on CPU).")
 
 

@@ -110,11 +110,11 @@ def main() -> None:
         mfu = flops[key] * tok_s / peak if peak else None
         rows.append([common.KNOCKS[key][0], f"{params[key]:,}", common.fmt_time(s), f"{tok_s:,.0f}",
                      f"{flops[key] / 1e9:.3f}", "n/a" if mfu is None else f"{100 * mfu:.1f} %", common.fmt_ratio(s),
-                     common.fmt_mib(s)])
+                     common.fmt_ratio_ci(s), common.fmt_mib(s)])
         results.append({"case": key, "params": params[key], "batch": batch, "seq_len": seq, "tokens_per_s": tok_s,
                         "flops_per_token": flops[key], "peak_flops": peak, "mfu": mfu, **s})
     print(common.markdown_table(["case", "params", "step ms", "tokens/s", "GFLOP/token", "MFU",
-                                 "time ratio to baseline", "peak MiB"], rows))
+                                 "time ratio to baseline", "its 95 % CI", "peak MiB"], rows))
     common.finish(args, info, results)
     if args.profile_steps > 0:  # after the JSON is written: a time limit hit while profiling keeps the timings
         profiles = {case.name: common.profile_case(case, env, args.profile_steps, 1e3 * stats[case.name]["median_s"])

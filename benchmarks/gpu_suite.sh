@@ -13,7 +13,8 @@
 #   4. moe           MoE step vs dense, expert forms (grouped_mm / padded / loop), tiny shape, eager (limit 30 s)
 #   5. precision     fp32 / bf16, eager / compiled, study shape                                         (what is left)
 # Limits from one H200 with an empty compile cache (docs/benchmarks.md section d): gpu_check took 80 s, gpu_mfu
-# with 6 rounds ~125 s, gpu_mfu_moe 117 s; moe_compile's compiled run needed more than 100 s cold. Steps 4-5 get
+# with 6 rounds ~125 s (now 20 rounds, about 5 s more: 6 rounds left the knocks' ratios unresolved, their 95 %
+# intervals 12 % wide), gpu_mfu_moe 117 s; moe_compile's compiled run needed more than 100 s cold. Steps 4-5 get
 # what is left of the budget (precision, ~95 s, often only part of its shapes).
 # vs_transformers.py (a 157k-vocabulary dense-0.6b compile that alone took more than 150 s) is not in the suite.
 #
@@ -43,7 +44,7 @@ if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA
     rounds=()
     scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
-    gpu=(--device cuda); mfu=(--repeats 6 --warmup 2 --profile-steps 3); check=(--device cuda); steps=100; train=(--device cuda --batch-size 32 --seq-len 256)
+    gpu=(--device cuda); mfu=(--repeats 20 --warmup 2 --profile-steps 3); check=(--device cuda); steps=100; train=(--device cuda --batch-size 32 --seq-len 256)
     rounds=(--repeats 5)
     scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1

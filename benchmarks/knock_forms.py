@@ -53,10 +53,11 @@ def main() -> None:
     rows, results = [], []
     for case in cases:
         s, m = stats[case.name], meta[case.name]
-        rows.append([m["label"], m["form"] or "", common.fmt_time(s), common.fmt_ratio(s),
+        rows.append([m["label"], m["form"] or "", common.fmt_time(s), common.fmt_ratio(s), common.fmt_ratio_ci(s),
                      common.fmt_pct(s["ratio"] - 1), common.fmt_pct(m["predicted_flops_overhead"])])
         results.append({"case": case.name, **m, "batch": args.batch, "seq_len": seq, **s})
-    print(common.markdown_table(["model", "knock form", "step ms", "ratio to baseline", "measured overhead",
+    print(common.markdown_table(["model", "knock form", "step ms", "ratio to baseline", "95 % CI of the ratio",
+                                 "measured overhead",
                                  "predicted FLOPs overhead"], rows))
     print("\nPredicted: model FLOPs per token with the knocks over the baseline's (kha.flops.model_flops_per_token, "
           "eq. 12 for the knocks). The fused KHA-Linear form folds T into the projection (fewer FLOPs, plus a fold "

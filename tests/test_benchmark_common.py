@@ -1,8 +1,10 @@
-"""The step profile of ``benchmarks/common.py`` (``gpu_mfu.py --profile-steps``): interval union, kernel families,
-and the operator count of a profiled CPU case."""
+"""``benchmarks/common.py``: the median ratio's confidence interval, and the step profile (``gpu_mfu.py
+--profile-steps``): interval union, kernel families, and the operator count of a profiled CPU case."""
 
 import importlib.util
+import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,45 @@ _spec = importlib.util.spec_from_file_location(
     "bench_common", Path(__file__).resolve().parent.parent / "benchmarks" / "common.py")
 common = sys.modules["bench_common"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
+
+
+@pytest.mark.parametrize("n, lower, upper", [(6, 1, 6), (12, 3, 10), (20, 6, 15), (40, 14, 27)])
+def test_median_interval_takes_the_tabulated_order_statistics(n, lower, upper):
+    # ranks of the 95 % sign-test (distribution-free) interval of a median, as printed in the usual tables
+    values = [10.0 * r for r in range(1, n + 1)]
+    random.Random(n).shuffle(values)
+    assert common.median_interval(values) == (10.0 * lower, 10.0 * upper)
+
+
+def test_median_interval_needs_six_values_and_covers_the_median():
+    assert common.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(4000, 40, generator=gen).exp()  # skewed: median 1, mean e^0.5
+    covered = sum(lo <= 1.0 <= hi for lo, hi in map(common.median_interval, samples.tolist()))
+    assert covered / 4000 == pytest.approx(0.9616, abs=0.015)  # exact coverage at n = 40; binomial sd 0.003
+
+
+def test_summarize_reports_the_paired_ratio_and_its_interval():
+    base = [1.0, 1.1, 0.9, 1.0, 1.2, 1.0, 0.95, 1.05]
+    case = [b * r for b, r in zip(base, [1.01, 1.03, 1.02, 1.00, 1.05, 1.02, 1.04, 1.01], strict=True)]
+    stats = common.summarize({"base": common.Timing(base), "case": common.Timing(case)}, "base")["case"]
+    assert stats["ratio"] == pytest.approx(1.02)  # the median of the 8 round ratios
+    assert stats["ratio_ci95"] == pytest.approx((1.0, 1.05))  # n = 8: the 1st and 8th of them
+    assert common.fmt_ratio_ci(stats) == "[1.000, 1.050]"
+
+
+def test_ratio_ci_script_recomputes_the_ratios_from_a_json(tmp_path):
+    base = [1.0, 1.1, 0.9, 1.0, 1.2, 1.0, 0.95, 1.05]
+    ratios = [1.01, 1.03, 1.02, 1.00, 1.05, 1.02, 1.045, 1.01]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"results": [{"case": "baseline", "times_s": base},
+                                            {"case": "knock", "times_s": [b * r for b, r in zip(base, ratios,
+                                                                                                 strict=True)]}]}))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ratio_ci.py"
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True).stdout
+    assert "| knock | 8 | 1.020 [1.010, 1.034] | [1.000, 1.050] |" in out  # inclusive quartiles; n = 8: min, max
+    bad = subprocess.run([sys.executable, str(script), str(path), "--baseline", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no case 'nope'" in bad.stderr and "['baseline', 'knock']" in bad.stderr
 
 
 def test_covered_time_matches_counting_unit_cells():

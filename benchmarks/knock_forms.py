@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import common
+from kha import knock as kha_knock
 from kha.config import get_preset
 from kha.flops import model_flops_per_token
 
@@ -27,7 +28,14 @@ def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0], repeats=12)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (512; --quick: 64)")
+    p.add_argument("--fold-rows-per-input", type=float, default=None,
+                   help="KHA-Linear's fused form folds from this many rows per projection input feature "
+                        f"(default: kha.knock.FOLD_ROWS_PER_INPUT = {kha_knock.FOLD_ROWS_PER_INPUT}); 0 always folds")
     args = p.parse_args()
+    if args.fold_rows_per_input is not None:
+        if args.fold_rows_per_input < 0:
+            p.error(f"--fold-rows-per-input must be >= 0, got {args.fold_rows_per_input}")
+        kha_knock.FOLD_ROWS_PER_INPUT = args.fold_rows_per_input
     env = common.setup(args)
     info = common.machine_info(env)
     common.print_banner("Training step of the whole model: knock forms against the baseline", info)
@@ -35,7 +43,8 @@ def main() -> None:
     seq = args.seq_len or (64 if env.quick else 512)
     flags = f"--precision {args.dtype}{' --compile' if env.compile else ''}"
     print(f"- model: {common.describe(base_cfg)}; batch {args.batch} x seq {seq}; the step of `kha train {flags}` "
-          "(loss inside, clipping, AdamW)\n", flush=True)
+          f"(loss inside, clipping, AdamW); KHA-Linear fused folds from {kha_knock.FOLD_ROWS_PER_INPUT:g} rows per "
+          "input feature\n", flush=True)
     precision = "bf16" if args.dtype == "bf16" else "fp32"
     base_flops = model_flops_per_token(base_cfg, seq)
     cases, meta = [], {}
@@ -61,8 +70,8 @@ def main() -> None:
                                  "predicted FLOPs overhead"], rows))
     print("\nPredicted: model FLOPs per token with the knocks over the baseline's (kha.flops.model_flops_per_token, "
           "eq. 12 for the knocks). The fused KHA-Linear form folds T into the projection (fewer FLOPs, plus a fold "
-          "per step that does not grow with the batch) only where the rows are at least 4x the projection's input "
-          "width; below that (this shape's default) it runs the residual form.")
+          f"per step that does not grow with the batch) only where the rows are at least "
+          f"{kha_knock.FOLD_ROWS_PER_INPUT:g}x the projection's input width; below that it runs the residual form.")
     common.finish(args, info, results)
 
 

@@ -16,7 +16,7 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   near 1 to multiples of 2^-8 below 1 and 2^-7 above it (an AdamW step of ~LR on the diagonal is invisible
   until it crosses a rounding step).
 - ``"fused"`` (default): the identity-initialised matrices enter the bf16 products only through ``W - I``,
-  formed in fp32, or folded with the projection in fp32. KHA-Linear runs folded into its projection,
+  formed in fp32, each sum inside the product's accumulation. KHA-Linear runs folded into its projection,
   ``x (W_proj T)`` (one matmul; the folded weight's entries are not near 1), or, when the fold would cost
   more than the knock (fewer rows than ``FOLD_ROWS_PER_INPUT`` times the projection's input width, e.g.
   decoding, or small batches on a CPU), ``y + y (T - I)``;
@@ -73,12 +73,14 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor, dim
     """The weight and bias of ``x -> (x W^T + b) T`` per head of width ``dim`` (eq. 8), as one linear layer.
 
     ``weight`` is ``(heads * dim, d)``; head ``i``'s rows ``W_i`` become ``T^T W_i = W_i + (T - I)^T W_i``, its bias
-    ``b_i T``. Only the correction's product runs in the autocast dtype (its entries are small, so bf16 keeps
-    them to its relative precision); the sum is formed in the weight's dtype (fp32 master weights), so the
-    folded entries keep the knock's small deviation until the one cast that autocast applies when they are used.
+    ``b_i T``. The sum runs inside one ``baddbmm``'s accumulation, rounded once, in the dtype a linear layer computes
+    in here (autocast's, else the weight's): ``T`` enters only as ``T - I`` (small entries, kept by bf16 to its
+    relative precision) and the folded entries are not near 1, so the knock's small deviation is not rounded away,
+    and under autocast the folded weight is already in the dtype ``F.linear`` uses (no fp32 pass over the weight).
     """
     delta = _minus_identity(t).t()
-    w = weight + torch.matmul(delta.to(weight.dtype), weight.unflatten(0, (-1, dim))).flatten(0, 1).to(weight.dtype)
+    heads = weight.unflatten(0, (-1, dim))
+    w = torch.baddbmm(heads, delta.expand(heads.shape[0], -1, -1), heads).flatten(0, 1)
     if bias is None:
         return w, None
     return w, bias + (bias.unflatten(0, (-1, dim)) @ delta.t().to(bias.dtype)).flatten().to(bias.dtype)
@@ -217,7 +219,7 @@ def fold_into_linear(proj: nn.Linear, knock: LinearKnock, head_dim: int) -> None
     ``proj`` maps to ``heads * head_dim`` features; head ``i``'s rows ``W_i`` (``head_dim x d``) give
     ``y_i = x W_i^T + b_i``, so ``y_i T = x (T^T W_i)^T + b_i T``.
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(proj.weight.device.type, enabled=False):  # stored weights keep their dtype
         weight, bias = folded(proj.weight, proj.bias, knock.weight, head_dim)
         proj.weight.copy_(weight)
         if bias is not None:

@@ -7,6 +7,7 @@ files; t quantiles and intervals against known values; knock statistics against 
 
 import json
 import math
+import shutil
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -177,6 +178,13 @@ def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatc
     lines.clear()
     assert [s["state"] for s in run_grid("table2", root, 2, base, only, log=lines.append)] == ["finished"] * 4
     assert all(line.endswith("finished, skipped") for line in lines)
+    # a copy as a study is committed (no weights, no checkpoints): still finished, its record left as it is
+    committed = tmp_path / "committed"
+    shutil.copytree(root, committed, ignore=shutil.ignore_patterns("model.safetensors", "checkpoints"))
+    kept = {run: (run / "metrics.jsonl").read_bytes() for run in (committed / "runs").glob("*/seed_*")}
+    assert len(kept) == 4
+    assert [s["state"] for s in run_grid("table2", committed, 2, base, only, log=lines.append)] == ["finished"] * 4
+    assert {run: (run / "metrics.jsonl").read_bytes() for run in kept} == kept
     with pytest.raises(ValueError, match=r"another config \(steps: 3 -> 4\)"):
         run_grid("table2", root, 2, TrainConfig(**{**asdict(base), "steps": 4}), only, log=lines.append)
 

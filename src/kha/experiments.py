@@ -7,7 +7,8 @@
   ``study`` and ``study2`` (docs/results.md) and ``muon`` (AdamW against Muon) on the ``study`` preset.
 - :func:`run_config`: the ``TrainConfig`` of one variant and seed, in ``OUT/runs/VARIANT/seed_S``.
 - :func:`run_grid`: every seed x variant as one ``kha.train.train`` call, seed by seed so that complete
-  pairs come first. A finished run (final step in ``metrics.jsonl`` and ``model.safetensors``) is skipped,
+  pairs come first. A finished run (final step in ``metrics.jsonl`` and ``model_config.json``, kept when a study is committed
+  without its weights) is skipped,
   an interrupted one resumed from its last checkpoint. Paired design: within a seed every variant gets the
   same seed, hence the same base weights (knocks draw no random numbers) and the same batch order.
 - :func:`add_experiment_parsers`: ``kha ablate``, ``kha report`` (``kha.analysis.tables``) and ``kha plot``.
@@ -214,7 +215,9 @@ def run_state(cfg: TrainConfig) -> tuple[str, int]:
 
     out = Path(cfg.out)
     metrics = out / "metrics.jsonl"
-    if (out / "model.safetensors").exists() and metrics.exists():
+    # model_config.json is written with the final weights and, unlike them, is kept when a study is committed:
+    # a fresh clone of committed results must find its runs finished, never train them again over the record
+    if (out / "model_config.json").exists() and metrics.exists():
         records = read_metrics(metrics)
         if records and records[-1]["step"] == cfg.steps:
             return "finished", cfg.steps

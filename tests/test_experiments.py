@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from kha.analysis.knocks import knock_stats, knocks_from_state, load_knocks
-from kha.analysis.plots import plot_dir
+from kha.analysis.plots import _grid_runs, plot_dir
 from kha.analysis.tables import (
     chi2_cdf,
     chi2_quantile,
@@ -31,7 +31,16 @@ from kha.analysis.tables import (
     write_report,
 )
 from kha.config import get_preset
-from kha.experiments import _check_same_config, grid_jobs, grid_variants, run_config, run_grid, write_grid_file
+from kha.errors import UserError
+from kha.experiments import (
+    _check_same_config,
+    grid_jobs,
+    grid_variants,
+    merge_grid,
+    run_config,
+    run_grid,
+    write_grid_file,
+)
 from kha.model import DecoderLM
 from kha.train import TrainConfig, train
 from kha.train.callbacks import read_metrics
@@ -214,6 +223,13 @@ def test_mini_grid_runs_skips_resumes_and_reports(data_dir, tmp_path, monkeypatc
     assert names == ["curves_all.png", "deltas.png", "deltas_vs_tokens.png", "mlp-v_seed_0_knock_movement.png",
                      "mlp-v_seed_0_knocks.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+    # on the committed copy: knock heatmaps from knocks.safetensors; without checkpoints no movement is drawn,
+    # and the committed movement figure stays as it was
+    movement = root / "mlp-v_seed_0_knock_movement.png"
+    shutil.copy(movement, committed / movement.name)
+    names = sorted(p.name for p in plot_dir(committed))
+    assert names == ["curves_all.png", "deltas.png", "deltas_vs_tokens.png", "mlp-v_seed_0_knocks.png"]
+    assert (committed / movement.name).read_bytes() == movement.read_bytes()
 
     # knock statistics from the weights file against a direct computation; the DCP checkpoint of the last
     # step holds the same knocks as model.safetensors
@@ -256,6 +272,54 @@ def _fake_grid(root: Path, grid: str, seeds=(0, 1, 2)) -> dict:
             records[-1]["val_loss"] = loss
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return losses
+
+
+def _truncate(metrics: Path, lines: int) -> None:
+    """A run in flight: its metrics stop early (no model_config.json yet)."""
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:lines]))
+    (metrics.parent / "model_config.json").unlink()
+
+
+def test_merge_grid_copies_finished_runs_never_over_a_run_here(tmp_path, capsys):
+    """A grid trained elsewhere merges in: its finished runs that this folder lacks are copied byte for byte;
+    a run folder here (finished, or in flight) is left as it is; unfinished runs there are not copied;
+    grid.json's seeds are united; other training settings are refused, naming the setting."""
+    there, here = tmp_path / "there" / "g", tmp_path / "here" / "g"
+    _fake_grid(there, "table2", seeds=(0, 1, 2))
+    _fake_grid(here, "table2", seeds=(0, 1))
+    shutil.rmtree(here / "runs" / "mlp-v" / "seed_1")
+    _truncate(here / "runs" / "baseline" / "seed_1" / "metrics.jsonl", 2)  # training here now
+    _truncate(there / "runs" / "mlp-v" / "seed_2" / "metrics.jsonl", 3)  # stopped there at its time limit
+    in_flight = (here / "runs" / "baseline" / "seed_1" / "metrics.jsonl").read_bytes()
+    lines = []
+    result = merge_grid(there, here, log=lines.append)
+    assert "mlp-v/seed_1" in result["copied"] and "baseline/seed_2" in result["copied"]
+    assert "mlp-v/seed_2" not in result["copied"] and "mlp-v/seed_2" in result["unfinished"]
+    assert {"baseline/seed_0", "baseline/seed_1", "mlp-v/seed_0"} <= set(result["kept"])
+    assert not set(result["copied"]) & set(result["kept"])
+    for name in result["copied"]:
+        for file in (there / "runs" / name).iterdir():
+            assert (here / "runs" / name / file.name).read_bytes() == file.read_bytes()
+    assert (here / "runs" / "baseline" / "seed_1" / "metrics.jsonl").read_bytes() == in_flight
+    assert not (here / "runs" / "mlp-v" / "seed_2").exists()
+    assert not [p for p in here.rglob(".*")]  # no staging folder left
+    assert json.loads((here / "grid.json").read_text())["seeds"] == [0, 1, 2]
+    # the grid's figures, like its report, leave the run in flight out
+    assert [d.name for d in _grid_runs(here)[1]["baseline"]] == ["seed_0", "seed_2"]
+    assert lines[0].startswith(f"copied: {len(result['copied'])} (")
+    # merging again (from the command line) copies nothing; a grid of another name is refused
+    from kha.cli import main
+
+    assert main(["ablate", "table2", "--out", str(here), "--merge-from", str(there)]) == 0
+    assert "copied: 0\n" in capsys.readouterr().out
+    assert main(["ablate", "table1", "--out", str(here), "--merge-from", str(there)]) == 2
+    assert "holds grid 'table2', not 'table1'" in capsys.readouterr().err
+    # another grid's settings are refused
+    meta = json.loads((there / "grid.json").read_text())
+    meta["train"]["lr"] = 1.0
+    (there / "grid.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"other training settings \(lr: 0.003 here, 1.0 there\)"):
+        merge_grid(there, here)
 
 
 @pytest.mark.parametrize("grid,rows", [("table1", 7), ("table3", 6), ("table5", 6), ("table2", 10)])
@@ -400,6 +464,8 @@ def _fake_study(root: Path, curves: dict[str, dict[int, list[float]]]) -> None:
             records = [{"step": k, "tokens": 100 * k, "loss": 4.0, "val_loss": loss}
                        for k, loss in enumerate(losses, 1)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            if len(records) == cfg.steps:  # written with the final weights, as the trainer does
+                (out / "model_config.json").write_text(json.dumps(asdict(build_model_config(cfg, 512))))
 
 
 def test_delta_against_tokens_by_hand(tmp_path):

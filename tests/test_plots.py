@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from kha.analysis import plots
 from kha.analysis.tables import fmt_tokens, grid_report
 from kha.experiments import grid_variants, run_config, write_grid_file
 from kha.train import TrainConfig
+from kha.train.loop import build_model_config
 
 
 @pytest.fixture
@@ -155,6 +157,7 @@ def fake_study(root: Path, finals: dict[str, list[float]], tokens_per_step: int)
             out = Path(cfg.out)
             write_run(out, [x - 0.1 for x in losses], every=1, tokens_per_step=tokens_per_step)
             (out / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+            (out / "model_config.json").write_text(json.dumps(asdict(build_model_config(cfg, 512))))
 
 
 @pytest.mark.parametrize("tokens_per_step, unit, crossing", [(100, "", "300"), (12_800, "thousands", "38.4K"),

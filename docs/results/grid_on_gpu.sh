@@ -4,8 +4,10 @@
 # one H200: ~13 ms per compiled step, docs/benchmarks.md section d), so several runs share it. Every 30 s, and at
 # the end, the grid's small files (metrics, configs, knocks, report; no weights, no checkpoints) are packed into
 # RESULT_DIR/grid.tar.gz, so a run stopped at its limit still brings back every run finished before. Unpack it
-# with `tar -xzf grid.tar.gz -C "$(dirname GRID_DIR)"` and commit the runs: the next call's working tree carries
-# them, and the grid skips what is finished (interrupted runs start again: checkpoints do not travel).
+# into a folder of its own and merge its finished runs (never over a run folder that is here, e.g. one still
+# training on this machine): `mkdir -p /tmp/g && tar -xzf grid.tar.gz -C /tmp/g && kha ablate GRID --out GRID_DIR
+# --merge-from /tmp/g/"$(basename GRID_DIR)"`; then commit them: the next call's working tree carries them, and the
+# grid skips what is finished (interrupted runs start again: checkpoints do not travel).
 #
 #   docs/results/grid_on_gpu.sh RESULT_DIR WORKERS LIMIT_S GRID_DIR GRID [kha ablate options...]
 #   e.g. docs/results/grid_on_gpu.sh "$OUT" 8 540 docs/results/study2 study2 --seeds 18 --data data/study2 ...
@@ -24,8 +26,12 @@ source benchmarks/gpu_env.sh
 [[ -n ${KHA_GRID_DATA_ARCHIVE:-} ]] && { tar -xJf "$KHA_GRID_DATA_ARCHIVE" || exit 1; }
 
 pack() {  # the grid's small files into RESULT_DIR/grid.tar.gz, replaced whole
+    # hidden names: .lock and the temporary files of writes in flight (full weights among them); GNU tar exits 1
+    # when a file changed while it was read (a run's metrics.jsonl, appended each step): the archive is still good,
+    # and a torn last line is skipped by the reader
     tar -czf "$work/grid.tar.gz" -C "$(dirname "$grid_dir")" --exclude checkpoints --exclude model.safetensors \
-        --exclude .lock "$(basename "$grid_dir")" 2>/dev/null && mv "$work/grid.tar.gz" "$result/grid.tar.gz"
+        --exclude '.*' --warning=no-file-changed "$(basename "$grid_dir")" 2>/dev/null
+    (( $? <= 1 )) && mv "$work/grid.tar.gz" "$result/grid.tar.gz"
 }
 
 start=$SECONDS

@@ -7,10 +7,12 @@
   ``study`` and ``study2`` (docs/results.md) and ``muon`` (AdamW against Muon) on the ``study`` preset.
 - :func:`run_config`: the ``TrainConfig`` of one variant and seed, in ``OUT/runs/VARIANT/seed_S``.
 - :func:`run_grid`: every seed x variant as one ``kha.train.train`` call, seed by seed so that complete
-  pairs come first. A finished run (final step in ``metrics.jsonl`` and ``model_config.json``, kept when a study is committed
-  without its weights) is skipped,
-  an interrupted one resumed from its last checkpoint. Paired design: within a seed every variant gets the
-  same seed, hence the same base weights (knocks draw no random numbers) and the same batch order.
+  pairs come first. A finished run (``kha.analysis.tables.run_finished``: its metrics and configs decide, as a
+  study is committed) is skipped, an interrupted one resumed from its last checkpoint. Paired design: within a
+  seed every variant gets the same seed, hence the same base weights (knocks draw no random numbers) and the
+  same batch order.
+- :func:`merge_grid`: the finished runs of a grid trained elsewhere (``docs/results/grid_on_gpu.sh``'s archive)
+  copied into this one, never over a run folder that is here.
 - :func:`add_experiment_parsers`: ``kha ablate``, ``kha report`` (``kha.analysis.tables``) and ``kha plot``.
 """
 
@@ -210,17 +212,16 @@ def run_config(base: TrainConfig, variant: Variant, seed: int, out: Path) -> Tra
 
 def run_state(cfg: TrainConfig) -> tuple[str, int]:
     """``("finished", steps)``, ``("partial", last checkpoint's step)`` or ``("new", 0)``."""
+    from .analysis.tables import run_finished
     from .train.callbacks import read_metrics
     from .train.checkpoint import latest_checkpoint, read_meta
 
     out = Path(cfg.out)
     metrics = out / "metrics.jsonl"
-    # model_config.json is written with the final weights and, unlike them, is kept when a study is committed:
-    # a fresh clone of committed results must find its runs finished, never train them again over the record
-    if (out / "model_config.json").exists() and metrics.exists():
-        records = read_metrics(metrics)
-        if records and records[-1]["step"] == cfg.steps:
-            return "finished", cfg.steps
+    # a fresh clone of committed results (no weights, no checkpoints) must find its runs finished, never train
+    # them again over the record
+    if metrics.exists() and run_finished(out, read_metrics(metrics), cfg.steps):
+        return "finished", cfg.steps
     latest = latest_checkpoint(out / "checkpoints")
     if latest is not None:
         return "partial", read_meta(latest)["step"]
@@ -349,6 +350,70 @@ def run_grid(grid: str, out, seeds=3, base: TrainConfig | None = None, only: lis
     return done
 
 
+def merge_grid(src, out, log=print) -> dict[str, list[str]]:
+    """Copy the finished runs of grid folder ``src`` into grid folder ``out`` (the same grid, trained elsewhere).
+
+    A run is copied only where ``out`` has no folder for it: a run here, finished, interrupted or training now, is
+    left as it is (a copy over a run in flight would interleave two runs' metrics). Each run is copied whole
+    into a hidden folder beside its place, then renamed into place, so an interrupted merge leaves no half run.
+    ``grid.json``'s seeds and variants are united. Returns the ``VARIANT/seed_S`` names ``copied``, ``kept``
+    (a folder was here) and ``unfinished`` (not finished in ``src``: not copied).
+    """
+    import os
+    import tempfile
+
+    from .analysis.tables import read_grid, run_finished
+    from .train.callbacks import read_metrics
+    from .train.loop import RUN_FILES
+
+    src, out = Path(src), Path(out)
+    theirs = read_grid(src)
+    if (out / "grid.json").exists():
+        ours = read_grid(out)
+        if ours["grid"] != theirs["grid"]:
+            raise UserError(f"{src} holds grid {theirs['grid']!r} and {out} grid {ours['grid']!r}: not one grid")
+        here, there = ours.get("train", {}), theirs.get("train", {})
+        differ = sorted(k for k in set(here) | set(there) if here.get(k) != there.get(k))
+        if differ:
+            raise UserError(f"{src} and {out} ran {ours['grid']!r} with other training settings ("
+                            + ", ".join(f"{k}: {here.get(k)!r} here, {there.get(k)!r} there" for k in differ)
+                            + "); merge only runs of the same settings")
+        known = {v["name"] for v in ours["variants"]}
+        merged = {**ours, "seeds": sorted(set(ours["seeds"]) | set(theirs["seeds"])),
+                  "variants": ours["variants"] + [v for v in theirs["variants"] if v["name"] not in known]}
+    else:
+        merged = theirs
+    result = {"copied": [], "kept": [], "unfinished": []}
+    for v in merged["variants"]:
+        for run in sorted((src / "runs" / v["name"]).glob("seed_*")):
+            name = f"{v['name']}/{run.name}"
+            config, metrics = run / "train_config.json", run / "metrics.jsonl"
+            cfg = read_json(safe_io.inside(config, src)) if config.is_file() else None
+            records = read_metrics(safe_io.inside(metrics, src)) if metrics.is_file() else []
+            steps = cfg.get("steps") if isinstance(cfg, dict) else None
+            if not (isinstance(steps, int) and run_finished(run, records, steps)):
+                result["unfinished"].append(name)
+                continue
+            dest = safe_io.check_no_links(out / "runs" / v["name"] / run.name, out)
+            if dest.exists():
+                result["kept"].append(name)
+                continue
+            stage = Path(tempfile.mkdtemp(dir=safe_io.make_dirs(dest.parent, out), prefix=f".merge-{run.name}-"))
+            try:
+                for file in RUN_FILES:
+                    if (run / file).is_file():
+                        safe_io.copy_file(run / file, src, stage / file, out)
+                os.rename(stage, dest)
+            except BaseException:
+                safe_io.remove_tree(stage, out)
+                raise
+            result["copied"].append(name)
+    safe_io.write_text(out / "grid.json", json.dumps(merged, indent=1), out)
+    for key, names in result.items():
+        log(f"{key}: {len(names)}" + (f" ({', '.join(names)})" if names else ""))
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 def _add_train_overrides(p: argparse.ArgumentParser) -> None:
@@ -376,6 +441,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .analysis.tables import read_grid, write_report
 
     out = Path(args.out)
+    if args.merge_from:
+        if (found := read_grid(args.merge_from)["grid"]) != args.grid:
+            raise UserError(f"{args.merge_from} holds grid {found!r}, not {args.grid!r}")
+        merge_grid(args.merge_from, out)
+        print(f"merged into {out}; `kha report {out}` and `kha plot {out}` count the merged runs")
+        return 0
     if not args.report:
         only = [n.strip() for n in args.only.split(",")] if args.only else None
         shard = parse_shard(args.shard) if args.shard else (0, 1)
@@ -422,6 +493,9 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: the whole grid)")
     p.add_argument("--report", action="store_true", help="only write the report of what is there; train nothing")
+    p.add_argument("--merge-from", default=None, metavar="DIR",
+                   help="only copy the finished runs of grid folder DIR (the same grid trained elsewhere, e.g. "
+                   "unpacked from grid_on_gpu.sh's archive) into OUT, never over a run folder OUT has; train nothing")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only jobs I, I+N, ... of the grid (0 <= I < N): N processes, on one GPU or on "
                    "machines sharing OUT, split a grid; each writes no report")

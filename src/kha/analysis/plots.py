@@ -151,12 +151,15 @@ def plot_loss_curves(runs: dict[str, Path | list[Path]], out_png: Path, smooth: 
 
 
 def _grid_runs(root: Path) -> tuple[dict, dict[str, list[Path]]]:
-    from .tables import read_grid
+    """The grid's metadata and its finished runs by variant: a run in flight is left out of the figures as it is
+    of the report (the mean curves and their differences would otherwise stop at its last step)."""
+    from .tables import load_run, read_grid
 
     meta = read_grid(root)
     runs = {}
     for v in meta["variants"]:
         dirs = sorted(p.parent for p in (Path(root) / "runs" / v["name"]).glob("seed_*/metrics.jsonl"))
+        dirs = [d for d in dirs if load_run(d).val_loss is not None]
         if dirs:
             runs[v["name"]] = dirs
     return meta, runs
@@ -251,7 +254,8 @@ def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.
 
 
 def plot_run_knocks(run_dir: Path, out_dir: Path, name: str = "") -> list[Path]:
-    """``[NAME_]knocks.png`` (heatmaps) and ``[NAME_]knock_movement.png`` of one run; none without knocks."""
+    """``[NAME_]knocks.png`` (heatmaps) and, where checkpoints survive, ``[NAME_]knock_movement.png`` of one run;
+    none without knocks."""
     from .knocks import (
         final_weights_file,
         knock_stats_over_steps,
@@ -268,10 +272,13 @@ def plot_run_knocks(run_dir: Path, out_dir: Path, name: str = "") -> list[Path]:
         return []
     title = name or (f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.startswith("seed_") else run_dir.name)
     prefix = f"{name}_" if name else ""
-    return [plot_knock_heatmaps(knocks, Path(out_dir) / f"{prefix}knocks.png",
-                                f"{title}: knock matrices, W - init"),
-            plot_knock_movement(knock_stats_over_steps(run_dir), Path(out_dir) / f"{prefix}knock_movement.png",
-                                f"{title}: how far the knocks moved from their init")]
+    written = [plot_knock_heatmaps(knocks, Path(out_dir) / f"{prefix}knocks.png",
+                                   f"{title}: knock matrices, W - init")]
+    # movement needs checkpoints besides the final weights: a committed run has none, and its figure stays as drawn
+    if len(stats := knock_stats_over_steps(run_dir)) > 1:
+        written.append(plot_knock_movement(stats, Path(out_dir) / f"{prefix}knock_movement.png",
+                                           f"{title}: how far the knocks moved from their init"))
+    return written
 
 
 def plot_dir(path: Path, seed: int | None = None) -> list[Path]:

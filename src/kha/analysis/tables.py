@@ -190,6 +190,15 @@ class RunResult:
         return len(self.spike_steps)
 
 
+def run_finished(run_dir: Path, records: list[dict], steps: int) -> bool:
+    """Whether a run is finished: its metrics reach the last step with its final evaluation, and its
+    ``model_config.json`` (written after the final weights, and kept when a study is committed without them)
+    exists. The metrics and configs decide, never the weights or checkpoints, so a fresh clone of committed
+    results counts the same runs as the machine that trained them; ``kha ablate`` skips exactly these."""
+    return (bool(records) and records[-1]["step"] == steps and "val_loss" in records[-1]
+            and (Path(run_dir) / "model_config.json").is_file())
+
+
 def load_run(path: Path) -> RunResult:
     cfg = read_json(path / "train_config.json")
     if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) for k in ("seed", "steps"))):
@@ -197,8 +206,7 @@ def load_run(path: Path) -> RunResult:
                         "and steps)")
     records = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
     done = records[-1]["step"] if records else 0
-    # the metrics decide, not the weights: a committed study keeps metrics.jsonl but not model.safetensors
-    finished = done == cfg["steps"] and "val_loss" in records[-1]
+    finished = run_finished(path, records, cfg["steps"])
     trained_on = cfg.get("trained_on")
     stretches = trained_on if isinstance(trained_on, list) else []
     devices = [safe_io.plain_text(x["device"], f"{path / 'train_config.json'}: device")

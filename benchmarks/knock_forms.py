@@ -1,7 +1,8 @@
 """What the knocks cost in each form: one training step of the whole model, as ``kha train`` runs it, of the
 baseline, KHA-MLP (v) and KHA-Linear (q, k, v), each knock in the plain form (the formulas as written, the
-reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection from 4x
-its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), with the FLOPs overhead
+reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection from 1x
+its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), and KHA-Linear's fused form
+folded at any batch (so that the fold and the residual form meet in one run), with the FLOPs overhead
 ``kha.flops`` predicts beside the measured one.
 
 Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU
@@ -20,8 +21,19 @@ from kha import knock as kha_knock
 from kha.config import get_preset
 from kha.flops import model_flops_per_token
 
-CASES = [("baseline", None), ("mlp-v", "plain"), ("mlp-v", "fused"), ("linear-qkv", "plain"),
-         ("linear-qkv", "fused")]
+# (knocks, form, KHA-Linear's fold threshold for this case: None = the run's)
+CASES = [("baseline", None, None), ("mlp-v", "plain", None), ("mlp-v", "fused", None),
+         ("linear-qkv", "plain", None), ("linear-qkv", "fused", None), ("linear-qkv", "fused", 0)]
+
+
+def fold_from(rows_per_input: float):
+    """``prepare`` for ``kha_train_step``: every KHA-Linear knock of the model folds from this many rows per input
+    feature (0: always), so that the folded and the residual fused form are timed in one run."""
+    def prepare(model) -> None:
+        for module in model.modules():
+            if isinstance(module, kha_knock.LinearKnock):
+                module.fold_rows_per_input = rows_per_input
+    return prepare
 
 
 def main() -> None:
@@ -48,15 +60,17 @@ def main() -> None:
     precision = "bf16" if args.dtype == "bf16" else "fp32"
     base_flops = model_flops_per_token(base_cfg, seq)
     cases, meta = [], {}
-    for key, form in CASES:
+    for key, form, fold in CASES:
         label, knock, targets = common.KNOCKS[key]
         cfg = base_cfg.with_knock(knock, targets)
         if form is not None:
             cfg = replace(cfg, attention=replace(cfg.attention, knock_form=form))
-        name = key if form is None else f"{key} {form}"
-        step = common.kha_train_step(cfg, args.batch, seq, precision, env.compile, env.device)
+        shown = form if fold is None else f"{form}, folded at any batch"
+        name = key if form is None else f"{key} {form}" + ("" if fold is None else " folded")
+        step = common.kha_train_step(cfg, args.batch, seq, precision, env.compile, env.device,
+                                     prepare=None if fold is None else fold_from(fold))
         cases.append(common.Case(name, step))
-        meta[name] = {"label": label, "form": form, "predicted_flops_overhead": model_flops_per_token(cfg, seq)
+        meta[name] = {"label": label, "form": shown, "predicted_flops_overhead": model_flops_per_token(cfg, seq)
                       / base_flops - 1}
     stats = common.summarize(common.measure(cases, env, "knock forms"), "baseline")
     rows, results = [], []

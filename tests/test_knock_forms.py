@@ -72,6 +72,25 @@ def test_fused_form_is_the_plain_function_with_the_same_gradients(name, knock, t
         torch.testing.assert_close(g_f[n], g_p[n], **F64, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_a_knocks_own_fold_threshold_folds_at_any_batch(monkeypatch):
+    """``LinearKnock.fold_rows_per_input`` (what benchmarks/knock_forms.py sets to time both paths in one run):
+    0 folds at 5 rows, where the module's threshold takes the residual path; the function is the plain one."""
+    import kha.knock as knock_module
+
+    calls = []
+    original = knock_module.folded
+    monkeypatch.setattr(knock_module, "folded", lambda *a: calls.append(1) or original(*a))
+    fused, plain = pair("gqa", "linear", "qkv")
+    x = torch.randn(*SHAPES["residual"], D_MODEL, dtype=torch.float64)
+    fused(x)
+    assert calls == []
+    for module in fused.knocks.values():
+        module.fold_rows_per_input = 0
+    y = fused(x)
+    assert len(calls) == 3  # q, k and v folded
+    torch.testing.assert_close(y, plain(x), **F64)
+
+
 @pytest.mark.parametrize("name,knock,targets", [c for c in CASES if c[2] != "qk"])
 def test_fused_form_decodes_as_it_runs_whole(name, knock, targets):
     """A whole sequence (256 rows: folded) equals the same sequence decoded token by token (residual path)."""

@@ -19,7 +19,7 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   formed in fp32, each sum inside the product's accumulation. KHA-Linear runs folded into its projection,
   ``x (W_proj T)`` (one matmul; the folded weight's entries are not near 1), or, when the fold would cost
   more than the knock (fewer rows than ``FOLD_ROWS_PER_INPUT`` times the projection's input width, e.g.
-  decoding, or small batches on a CPU), ``y + y (T - I)``;
+  decoding), ``y + y (T - I)``;
   KHA-MLP runs ``u = y + y (W_up - I)``, then ``h + h (W_down - I)`` with
   ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, each sum inside one ``addmm`` or ``addcmul``:
   a gate near 1 kept as its deviation from 1 (bf16 would round ``sigmoid`` near 0.5 to a multiple of 2^-9);
@@ -52,10 +52,11 @@ def check_form(form: str) -> None:
 
 
 # KHA-Linear folds into its projection when the rows (tokens x batch) are at least this many times the projection's
-# input width: the fold's cost, heads x head_dim^2 x d_in, does not grow with the batch, while the knock's,
-# rows x heads x head_dim^2, does; below that the fold's weight-sized casts and sums cost more than they save
-# (measured on a 2-core CPU, bf16, 1,024 rows into 512 features: the fold slower, at 4,096 faster).
-FOLD_ROWS_PER_INPUT = 4
+# input width: the fold's cost, heads x head_dim^2 x d_in per pass, does not grow with the batch, while the knock's,
+# rows x heads x head_dim^2, does, so from 1x the fold does fewer FLOPs. Measured (benchmarks/knock_forms.py, whole
+# compiled bf16 step, 1,024 rows into 512 features, docs/benchmarks.md section j): on an AMX CPU folded 1.024-1.029x
+# the baseline's step against 1.053x for the residual form, in two runs; decoding (a few rows) stays residual.
+FOLD_ROWS_PER_INPUT = 1
 
 
 def _minus_identity(w: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,7 @@ class LinearKnock(Knock):
 
     foldable = True
     identity_init = ("weight",)  # the parameters initialised to the identity (the rest start at zero)
+    fold_rows_per_input: float | None = None  # this knock's own FOLD_ROWS_PER_INPUT (benchmarks compare both forms)
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -146,7 +148,8 @@ class LinearKnock(Knock):
     def project(self, proj: nn.Linear, x: torch.Tensor, dim: int, form: str) -> torch.Tensor:
         if form == "plain":
             return super().project(proj, x, dim, form)
-        if x.numel() < FOLD_ROWS_PER_INPUT * x.shape[-1] * proj.in_features:
+        threshold = FOLD_ROWS_PER_INPUT if self.fold_rows_per_input is None else self.fold_rows_per_input
+        if x.numel() < threshold * x.shape[-1] * proj.in_features:
             return self.residual(proj(x).unflatten(-1, (-1, dim)))
         return F.linear(x, *folded(proj.weight, proj.bias, self.weight, dim)).unflatten(-1, (-1, dim))
 

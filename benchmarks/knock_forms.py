@@ -1,9 +1,10 @@
 """What the knocks cost in each form: one training step of the whole model, as ``kha train`` runs it, of the
 baseline, KHA-MLP (v) and KHA-Linear (q, k, v), each knock in the plain form (the formulas as written, the
 reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection from 1x
-its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), and KHA-Linear's fused form
-folded at any batch (so that the fold and the residual form meet in one run), with the FLOPs overhead
-``kha.flops`` predicts beside the measured one.
+its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), plus two variants of the fused
+form: KHA-Linear folded at any batch (so that the fold and the residual form meet in one run) and KHA-MLP with its
+up and gate products apart (the form it replaced); with the FLOPs overhead ``kha.flops`` predicts beside the
+measured one.
 
 Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU
 1536, vocabulary 8192), batch 2 x seq 512; ``--quick``: the ``tiny`` preset, batch 2 x seq 64. Every case is
@@ -14,6 +15,7 @@ timed in one interleaved group and its ratio taken to the baseline's step of the
 
 from __future__ import annotations
 
+import types
 from dataclasses import replace
 
 import common
@@ -21,9 +23,6 @@ from kha import knock as kha_knock
 from kha.config import get_preset
 from kha.flops import model_flops_per_token
 
-# (knocks, form, KHA-Linear's fold threshold for this case: None = the run's)
-CASES = [("baseline", None, None), ("mlp-v", "plain", None), ("mlp-v", "fused", None),
-         ("linear-qkv", "plain", None), ("linear-qkv", "fused", None), ("linear-qkv", "fused", 0)]
 
 
 def fold_from(rows_per_input: float):
@@ -34,6 +33,27 @@ def fold_from(rows_per_input: float):
             if isinstance(module, kha_knock.LinearKnock):
                 module.fold_rows_per_input = rows_per_input
     return prepare
+
+
+def _mlp_residual_apart(self, x):
+    """KHA-MLP's fused form with ``W_up - I`` and ``W_gate`` in two products (as before they shared one): the same
+    function and rounding, one more small matmul forward and two backward."""
+    hidden = kha_knock._gated(kha_knock._plus_product(x, kha_knock._minus_identity(self.w_up)), x, self.w_gate)
+    return kha_knock._plus_product(hidden, kha_knock._minus_identity(self.w_down))
+
+
+def mlp_products_apart(model) -> None:
+    """``prepare`` for ``kha_train_step``: every KHA-MLP knock runs :func:`_mlp_residual_apart`."""
+    for module in model.modules():
+        if isinstance(module, kha_knock.MLPKnock):
+            module.residual = types.MethodType(_mlp_residual_apart, module)
+
+
+# (knocks, form, how this case's form differs from the library's, its prepare for kha_train_step)
+CASES = [("baseline", None, None, None), ("mlp-v", "plain", None, None), ("mlp-v", "fused", None, None),
+         ("mlp-v", "fused", "up and gate apart", mlp_products_apart),
+         ("linear-qkv", "plain", None, None), ("linear-qkv", "fused", None, None),
+         ("linear-qkv", "fused", "folded at any batch", fold_from(0))]
 
 
 def main() -> None:
@@ -60,15 +80,14 @@ def main() -> None:
     precision = "bf16" if args.dtype == "bf16" else "fp32"
     base_flops = model_flops_per_token(base_cfg, seq)
     cases, meta = [], {}
-    for key, form, fold in CASES:
+    for key, form, differs, prepare in CASES:
         label, knock, targets = common.KNOCKS[key]
         cfg = base_cfg.with_knock(knock, targets)
         if form is not None:
             cfg = replace(cfg, attention=replace(cfg.attention, knock_form=form))
-        shown = form if fold is None else f"{form}, folded at any batch"
-        name = key if form is None else f"{key} {form}" + ("" if fold is None else " folded")
-        step = common.kha_train_step(cfg, args.batch, seq, precision, env.compile, env.device,
-                                     prepare=None if fold is None else fold_from(fold))
+        shown = form if differs is None else f"{form}, {differs}"
+        name = key if form is None else f"{key} {shown}"
+        step = common.kha_train_step(cfg, args.batch, seq, precision, env.compile, env.device, prepare=prepare)
         cases.append(common.Case(name, step))
         meta[name] = {"label": label, "form": shown, "predicted_flops_overhead": model_flops_per_token(cfg, seq)
                       / base_flops - 1}

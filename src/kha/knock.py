@@ -21,7 +21,8 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   more than the knock (fewer rows than ``FOLD_ROWS_PER_INPUT`` times the projection's input width, e.g.
   decoding), ``y + y (T - I)``;
   KHA-MLP runs ``u = y + y (W_up - I)``, then ``h + h (W_down - I)`` with
-  ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, each sum inside one ``addmm`` or ``addcmul``:
+  ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, ``y (W_up - I)`` and ``y W_gate / 2`` coming from
+  one product of ``y`` with both matrices side by side, the other sums inside one ``addmm`` or ``addcmul``:
   a gate near 1 kept as its deviation from 1 (bf16 would round ``sigmoid`` near 0.5 to a multiple of 2^-9);
   the gate knock likewise.
 
@@ -175,8 +176,14 @@ class MLPKnock(Knock):
         return 2.0 * (hidden @ self.w_down.to(dt))
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = _gated(_plus_product(x, _minus_identity(self.w_up)), x, self.w_gate)
-        return _plus_product(hidden, _minus_identity(self.w_down))
+        # W_up - I and W_gate / 2 side by side: one matmul where the plain form has two (one fewer small product
+        # forward and two backward; the knock costs per product, not per FLOP)
+        flat = x.reshape(-1, x.shape[-1])
+        both = torch.cat([_minus_identity(self.w_up), 0.5 * self.w_gate], dim=1).to(x.dtype)
+        up_delta, gate = (flat @ both).split(self.w_up.shape[1], dim=-1)
+        up = flat + up_delta
+        hidden = torch.addcmul(up, up, torch.tanh(gate))
+        return _plus_product(hidden, _minus_identity(self.w_down)).view(x.shape[:-1] + self.w_down.shape[-1:])
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

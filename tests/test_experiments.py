@@ -28,6 +28,7 @@ from kha.analysis.tables import (
     seeds_for_half_width,
     summarize,
     t_quantile,
+    welch_difference,
     write_report,
 )
 from kha.config import get_preset
@@ -351,6 +352,56 @@ def test_report_tables_have_the_papers_shape(tmp_path, grid, rows):
         assert "| MQA | 16 | 1 | 32 | 32 |" in report and "| MHA | 16 | 16 | 16 | 512 |" in report
     if grid == "table5":
         assert "| MoE |" in report and "| 5 | 192 | 128x4 |" in report and "| 6 | 192 | 736 |" in report
+
+
+def test_welch_difference_against_hand_computed_values():
+    """Welch's interval of a difference of means: equal sizes and variances give df = 2n - 2 = 4 exactly;
+    unequal ones df = (5/12 + 25)^2 / ((5/12)^2 / 3 + 25^2 / 1) = 1.03, rounded down to 1. t quantiles from tables:
+    t(0.975, 4) = 2.7764451, t(0.975, 1) = 12.7062047."""
+    d = welch_difference([1, 2, 3], [4, 5, 6])
+    assert d.mean == pytest.approx(-3) and d.sd == pytest.approx(math.sqrt(2 / 3))
+    assert d.hi - d.mean == pytest.approx(2.7764451 * math.sqrt(2 / 3), rel=1e-6) and d.excludes_zero
+    d = welch_difference([0, 1, 2, 3], [0, 10])
+    assert d.mean == pytest.approx(-3.5)
+    assert d.mean - d.lo == pytest.approx(12.7062047 * math.sqrt(5 / 12 + 25), rel=1e-6) and not d.excludes_zero
+    assert welch_difference([1.0], [2.0, 3.0]) is None
+
+
+def test_report_splits_by_setting_when_runs_trained_on_two(tmp_path):
+    """Seeds 0-2 trained on torch's ops, 3-5 on kha's kernels (as train_config.json records them); mlp-v's seed 5
+    on torch's ops against a baseline on kha's: per setting, the baseline's losses and the paired ΔL over pairs
+    trained wholly on it, the later setting minus the first (Welch), and the split pair counted and left out.
+    A grid of one setting has no such section."""
+    _fake_grid(tmp_path / "one", "study", seeds=(0, 1))
+    assert "### By setting" not in grid_report(tmp_path / "one")
+    root = tmp_path / "two"
+    losses = _fake_grid(root, "study", seeds=tuple(range(6)))
+    for (name, seed) in losses:
+        path = root / "runs" / name / f"seed_{seed}" / "train_config.json"
+        kha_kernels = seed >= 3 and (name, seed) != ("mlp-v", 5)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "amx_attention": kha_kernels,
+                                    "cpu_kernels": kha_kernels, "trained_on": [{"first_step": 1, "device": "cpu"}]}))
+    torch_ops, kha = "cpu; torch's ops", "cpu; kha's AMX attention and kha's elementwise kernels"
+    table = grid_report(root).split("### By setting: device and kernels")[1].split("\n\n")[2].splitlines()
+    base = {torch_ops: [losses["baseline", s] for s in (0, 1, 2)], kha: [losses["baseline", s] for s in (3, 4, 5)]}
+    delta = {torch_ops: [losses["mlp-v", s] - losses["baseline", s] for s in (0, 1, 2)],
+             kha: [losses["mlp-v", s] - losses["baseline", s] for s in (3, 4)]}
+    for setting, row in ((torch_ops, table[2]), (kha, table[3])):
+        cells = row.split(" | ")
+        # runs: 4 arms x 3 seeds each, and mlp-v's seed 5 on torch's ops
+        assert cells[0] == f"| {setting}" and cells[1] == ("13" if setting == torch_ops else "11")
+        b, d = base[setting], delta[setting]
+        assert cells[2].startswith(f"{statistics.mean(b):.4f} ± {statistics.stdev(b):.4f} [")
+        assert cells[2].endswith(f"(n={len(b)})") and "*" not in cells[2]
+        assert cells[3].startswith(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f} [")
+        assert cells[3].endswith(f"(n={len(d)})")
+    cells = table[4].split(" | ")
+    assert cells[0] == f"| difference: {kha} - {torch_ops}"
+    for cell, values in ((cells[2], base), (cells[3], delta)):
+        w = welch_difference(values[kha], values[torch_ops])
+        assert cell.startswith(f"{w.mean:+.4f} [{w.lo:+.4f}, {w.hi:+.4f}]")
+    assert len(table) == 5
+    assert "Pairs whose two runs trained on different settings (left out above): 1." in grid_report(root)
 
 
 def test_shards_split_a_grid_between_processes(data_dir, tmp_path, monkeypatch, capsys):

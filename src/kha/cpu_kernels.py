@@ -56,6 +56,15 @@ def cpu_supports() -> bool:
     return bool(amx() and bf16())
 
 
+def kernels_label(kernels: dict[str, bool]) -> str:
+    """What a run trains on, from the flags ``kha train`` records in ``train_config.json`` (``amx_attention``,
+    ``cpu_kernels``), e.g. "kha's AMX attention and kha's elementwise kernels"; "torch's ops" when neither."""
+    if not (kernels.get("amx_attention") or kernels.get("cpu_kernels")):
+        return "torch's ops"
+    attention = "kha's AMX attention" if kernels.get("amx_attention") else "torch's SDPA"
+    return f"{attention} and {'kha' if kernels.get('cpu_kernels') else 'torch'}'s elementwise kernels"
+
+
 def prepare() -> bool:
     """Build (or load the cached build of) the extension if this machine can run it; True when it is ready."""
     global _state

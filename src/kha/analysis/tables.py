@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import safe_io
+from .. import cpu_kernels, safe_io
 from ..errors import UserError, read_json
 from ..train.callbacks import read_metrics, spike_event_steps
 
@@ -162,6 +162,22 @@ def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, most
     return lo
 
 
+def welch_difference(a, b, level: float = 0.95) -> Summary | None:
+    """``mean(a) - mean(b)`` of two independent samples, with Welch's t interval; ``sd`` is the difference's
+    standard error. Welch-Satterthwaite degrees of freedom, rounded down (:func:`t_quantile` takes whole ones):
+    the interval is slightly wider than with fractional ones. None unless each sample has 2 values."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    (ma, va), (mb, vb) = ((statistics.fmean(x), statistics.variance(x) / len(x)) for x in (a, b))
+    diff, se = ma - mb, math.sqrt(va + vb)
+    if se == 0:
+        return Summary(len(a) + len(b), diff, 0.0, diff, diff)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile((1 + level) / 2, max(1, math.floor(df))) * se
+    return Summary(len(a) + len(b), diff, se, diff - half, diff + half)
+
+
 def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:
     """Summary of ``treatment[s] - baseline[s]`` over the seeds ``s`` both have."""
     seeds = sorted(set(treatment) & set(baseline))
@@ -184,6 +200,9 @@ class RunResult:
     """Validation loss by tokens seen, at every evaluation of the run so far."""
     devices: tuple[str, ...] = ()
     """The devices it trained on, in order (``train_config.json``'s ``trained_on``; empty where not recorded)."""
+    setting: str = "not recorded"
+    """Devices and kernels together, e.g. "cpu; kha's AMX attention and kha's elementwise kernels": runs of one
+    setting compute the same function with the same rounding, runs of two may differ by more than noise."""
 
     @property
     def spikes(self) -> int:
@@ -211,10 +230,13 @@ def load_run(path: Path) -> RunResult:
     stretches = trained_on if isinstance(trained_on, list) else []
     devices = [safe_io.plain_text(x["device"], f"{path / 'train_config.json'}: device")
                for x in stretches if isinstance(x, dict) and isinstance(x.get("device"), str)]
+    devices = tuple(dict.fromkeys(devices))
+    recorded = "cpu_kernels" in cfg or "amx_attention" in cfg
+    kernels = cpu_kernels.kernels_label(cfg) if recorded else "kernels not recorded"
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
                      spike_event_steps(records), done, cfg["steps"],
                      {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r},
-                     tuple(dict.fromkeys(devices)))
+                     devices, f"{' then '.join(devices) or 'device not recorded'}; {kernels}")
 
 
 def read_grid(root: Path) -> dict:
@@ -569,6 +591,52 @@ def devices_line(g: GridResults) -> str:
     return ", ".join(f"{device}: {n}" for device, n in sorted(counts.items())) or "no runs yet"
 
 
+def settings_md(g: GridResults) -> str | None:
+    """Where the finished runs trained on more than one setting (:attr:`RunResult.setting`): per setting, each
+    baseline's loss and each arm's paired ΔL over the pairs trained wholly on it, and each later setting's
+    difference from the first (Welch). None when every finished run shares one setting."""
+    finished = [(name, r) for name, runs in g.results.items() for r in runs.values() if r.val_loss is not None]
+    first_seed: dict[str, int] = {}
+    for _, r in finished:
+        first_seed[r.setting] = min(first_seed.get(r.setting, r.seed), r.seed)
+    settings = sorted(first_seed, key=lambda st: (first_seed[st], st))
+    if len(settings) < 2:
+        return None
+
+    def values(name: str, setting: str) -> list[float]:
+        """The variant's losses (baselines) or paired ΔL (other arms) over its runs and pairs of this setting."""
+        runs = g.results.get(name, {})
+        base = g.baseline(name)
+        if base is None:
+            return [r.val_loss for r in runs.values() if r.val_loss is not None and r.setting == setting]
+        base_runs = g.results.get(base, {})
+        return [r.val_loss - base_runs[s].val_loss for s, r in runs.items()
+                if r.val_loss is not None and s in base_runs and base_runs[s].val_loss is not None
+                and r.setting == base_runs[s].setting == setting]
+
+    names = [v["name"] for v in g.variants]
+    header = ["Setting", "runs"] + [f"`{n}` loss" if g.baseline(n) is None else f"ΔL `{n}`" for n in names]
+    rows = []
+    for setting in settings:
+        cells = []
+        for n in names:
+            s, is_delta = summarize(values(n, setting), g.level), g.baseline(n) is not None
+            cells.append("—" if s is None else f"{fmt_summary(s, 4, signed=is_delta, mark=is_delta)} (n={s.n})")
+        rows.append([setting, str(sum(r.setting == setting for _, r in finished)), *cells])
+    for setting in settings[1:]:
+        cells = []
+        for n in names:
+            d = welch_difference(values(n, setting), values(n, settings[0]), g.level)
+            star = "*" if d is not None and d.excludes_zero else ""
+            cells.append("—" if d is None else f"{d.mean:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}]{star}")
+        rows.append([f"difference: {setting} - {settings[0]}", "", *cells])
+    split = sum(1 for v in g.variants if g.baseline(v["name"]) for s, r in g.results.get(v["name"], {}).items()
+                if r.val_loss is not None and (b := g.results.get(g.baseline(v["name"]), {}).get(s)) is not None
+                and b.val_loss is not None and b.setting != r.setting)
+    note = f"\n\nPairs whose two runs trained on different settings (left out above): {split}." if split else ""
+    return _md(header, rows) + note
+
+
 def grid_report(root: Path, level: float = 0.95) -> str:
     g = GridResults(root, level)
     meta, results = g.meta, g.results
@@ -614,6 +682,15 @@ def grid_report(root: Path, level: float = 0.95) -> str:
                   "wider than ± the half-width, if the paired sd stays what these seeds measured; in parentheses, "
                   f"if it is as large as its one-sided {100 * SD_BOUND_LEVEL:g} % upper confidence bound "
                   "(chi-square, from the same seeds: few seeds measure an sd loosely).", "", needed, ""]
+    settings = settings_md(g)
+    if settings:
+        lines += ["### By setting: device and kernels", "",
+                  "These runs trained on more than one setting (device, and on a CPU in bf16 which kernels: "
+                  "`train_config.json`'s `trained_on`, `amx_attention`, `cpu_kernels`). Each setting computes the "
+                  "same function with its own rounding. Per setting: each baseline's loss and each arm's paired ΔL "
+                  "over the pairs trained wholly on it (n: runs or pairs); last: each later setting minus the "
+                  f"first, difference of means with Welch's {pct} interval (`*`: it excludes 0). A difference in "
+                  "ΔL means the settings' effects differ, and the pooled ΔL above mixes them.", "", settings, ""]
     contrasts = contrasts_md(g)
     if contrasts:
         lines += ["### Other paired contrasts", "",

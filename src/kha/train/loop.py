@@ -214,8 +214,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
         if kernels["cpu_kernels"]:
-            print(f"CPU kernels: {_kernels_label(kernels)} (kha.cpu_kernels; {cpu_kernels.ENV_SWITCH}=0 for "
-                  "torch's ops)", flush=True)
+            print(f"CPU kernels: {cpu_kernels.kernels_label(kernels)} (kha.cpu_kernels; "
+                  f"{cpu_kernels.ENV_SWITCH}=0 for torch's ops)", flush=True)
         safe_io.make_dirs(ckpt_root, out)
         saved = {**cfg.to_dict(), "resolved_precision": precision, **kernels,
                  "trained_on": _trained_on(started, runtime, max(resume_step, 0) + 1, cfg.steps)}
@@ -336,13 +336,6 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     return {**record, "params": n_params, "spikes": len(spikes.spikes)}
 
 
-def _kernels_label(kernels: dict[str, bool]) -> str:
-    if not (kernels["amx_attention"] or kernels["cpu_kernels"]):
-        return "torch's ops"
-    attention = "kha's AMX attention" if kernels["amx_attention"] else "torch's SDPA"
-    return f"{attention} and {'kha' if kernels['cpu_kernels'] else 'torch'}'s elementwise kernels"
-
-
 def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None = None) -> tuple[str, str, bool]:
     """``(precision, why, amx_attention)``: what ``asked`` (default ``cfg.precision``) resolves to for ``cfg``'s
     model on ``device``, and whether kha's AMX attention kernel covers it there."""
@@ -376,9 +369,9 @@ def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tupl
     kernels = {"amx_attention": covered and bf16_cpu, "cpu_kernels": bf16_cpu and cpu_kernels.prepare()}
     before = {name: started.get(name, False) for name in kernels} if started else kernels
     if before != kernels and runtime.is_main:
-        print(f"warning: this run trained on {_kernels_label(before)} and resumes on {_kernels_label(kernels)}: "
-              f"the same run, but no longer bit for bit the uninterrupted one ({cpu_kernels.ENV_SWITCH}=0 "
-              "selects torch's ops)", flush=True)
+        print(f"warning: this run trained on {cpu_kernels.kernels_label(before)} and resumes on "
+              f"{cpu_kernels.kernels_label(kernels)}: the same run, but no longer bit for bit the uninterrupted one "
+              f"({cpu_kernels.ENV_SWITCH}=0 selects torch's ops)", flush=True)
     return precision, why, kernels
 
 

@@ -24,7 +24,6 @@ from kha.config import get_preset
 from kha.flops import model_flops_per_token
 
 
-
 def fold_from(rows_per_input: float):
     """``prepare`` for ``kha_train_step``: every KHA-Linear knock of the model folds from this many rows per input
     feature (0: always), so that the folded and the residual fused form are timed in one run."""
@@ -37,7 +36,7 @@ def fold_from(rows_per_input: float):
 
 def _mlp_residual_apart(self, x):
     """KHA-MLP's fused form with ``W_up - I`` and ``W_gate`` in two products (as before they shared one): the same
-    function and rounding, one more small matmul forward and two backward."""
+    function, one more small matmul forward and two backward."""
     hidden = kha_knock._gated(kha_knock._plus_product(x, kha_knock._minus_identity(self.w_up)), x, self.w_gate)
     return kha_knock._plus_product(hidden, kha_knock._minus_identity(self.w_down))
 

@@ -201,8 +201,8 @@ class RunResult:
     devices: tuple[str, ...] = ()
     """The devices it trained on, in order (``train_config.json``'s ``trained_on``; empty where not recorded)."""
     setting: str = "not recorded"
-    """Devices and kernels together, e.g. "cpu; kha's AMX attention and kha's elementwise kernels": runs of one
-    setting compute the same function with the same rounding, runs of two may differ by more than noise."""
+    """Devices and kernels together, e.g. "cpu; kha's AMX attention and kha's elementwise kernels": runs of two
+    settings compute the same function with other rounding, which may move their losses by more than noise."""
 
     @property
     def spikes(self) -> int:

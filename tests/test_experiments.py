@@ -625,10 +625,13 @@ def test_study2_grid_is_the_planned_design_with_complete_pairs_first():
     arms = grid_variants("study2")
     jobs = grid_jobs(arms, list(range(18)))
     runs = {v.name: [s for w, s in jobs if w is v] for v in arms}
-    assert runs == {"baseline": list(range(18)), "mlp-v": list(range(18)), "linear-qkv": list(range(5)),
-                    "mlp-v-identity": list(range(5)), "fp32-baseline": [0, 1, 2], "fp32-mlp-v": [0, 1, 2]}
+    assert runs == {"baseline": list(range(18)), "mlp-v": list(range(18)), "linear-qkv": [4, 5, 6, 7, 8],
+                    "mlp-v-identity": [4, 5, 6, 7, 8], "fp32-baseline": [4, 5, 6], "fp32-mlp-v": [4, 5, 6]}
     order = [(v.name, s) for v, s in jobs]
-    assert order[:6] == [(n, 0) for n in runs] and order[-2:] == [("baseline", 17), ("mlp-v", 17)]
+    assert order[:2] == [("baseline", 0), ("mlp-v", 0)] and order[-2:] == [("baseline", 17), ("mlp-v", 17)]
+    assert order[8:14] == [(n, 4) for n in runs]  # seeds 0-3: pairs only; seed 4: every arm
+    # a grid run with fewer seeds takes those of a variant's seeds it has
+    assert [s for v, s in grid_jobs(arms, [0, 5]) if v.name == "linear-qkv"] == [5]
     base = TrainConfig(precision="bf16")
     configs = {v.name: run_config(base, v, 2, Path("x")) for v in arms}
     assert {n: (c.knock, c.knock_targets, c.knock_decay, c.precision) for n, c in configs.items()} == {

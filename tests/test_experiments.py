@@ -402,6 +402,15 @@ def test_report_splits_by_setting_when_runs_trained_on_two(tmp_path):
         assert cell.startswith(f"{w.mean:+.4f} [{w.lo:+.4f}, {w.hi:+.4f}]")
     assert len(table) == 5
     assert "Pairs whose two runs trained on different settings (left out above): 1." in grid_report(root)
+    # one pair in a setting: its ΔL alone, its n said once
+    for name in ("baseline", "mlp-v"):
+        path = root / "runs" / name / "seed_4" / "train_config.json"
+        cfg = json.loads(path.read_text())
+        path.write_text(json.dumps({**cfg, "trained_on": [{"first_step": 1, "device": "gpu"}]}))
+    gpu = "gpu; kha's AMX attention and kha's elementwise kernels"
+    row = next(r for r in grid_report(root).splitlines() if r.startswith(f"| {gpu} |"))
+    d = losses["mlp-v", 4] - losses["baseline", 4]
+    assert f"| {losses['baseline', 4]:.4f} (n=1) | {d:+.4f} (n=1) |" in row
 
 
 def test_shards_split_a_grid_between_processes(data_dir, tmp_path, monkeypatch, capsys):

@@ -621,7 +621,8 @@ def settings_md(g: GridResults) -> str | None:
         cells = []
         for n in names:
             s, is_delta = summarize(values(n, setting), g.level), g.baseline(n) is not None
-            cells.append("—" if s is None else f"{fmt_summary(s, 4, signed=is_delta, mark=is_delta)} (n={s.n})")
+            n = "" if s is None or s.sd is None else f" (n={s.n})"  # fmt_summary shows a single value's n itself
+            cells.append("—" if s is None else f"{fmt_summary(s, 4, signed=is_delta, mark=is_delta)}{n}")
         rows.append([setting, str(sum(r.setting == setting for _, r in finished)), *cells])
     for setting in settings[1:]:
         cells = []

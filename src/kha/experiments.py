@@ -243,8 +243,15 @@ def _check_same_config(cfg: TrainConfig) -> None:
         raise ValueError(f"{cfg.out} holds a run with another config ({diffs}); use another --out or remove it")
 
 
+def _seed_list(seeds) -> list[int] | None:
+    """A variant's ``seeds`` as read from a grid.json: a list, None, or (files of older versions) a count n."""
+    return list(range(seeds)) if isinstance(seeds, int) else seeds
+
+
 def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[int], base: TrainConfig) -> None:
-    """``OUT/grid.json``: the grid's name, variants, seeds (all ever run here) and shared training settings."""
+    """``OUT/grid.json``: the grid's name, variants, seeds (all ever run here) and shared training settings.
+
+    The variants being run are written as this code defines them; others an earlier call recorded are kept."""
     from .analysis.tables import read_grid
 
     path = Path(out) / "grid.json"
@@ -253,8 +260,10 @@ def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[i
         if old["grid"] != grid:
             raise ValueError(f"{out} holds grid {old['grid']!r}, not {grid!r}; use another --out")
         seeds = sorted(set(old["seeds"]) | set(seeds))
-        known = {v["name"] for v in old["variants"]}
-        variants = [Variant(**v) for v in old["variants"]] + [v for v in variants if v.name not in known]
+        running = {v.name: v for v in variants}
+        kept = [Variant(**{**v, "seeds": _seed_list(v.get("seeds"))}) for v in old["variants"]
+                if v["name"] not in running]
+        variants = kept + list(running.values())
         order = [v.name for v in grid_variants(grid, base.preset)]
         variants.sort(key=lambda v: order.index(v.name) if v.name in order else len(order))
     shared = {k: v for k, v in base.to_dict().items() if k not in GRID_FIELDS}

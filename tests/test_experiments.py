@@ -505,7 +505,8 @@ def test_docmask_grid_pairs_masked_and_unmasked_arms():
     from kha.analysis.tables import CONTRASTS
 
     assert {(a, b) for a, b, _ in CONTRASTS["docmask"]} == {("baseline-doc", "baseline"), ("mlp-v-doc", "mlp-v"),
-                                                            ("mlp-v-doc", "baseline-doc")}
+                                                            ("mlp-v-doc", "baseline-doc"),
+                                                            (("mlp-v-doc", "baseline-doc"), ("mlp-v", "baseline"))}
 
 
 def _fake_study(root: Path, curves: dict[str, dict[int, list[float]]]) -> None:
@@ -651,6 +652,21 @@ def test_study2_grid_is_the_planned_design_with_complete_pairs_first():
     muon = {v.name: (v.group, run_config(base, v, 0, Path("x")).optimizer) for v in grid_variants("muon")}
     assert muon == {"adamw-baseline": ("adamw", "adamw"), "adamw-mlp-v": ("adamw", "adamw"),
                     "muon-baseline": ("muon", "muon"), "muon-mlp-v": ("muon", "muon")}
+
+
+def test_study2_report_gives_the_precision_interaction_paired_by_seed(tmp_path):
+    """(fp32 KHA-MLP - fp32 baseline) - (bf16 KHA-MLP - bf16 baseline) per seed: with _fake_grid's formula
+    -0.001 (s + 1), i.e. -0.005, -0.006, -0.007 over seeds 4-6: mean -0.006, sd 0.001, half-width
+    t(0.975, 2) = 4.3027 x 0.001 / sqrt(3) = 0.00248 (a t table's value)."""
+    _fake_grid(tmp_path, "study2", seeds=(4, 5, 6))
+    rows = [r for r in grid_report(tmp_path).splitlines() if r.startswith("| does KHA-MLP v's ΔL depend on")]
+    assert rows == ["| does KHA-MLP v's ΔL depend on precision: its ΔL in fp32 - its ΔL in bf16 | "
+                    "(`fp32-mlp-v` - `fp32-baseline`) - (`mlp-v` - `baseline`) | "
+                    "-0.0060 ± 0.0010 [-0.0085, -0.0035]* | 3 |"]
+    # a seed missing from one of the four arms leaves that seed out
+    (tmp_path / "runs" / "fp32-baseline" / "seed_6" / "model_config.json").unlink()
+    row = [r for r in grid_report(tmp_path).splitlines() if r.startswith("| does KHA-MLP v's ΔL depend on")][0]
+    assert row.endswith("| -0.0055 ± 0.0007 [-0.0119, +0.0009] | 2 |")  # t(0.975, 1) = 12.706
 
 
 def test_grid_file_records_the_running_variants_as_defined_and_reads_an_old_seed_count(tmp_path):

@@ -476,25 +476,46 @@ def generic_md(g: GridResults) -> str:
 
 
 TABLES = {"table1": table1_md, "table2": table2_md, "table3": table3_md, "table5": table5_md}
-# Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers).
+# Questions a grid asks besides "does each arm beat the baseline": (variant, compared with, what it answers). A side
+# may be a pair (a, b), the per-seed a - b: ((a, b), (c, d)) asks whether a - b differs from c - d (an interaction).
 CONTRASTS = {"study": (("mlp-v-decay", "mlp-v", "weight decay on the knocks: decayed - not decayed (KHA-MLP v)"),
                        ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V")),
              "study2": (("mlp-v-identity", "mlp-v", "knocks decayed toward I - not decayed (KHA-MLP v)"),
                         ("mlp-v", "linear-qkv", "the paper's two choices: KHA-MLP on V - KHA-Linear on Q, K, V"),
                         ("fp32-baseline", "baseline", "precision, baseline: fp32 - bf16"),
-                        ("fp32-mlp-v", "mlp-v", "precision, KHA-MLP v: fp32 - bf16")),
+                        ("fp32-mlp-v", "mlp-v", "precision, KHA-MLP v: fp32 - bf16"),
+                        (("fp32-mlp-v", "fp32-baseline"), ("mlp-v", "baseline"),
+                         "does KHA-MLP v's ΔL depend on precision: its ΔL in fp32 - its ΔL in bf16")),
              "muon": (("muon-baseline", "adamw-baseline", "optimizer, baseline: Muon - AdamW"),
-                      ("muon-mlp-v", "adamw-mlp-v", "optimizer, KHA-MLP v: Muon - AdamW")),
+                      ("muon-mlp-v", "adamw-mlp-v", "optimizer, KHA-MLP v: Muon - AdamW"),
+                      (("muon-mlp-v", "muon-baseline"), ("adamw-mlp-v", "adamw-baseline"),
+                       "does KHA-MLP v's ΔL depend on the optimizer: its ΔL with Muon - its ΔL with AdamW")),
              "docmask": (("baseline-doc", "baseline", "document mask: masked - unmasked (baseline)"),
                          ("mlp-v-doc", "mlp-v", "document mask: masked - unmasked (KHA-MLP v)"),
-                         ("mlp-v-doc", "baseline-doc", "KHA-MLP v - baseline, both document-masked"))}
+                         ("mlp-v-doc", "baseline-doc", "KHA-MLP v - baseline, both document-masked"),
+                         (("mlp-v-doc", "baseline-doc"), ("mlp-v", "baseline"),
+                          "does KHA-MLP v's ΔL depend on the mask: its ΔL masked - its ΔL unmasked"))}
+
+
+def _contrast_side(g: GridResults, side) -> tuple[dict[int, float], list[str], str]:
+    """A contrast's side: its per-seed losses (a pair: per-seed differences), the variants it reads, its label."""
+    if isinstance(side, str):
+        return g.losses(side), [side], f"`{side}`"
+    a, b = side
+    first, second = g.losses(a), g.losses(b)
+    return {s: first[s] - second[s] for s in set(first) & set(second)}, [a, b], f"(`{a}` - `{b}`)"
 
 
 def contrasts_md(g: GridResults) -> str | None:
-    """Paired ΔL between two non-baseline arms (:data:`CONTRASTS`), over the seeds both finished."""
-    rows = [[what, f"`{a}` - `{b}`", fmt_summary(paired_delta(g.losses(a), g.losses(b), g.level), 4, signed=True,
-                                                 mark=True), g.seeds(a, b)]
-            for a, b, what in CONTRASTS.get(g.meta["grid"], ()) if a in g.by_name and b in g.by_name]
+    """Paired ΔL between two non-baseline arms, or between two arms' ΔLs (:data:`CONTRASTS`), over the seeds every
+    variant named finished."""
+    rows = []
+    for first, second, what in CONTRASTS.get(g.meta["grid"], ()):
+        (x, names_x, label_x), (y, names_y, label_y) = (_contrast_side(g, side) for side in (first, second))
+        if all(n in g.by_name for n in names_x + names_y):
+            rows.append([what, f"{label_x} - {label_y}",
+                         fmt_summary(paired_delta(x, y, g.level), 4, signed=True, mark=True),
+                         g.seeds(*names_x, *names_y)])
     return _md(["Question", "contrast", "paired ΔL (final)", "seeds"], rows) if rows else None
 
 
@@ -695,9 +716,9 @@ def grid_report(root: Path, level: float = 0.95) -> str:
     contrasts = contrasts_md(g)
     if contrasts:
         lines += ["### Other paired contrasts", "",
-                  "The same paired ΔL (same seed: same base weights and batches) between two KHA arms: negative "
-                  "means the first is better. Each interval stands alone (no correction for the several "
-                  "comparisons of this report).", "", contrasts, ""]
+                  "The same paired ΔL (same seed: same base weights and batches) between two KHA arms, or between "
+                  "two arms' ΔLs (an interaction): negative means the first is better. Each interval stands alone "
+                  "(no correction for the several comparisons of this report).", "", contrasts, ""]
     knocks = knocks_md(g)
     if knocks:
         lines += ["### Knocks: how far training moved them from their init", "",

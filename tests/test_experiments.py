@@ -382,7 +382,7 @@ def test_report_splits_by_setting_when_runs_trained_on_two(tmp_path):
         path.write_text(json.dumps({**json.loads(path.read_text()), "amx_attention": kha_kernels,
                                     "cpu_kernels": kha_kernels, "trained_on": [{"first_step": 1, "device": "cpu"}]}))
     torch_ops, kha = "cpu; torch's ops", "cpu; kha's AMX attention and kha's elementwise kernels"
-    table = grid_report(root).split("### By setting: device and kernels")[1].split("\n\n")[2].splitlines()
+    table = grid_report(root).split("### By setting: device, precision and kernels")[1].split("\n\n")[2].splitlines()
     base = {torch_ops: [losses["baseline", s] for s in (0, 1, 2)], kha: [losses["baseline", s] for s in (3, 4, 5)]}
     delta = {torch_ops: [losses["mlp-v", s] - losses["baseline", s] for s in (0, 1, 2)],
              kha: [losses["mlp-v", s] - losses["baseline", s] for s in (3, 4)]}
@@ -667,6 +667,27 @@ def test_study2_report_gives_the_precision_interaction_paired_by_seed(tmp_path):
     (tmp_path / "runs" / "fp32-baseline" / "seed_6" / "model_config.json").unlink()
     row = [r for r in grid_report(tmp_path).splitlines() if r.startswith("| does KHA-MLP v's ΔL depend on")][0]
     assert row.endswith("| -0.0055 ± 0.0007 [-0.0119, +0.0009] | 2 |")  # t(0.975, 1) = 12.706
+
+
+def test_fp32_runs_are_a_setting_of_their_own_beside_bf16_runs_of_one_machine(tmp_path):
+    """kha's CPU kernels run only in bf16, so an fp32 run records none: without its precision it would share a
+    setting with bf16 runs of another machine on torch's ops. Settings no variant spans give no difference row."""
+    losses = _fake_grid(tmp_path, "study2", seeds=(4, 5, 6))
+    for name, seed in losses:
+        path = tmp_path / "runs" / name / f"seed_{seed}" / "train_config.json"
+        fp32 = name.startswith("fp32-")
+        path.write_text(json.dumps({**json.loads(path.read_text()), "resolved_precision": "fp32" if fp32 else "bf16",
+                                    "amx_attention": not fp32, "cpu_kernels": not fp32,
+                                    "trained_on": [{"first_step": 1, "device": "cpu"}]}))
+    report = grid_report(tmp_path)
+    table = report.split("### By setting: device, precision and kernels")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 4 and not any(row.startswith("| difference") for row in table)
+    bf16, fp32 = (row.split(" | ") for row in table[2:])
+    assert bf16[:2] == ["| cpu; bf16, kha's AMX attention and kha's elementwise kernels", "12"]
+    assert fp32[:2] == ["| cpu; fp32, torch's ops", "6"]
+    delta = [losses["fp32-mlp-v", s] - losses["fp32-baseline", s] for s in (4, 5, 6)]
+    assert fp32[-1].startswith(f"{statistics.mean(delta):+.4f} ± {statistics.stdev(delta):.4f} [")
+    assert bf16[-1].strip(" |") == "—" and fp32[2] == "—"  # fp32-mlp-v in bf16; the bf16 baseline in fp32
 
 
 def test_grid_file_records_the_running_variants_as_defined_and_reads_an_old_seed_count(tmp_path):

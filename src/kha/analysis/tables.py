@@ -201,8 +201,9 @@ class RunResult:
     devices: tuple[str, ...] = ()
     """The devices it trained on, in order (``train_config.json``'s ``trained_on``; empty where not recorded)."""
     setting: str = "not recorded"
-    """Devices and kernels together, e.g. "cpu; kha's AMX attention and kha's elementwise kernels": runs of two
-    settings compute the same function with other rounding, which may move their losses by more than noise."""
+    """Devices, precision and kernels together, e.g. "cpu; bf16, kha's AMX attention and kha's elementwise kernels":
+    runs of two settings compute the same function with other rounding, which may move their losses by more than
+    noise."""
 
     @property
     def spikes(self) -> int:
@@ -233,6 +234,9 @@ def load_run(path: Path) -> RunResult:
     devices = tuple(dict.fromkeys(devices))
     recorded = "cpu_kernels" in cfg or "amx_attention" in cfg
     kernels = cpu_kernels.kernels_label(cfg) if recorded else "kernels not recorded"
+    precision = cfg.get("resolved_precision")
+    if isinstance(precision, str):  # an fp32 run on the machine of a bf16 run is another setting
+        kernels = f"{safe_io.plain_text(precision, f'{path}/train_config.json: resolved_precision')}, {kernels}"
     return RunResult(cfg["seed"], records[-1]["val_loss"] if finished else None,
                      spike_event_steps(records), done, cfg["steps"],
                      {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r and "tokens" in r},
@@ -651,7 +655,8 @@ def settings_md(g: GridResults) -> str | None:
             d = welch_difference(values(n, setting), values(n, settings[0]), g.level)
             star = "*" if d is not None and d.excludes_zero else ""
             cells.append("—" if d is None else f"{d.mean:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}]{star}")
-        rows.append([f"difference: {setting} - {settings[0]}", "", *cells])
+        if any(c != "—" for c in cells):  # settings with no variant in common (e.g. an fp32 group) compare nothing
+            rows.append([f"difference: {setting} - {settings[0]}", "", *cells])
     split = sum(1 for v in g.variants if g.baseline(v["name"]) for s, r in g.results.get(v["name"], {}).items()
                 if r.val_loss is not None and (b := g.results.get(g.baseline(v["name"]), {}).get(s)) is not None
                 and b.val_loss is not None and b.setting != r.setting)
@@ -706,12 +711,13 @@ def grid_report(root: Path, level: float = 0.95) -> str:
                   "(chi-square, from the same seeds: few seeds measure an sd loosely).", "", needed, ""]
     settings = settings_md(g)
     if settings:
-        lines += ["### By setting: device and kernels", "",
-                  "These runs trained on more than one setting (device, and on a CPU in bf16 which kernels: "
-                  "`train_config.json`'s `trained_on`, `amx_attention`, `cpu_kernels`). Each setting computes the "
-                  "same function with its own rounding. Per setting: each baseline's loss and each arm's paired ΔL "
-                  "over the pairs trained wholly on it (n: runs or pairs); last: each later setting minus the "
-                  f"first, difference of means with Welch's {pct} interval (`*`: it excludes 0). A difference in "
+        lines += ["### By setting: device, precision and kernels", "",
+                  "These runs trained on more than one setting (device, precision, and on a CPU in bf16 which "
+                  "kernels: `train_config.json`'s `trained_on`, `resolved_precision`, `amx_attention`, "
+                  "`cpu_kernels`). Each setting computes the same function with its own rounding. Per setting: each "
+                  "baseline's loss and each arm's paired ΔL over the pairs trained wholly on it (n: runs or pairs); "
+                  "last: each later setting minus the first, where a variant has runs in both, difference of means "
+                  f"with Welch's {pct} interval (`*`: it excludes 0). A difference in "
                   "ΔL means the settings' effects differ, and the pooled ΔL above mixes them.", "", settings, ""]
     contrasts = contrasts_md(g)
     if contrasts:

@@ -15,7 +15,7 @@ from matplotlib.collections import PolyCollection
 
 from kha.analysis import knocks as knocks_module
 from kha.analysis import plots
-from kha.analysis.tables import fmt_tokens, grid_report
+from kha.analysis.tables import GridResults, fmt_tokens, grid_report
 from kha.experiments import grid_variants, run_config, write_grid_file
 from kha.train import TrainConfig
 from kha.train.loop import build_model_config
@@ -186,6 +186,23 @@ def test_deltas_against_tokens_at_every_scale(tmp_path, figures, tokens_per_step
     assert "dotted" not in ax.get_title()
     assert f"| **below 0 from** | {crossing} |" in grid_report(tmp_path)
     assert f"| {fmt_tokens(tokens_per_step)} |" in grid_report(tmp_path)
+
+
+def test_deltas_against_tokens_scale_ignores_the_band_of_an_arm_of_two_seeds(tmp_path, figures):
+    """A 2-seed arm's t band (t(1) = 12.7 sd) would set the y-range; it is drawn, but the range holds every mean
+    and only the bands of arms of 3 or more seeds."""
+    fake_study(tmp_path, {"baseline": [3.0, 3.1, 3.2], "mlp-v": [2.95, 3.04, 3.13], "linear-qkv": [3.0, 2.8]}, 100)
+    plots.plot_delta_curves(tmp_path)
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert_every_artist_in_legend(ax)
+    g = GridResults(tmp_path)
+    wide, narrow = g.delta_curve("linear-qkv"), g.delta_curve("mlp-v")
+    low, high = ax.get_ylim()
+    assert all(low < s.mean < high for curve in (wide, narrow) for _, s in curve)
+    assert all(low <= s.lo and s.hi <= high for _, s in narrow)
+    assert min(s.lo for _, s in wide) < low and max(s.hi for _, s in wide) > high  # clipped: 12.7 x 0.14 = 1.8
+    assert len([c for c in ax.collections if "t band" in c.get_label()]) == 2
 
 
 def test_token_counts_read_in_k_m_b():

@@ -218,6 +218,9 @@ def plot_deltas(root: Path, out_png: Path | None = None, level: float = 0.95) ->
     return save_figure(fig, out_png or Path(root) / "deltas.png")
 
 
+BAND_SCALE_SEEDS = 3  # arms with fewer seeds do not set plot_delta_curves' y-range with their band
+
+
 def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.95) -> Path | None:
     """Paired ΔL against tokens seen, mean and t band per non-baseline arm: from how many tokens KHA helps."""
     from .tables import GridResults, crossover, fmt_tokens, token_unit
@@ -244,6 +247,14 @@ def plot_delta_curves(root: Path, out_png: Path | None = None, level: float = 0.
         if cross is not None:
             ax.axvline(cross / scale, color=f"C{i}", linestyle=":", linewidth=1,
                        label=f"{label}: below 0 from {fmt_tokens(cross)} tokens on")
+    # the y-range holds every mean and the bands of arms with BAND_SCALE_SEEDS seeds or more: a 2-seed t band
+    # (t(1) = 12.7) would set the scale and flatten every other arm; it is drawn, clipped
+    shown = [s.mean for curve in curves.values() for _, s in curve]
+    shown += [x for curve in curves.values() if max(s.n for _, s in curve) >= BAND_SCALE_SEEDS
+              for _, s in curve if s.lo is not None for x in (s.lo, s.hi)]
+    low, high = min(shown), max(shown)
+    pad = 0.05 * (high - low) or 0.01
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel(f"tokens seen ({word})" if word else "tokens seen")
     ax.set_ylabel("ΔL = val loss - baseline's (paired by seed)")
     ax.set_title(f"{g.meta['grid']}: paired ΔL against tokens, mean and {100 * level:g} % t band", fontsize=9)

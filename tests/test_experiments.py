@@ -694,16 +694,19 @@ def test_grid_file_records_the_running_variants_as_defined_and_reads_an_old_seed
     """grid.json written by an older version: a variant's ``seeds`` held a count (the first n seeds)."""
     base = TrainConfig(precision="bf16")
     arms = {v.name: v for v in grid_variants("study2")}
-    old = [asdict(arms["baseline"]), {**asdict(arms["linear-qkv"]), "seeds": 5}, {**asdict(arms["fp32-baseline"]),
-                                                                                  "seeds": 3}]
+    newer = {"name": "gone-arm", "group": "main", "arm": "X", "seeds": [2], "field_of_a_newer_version": 1}
+    old = [asdict(arms["baseline"]), newer, {**asdict(arms["linear-qkv"]), "seeds": 5},
+           {**asdict(arms["fp32-baseline"]), "seeds": 3}]
     (tmp_path / "grid.json").write_text(json.dumps({"grid": "study2", "seeds": [0, 1], "train": {},
                                                     "variants": old}))
     write_grid_file(tmp_path, "study2", [arms["linear-qkv"]], [4], base)
     meta = json.loads((tmp_path / "grid.json").read_text())
     recorded = {v["name"]: v["seeds"] for v in meta["variants"]}
-    # running: the code's definition; not running: kept, its count read as seeds 0..n-1; the grid's order
-    assert recorded == {"baseline": None, "linear-qkv": [4, 5, 6, 7, 8], "fp32-baseline": [0, 1, 2]}
-    assert list(recorded) == ["baseline", "linear-qkv", "fp32-baseline"] and meta["seeds"] == [0, 1, 4]
+    # running: the code's definition; not running: kept, its count read as seeds 0..n-1; the grid's order, then
+    # variants the code no longer defines, kept as recorded
+    assert recorded == {"baseline": None, "linear-qkv": [4, 5, 6, 7, 8], "fp32-baseline": [0, 1, 2], "gone-arm": [2]}
+    assert list(recorded) == ["baseline", "linear-qkv", "fp32-baseline", "gone-arm"] and meta["seeds"] == [0, 1, 4]
+    assert meta["variants"][-1] == newer
 
 
 def test_a_run_saved_before_a_field_existed_continues_under_its_default(tmp_path):

@@ -251,25 +251,25 @@ def _seed_list(seeds) -> list[int] | None:
 def write_grid_file(out: Path, grid: str, variants: list[Variant], seeds: list[int], base: TrainConfig) -> None:
     """``OUT/grid.json``: the grid's name, variants, seeds (all ever run here) and shared training settings.
 
-    The variants being run are written as this code defines them; others an earlier call recorded are kept."""
+    The variants being run are written as this code defines them; others an earlier call recorded are kept as
+    recorded (fields this version does not know included), their seeds read as a list."""
     from .analysis.tables import read_grid
 
     path = Path(out) / "grid.json"
+    records = [asdict(v) for v in variants]
     if path.exists():
         old = read_grid(out)
         if old["grid"] != grid:
             raise ValueError(f"{out} holds grid {old['grid']!r}, not {grid!r}; use another --out")
         seeds = sorted(set(old["seeds"]) | set(seeds))
-        running = {v.name: v for v in variants}
-        kept = [Variant(**{**v, "seeds": _seed_list(v.get("seeds"))}) for v in old["variants"]
-                if v["name"] not in running]
-        variants = kept + list(running.values())
+        running = {v.name for v in variants}
+        kept = [{**v, "seeds": _seed_list(v.get("seeds"))} for v in old["variants"] if v["name"] not in running]
         order = [v.name for v in grid_variants(grid, base.preset)]
-        variants.sort(key=lambda v: order.index(v.name) if v.name in order else len(order))
+        records = sorted(kept + records, key=lambda v: order.index(v["name"]) if v["name"] in order else len(order))
     shared = {k: v for k, v in base.to_dict().items() if k not in GRID_FIELDS}
     safe_io.make_dirs(path.parent)
-    safe_io.write_text(path, json.dumps({"grid": grid, "seeds": seeds, "train": shared,
-                                         "variants": [asdict(v) for v in variants]}, indent=1))
+    safe_io.write_text(path, json.dumps({"grid": grid, "seeds": seeds, "train": shared, "variants": records},
+                                        indent=1))
 
 
 def bf16_comparison_warning(configs: list[TrainConfig]) -> str | None:

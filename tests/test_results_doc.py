@@ -1,0 +1,100 @@
+"""docs/results.md's study v2 numbers are those of the committed runs (docs/results/study2/runs).
+
+Each per-seed row of the section's tables is checked against the final validation loss in the run's own
+metrics.jsonl, read here without kha's loaders; the summary rows against the t intervals of the seeds the
+table lists. A row may lag the data (a run committed before its row), never disagree with it."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kha.analysis.tables import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "docs" / "results" / "study2" / "runs"
+DOC = ROOT / "docs" / "results.md"
+ROUNDING = 5e-5 + 1e-9
+"""The doc prints losses and ΔL to 4 decimals."""
+
+
+def final_loss(variant: str, seed: int) -> float:
+    path = RUNS / variant / f"seed_{seed}" / "metrics.jsonl"
+    last = json.loads(path.read_text().strip().splitlines()[-1])
+    assert last["step"] == 1500 and "val_loss" in last, f"{path} is not a finished run"
+    return last["val_loss"]
+
+
+def study2_section() -> str:
+    text = DOC.read_text()
+    start = text.index("## Study v2")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def table_after(heading: str, first_column: str = "seed") -> list[dict[str, str]]:
+    """The first markdown table after ``heading`` whose first header cell is ``first_column``, as dicts."""
+    section = study2_section()
+    lines = section[section.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and cells(line)[0] == first_column)
+    header = cells(lines[start])
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, cells(line))))
+    return rows
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace("*", "").replace("−", "-"))
+
+
+def interval(cell: str) -> tuple[float, float, float, float]:
+    """``"**-0.0464 ± 0.0475 [-0.0700, -0.0227]**"`` -> mean, sd, lo, hi."""
+    mean, sd, lo, hi = re.findall(r"[-+]?\d+\.\d+", cell)
+    return float(mean), float(sd), float(lo), float(hi)
+
+
+def test_the_main_result_table_holds_the_committed_final_losses_and_their_paired_interval():
+    rows = table_after("### Result:")
+    assert len(rows) >= 18
+    deltas = []
+    for row in rows:
+        seed = int(row["seed"])
+        base, knock = final_loss("baseline", seed), final_loss("mlp-v", seed)
+        assert number(row["baseline"]) == pytest.approx(base, abs=ROUNDING), seed
+        assert number(row["KHA-MLP v"]) == pytest.approx(knock, abs=ROUNDING), seed
+        assert number(row["ΔL (paired)"]) == pytest.approx(knock - base, abs=ROUNDING), seed
+        deltas.append(knock - base)
+    summary = {r[""]: r["mean ± sd [95 % CI]"] for r in table_after("### Result:", first_column="")}
+    s = summarize(deltas)
+    assert interval(summary["ΔL (paired)"]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING)
+
+
+def test_the_other_arms_table_holds_the_committed_final_losses():
+    columns = {"baseline": "baseline", "KHA-MLP v": "mlp-v", "KHA-Linear q,k,v": "linear-qkv",
+               "KHA-MLP v, decayed toward I": "mlp-v-identity"}
+    rows = table_after("### The other arms")
+    assert len(rows) >= 5
+    for row in rows:
+        for column, variant in columns.items():
+            assert number(row[column]) == pytest.approx(final_loss(variant, int(row["seed"])), abs=ROUNDING)
+
+
+def test_the_fp32_check_table_holds_the_committed_final_losses_and_their_differences():
+    rows = table_after("### Precision")
+    assert len(rows) >= 2
+    for row in rows:
+        seed = int(row["seed"])
+        loss = {v: final_loss(v, seed) for v in ("baseline", "fp32-baseline", "mlp-v", "fp32-mlp-v")}
+        for column, variant in {"baseline bf16": "baseline", "baseline fp32": "fp32-baseline",
+                                "KHA-MLP v bf16": "mlp-v", "KHA-MLP v fp32": "fp32-mlp-v"}.items():
+            assert number(row[column]) == pytest.approx(loss[variant], abs=ROUNDING), (seed, column)
+        bf16, fp32 = loss["mlp-v"] - loss["baseline"], loss["fp32-mlp-v"] - loss["fp32-baseline"]
+        assert number(row["ΔL bf16"]) == pytest.approx(bf16, abs=ROUNDING)
+        assert number(row["ΔL fp32"]) == pytest.approx(fp32, abs=ROUNDING)
+        assert number(row["ΔL fp32 - ΔL bf16"]) == pytest.approx(fp32 - bf16, abs=ROUNDING)

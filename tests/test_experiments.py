@@ -5,6 +5,7 @@ finished and resumed when interrupted; the report's paired ΔL against a hand co
 files; t quantiles and intervals against known values; knock statistics against direct computations.
 """
 
+import argparse
 import json
 import math
 import shutil
@@ -35,6 +36,7 @@ from kha.config import get_preset
 from kha.errors import UserError
 from kha.experiments import (
     _check_same_config,
+    add_experiment_parsers,
     grid_jobs,
     grid_variants,
     merge_grid,
@@ -718,3 +720,21 @@ def test_a_run_saved_before_a_field_existed_continues_under_its_default(tmp_path
     _check_same_config(cfg)  # the new fields at their defaults: the same run
     with pytest.raises(ValueError, match=r"another config \(optimizer: 'adamw' -> 'muon'\)"):
         _check_same_config(replace(cfg, optimizer="muon"))
+
+
+def test_report_of_the_first_seeds_equals_the_report_of_a_grid_that_ran_only_those(tmp_path, capsys):
+    """`kha report --seeds 3 --out FILE`: a design's planned seeds 0-2 reported alone once seeds 3-4 have run, the
+    same tables as a grid that never ran seeds 3-4; report.md is left as it was."""
+    _fake_grid(tmp_path / "five", "table2", seeds=(0, 1, 2, 3, 4))
+    _fake_grid(tmp_path / "three", "table2", seeds=(0, 1, 2))
+    parser = argparse.ArgumentParser()
+    add_experiment_parsers(parser.add_subparsers())
+    out = tmp_path / "planned.md"
+    args = parser.parse_args(["report", str(tmp_path / "five"), "--seeds", "3", "--out", str(out)])
+    assert args.func(args) == 0 and not (tmp_path / "five" / "report.md").exists()
+    planned, alone = out.read_text().splitlines(), grid_report(tmp_path / "three").splitlines()
+    assert planned[2].endswith(" Seeds 0-2 only (`--seeds 3`): later seeds' runs are left out.")
+    assert planned[2].removesuffix(" Seeds 0-2 only (`--seeds 3`): later seeds' runs are left out.") == alone[2]
+    assert planned[3:] == alone[3:] and "[0, 1, 2]" in alone[2]
+    with pytest.raises(UserError, match="--seeds must be a positive number of seeds .* got 0"):
+        write_report(tmp_path / "five", seeds=0, out=out)

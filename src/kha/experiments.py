@@ -479,7 +479,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .analysis.tables import write_report
 
-    path = write_report(Path(args.dir), level=args.level)
+    path = write_report(Path(args.dir), level=args.level, seeds=args.seeds, out=args.out)
     print(path.read_text())
     print(f"wrote {path}")
     return 0
@@ -515,6 +515,9 @@ def add_experiment_parsers(sub) -> None:
     p = sub.add_parser("report", help="tables of a grid: losses, paired deltas with 95 %% CIs, spikes -> report.md")
     p.add_argument("dir", help="a directory written by kha ablate")
     p.add_argument("--level", type=float, default=0.95, help="confidence level (default: 0.95)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="count only seeds 0..N-1, e.g. a design's planned seeds once more have run (default: all)")
+    p.add_argument("--out", default=None, help="the report's file (default: DIR/report.md)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot", help="loss curves, paired deltas and knock heatmaps of a grid or a run -> PNGs")

@@ -328,9 +328,13 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 class GridResults:
     """A grid directory's results, indexed the way the tables need them."""
 
-    def __init__(self, root: Path, level: float = 0.95):
+    def __init__(self, root: Path, level: float = 0.95, seeds: int | None = None):
+        """``seeds``: count only seeds 0..seeds-1 (a design's planned seeds, with later ones left out)."""
         self.root, self.level = Path(root), level
         self.meta, self.results = load_grid(root)
+        if seeds is not None:
+            self.results = {name: {s: r for s, r in runs.items() if s < seeds} for name, runs in self.results.items()}
+            self.meta = {**self.meta, "seeds": [s for s in self.meta["seeds"] if s < seeds]}
         self.variants = self.meta["variants"]
         self.by_name = {v["name"]: v for v in self.variants}
         self.groups: dict[str, dict[str, dict]] = {}
@@ -664,8 +668,8 @@ def settings_md(g: GridResults) -> str | None:
     return _md(header, rows) + note
 
 
-def grid_report(root: Path, level: float = 0.95) -> str:
-    g = GridResults(root, level)
+def grid_report(root: Path, level: float = 0.95, seeds: int | None = None) -> str:
+    g = GridResults(root, level, seeds)
     meta, results = g.meta, g.results
     train = meta.get("train", {})
     presets = ", ".join(dict.fromkeys(v.get("preset") or train.get("preset") for v in g.variants))
@@ -678,7 +682,8 @@ def grid_report(root: Path, level: float = 0.95) -> str:
         f"Runs: {n_done} finished of {n_runs} found ({len(g.variants)} variants x seeds {meta['seeds']}). "
         f"Each: preset {presets}, {train.get('steps')} steps x {train.get('batch_size')} x "
         f"{train.get('seq_len')} tokens (x grad_accum {train.get('grad_accum')}), lr {train.get('lr')}, "
-        f"data {train.get('data')}; validation loss over {train.get('eval_batches')} batches.",
+        f"data {train.get('data')}; validation loss over {train.get('eval_batches')} batches."
+        + (f" Seeds 0-{seeds - 1} only (`--seeds {seeds}`): later seeds' runs are left out." if seeds else ""),
         "",
         f"Trained on (runs per device; a run resumed on other hardware is counted under each): {devices_line(g)}.",
         "",
@@ -734,7 +739,10 @@ def grid_report(root: Path, level: float = 0.95) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: Path, level: float = 0.95) -> Path:
+def write_report(root: Path, level: float = 0.95, seeds: int | None = None, out: Path | None = None) -> Path:
+    """``out`` (default ``ROOT/report.md``): the report of ``root``, of seeds 0..seeds-1 only if given."""
     if not 0 < level < 1:
         raise UserError(f"--level must be a confidence level in (0, 1), e.g. 0.95; got {level}")
-    return safe_io.write_text(Path(root) / "report.md", grid_report(Path(root), level))
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds must be a positive number of seeds (seeds 0..N-1); got {seeds}")
+    return safe_io.write_text(Path(out) if out else Path(root) / "report.md", grid_report(Path(root), level, seeds))

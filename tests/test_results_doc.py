@@ -98,3 +98,22 @@ def test_the_fp32_check_table_holds_the_committed_final_losses_and_their_differe
         assert number(row["ΔL bf16"]) == pytest.approx(bf16, abs=ROUNDING)
         assert number(row["ΔL fp32"]) == pytest.approx(fp32, abs=ROUNDING)
         assert number(row["ΔL fp32 - ΔL bf16"]) == pytest.approx(fp32 - bf16, abs=ROUNDING)
+
+
+def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_pooled_interval():
+    planned, beyond = table_after("### Result:"), table_after("### Beyond the plan")
+    assert beyond and min(int(r["seed"]) for r in beyond) == len(planned)
+    deltas = {}
+    for row in planned + beyond:
+        seed = int(row["seed"])
+        base, knock = final_loss("baseline", seed), final_loss("mlp-v", seed)
+        assert number(row["baseline"]) == pytest.approx(base, abs=ROUNDING), seed
+        assert number(row["KHA-MLP v"]) == pytest.approx(knock, abs=ROUNDING), seed
+        assert number(row["ΔL (paired)"]) == pytest.approx(knock - base, abs=ROUNDING), seed
+        deltas[seed] = knock - base
+    assert sorted(deltas) == list(range(len(deltas)))  # every seed once, none skipped
+    summary = {r["pairs"]: r["mean ± sd [95 % CI]"] for r in table_after("### Beyond the plan", first_column="pairs")}
+    for label, values in ((f"ΔL (paired), all {len(deltas)}", list(deltas.values())),
+                          (f"ΔL (paired), the {len(deltas) - 4} AMX pairs", [d for s, d in deltas.items() if s >= 4])):
+        s = summarize(values)
+        assert interval(summary[label]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label

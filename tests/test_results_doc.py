@@ -59,19 +59,24 @@ def interval(cell: str) -> tuple[float, float, float, float]:
     return float(mean), float(sd), float(lo), float(hi)
 
 
-def test_the_main_result_table_holds_the_committed_final_losses_and_their_paired_interval():
-    rows = table_after("### Result:")
-    assert len(rows) >= 18
-    deltas = []
+def checked_pairs(rows: list[dict[str, str]]) -> dict[int, float]:
+    """``{seed: ΔL}`` of a table of baseline / KHA-MLP v pairs, each row checked against the committed runs."""
+    deltas = {}
     for row in rows:
         seed = int(row["seed"])
         base, knock = final_loss("baseline", seed), final_loss("mlp-v", seed)
         assert number(row["baseline"]) == pytest.approx(base, abs=ROUNDING), seed
         assert number(row["KHA-MLP v"]) == pytest.approx(knock, abs=ROUNDING), seed
         assert number(row["ΔL (paired)"]) == pytest.approx(knock - base, abs=ROUNDING), seed
-        deltas.append(knock - base)
+        deltas[seed] = knock - base
+    return deltas
+
+
+def test_the_main_result_table_holds_the_committed_final_losses_and_their_paired_interval():
+    deltas = checked_pairs(table_after("### Result:"))
+    assert sorted(deltas) == list(range(18))  # the planned seeds
     summary = {r[""]: r["mean ± sd [95 % CI]"] for r in table_after("### Result:", first_column="")}
-    s = summarize(deltas)
+    s = summarize(deltas.values())
     assert interval(summary["ΔL (paired)"]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING)
 
 
@@ -102,15 +107,8 @@ def test_the_fp32_check_table_holds_the_committed_final_losses_and_their_differe
 
 def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_pooled_interval():
     planned, beyond = table_after("### Result:"), table_after("### Beyond the plan")
-    assert beyond and min(int(r["seed"]) for r in beyond) == len(planned)
-    deltas = {}
-    for row in planned + beyond:
-        seed = int(row["seed"])
-        base, knock = final_loss("baseline", seed), final_loss("mlp-v", seed)
-        assert number(row["baseline"]) == pytest.approx(base, abs=ROUNDING), seed
-        assert number(row["KHA-MLP v"]) == pytest.approx(knock, abs=ROUNDING), seed
-        assert number(row["ΔL (paired)"]) == pytest.approx(knock - base, abs=ROUNDING), seed
-        deltas[seed] = knock - base
+    deltas = checked_pairs(planned + beyond)
+    assert len(deltas) == len(planned) + len(beyond) > 18
     assert sorted(deltas) == list(range(len(deltas)))  # every seed once, none skipped
     summary = {r["pairs"]: r["mean ± sd [95 % CI]"] for r in table_after("### Beyond the plan", first_column="pairs")}
     for label, values in ((f"ΔL (paired), all {len(deltas)}", list(deltas.values())),

@@ -41,7 +41,7 @@ def table_after(heading: str, first_column: str = "seed") -> list[dict[str, str]
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        rows.append(dict(zip(header, cells(line))))
+        rows.append(dict(zip(header, cells(line), strict=True)))
     return rows
 
 

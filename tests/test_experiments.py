@@ -729,7 +729,7 @@ def test_report_of_the_first_seeds_equals_the_report_of_a_grid_that_ran_only_tho
     _fake_grid(tmp_path / "three", "table2", seeds=(0, 1, 2))
     parser = argparse.ArgumentParser()
     add_experiment_parsers(parser.add_subparsers())
-    out = tmp_path / "planned.md"
+    out = tmp_path / "reports" / "planned.md"  # a folder not made yet
     args = parser.parse_args(["report", str(tmp_path / "five"), "--seeds", "3", "--out", str(out)])
     assert args.func(args) == 0 and not (tmp_path / "five" / "report.md").exists()
     planned, alone = out.read_text().splitlines(), grid_report(tmp_path / "three").splitlines()

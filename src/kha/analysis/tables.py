@@ -745,4 +745,6 @@ def write_report(root: Path, level: float = 0.95, seeds: int | None = None, out:
         raise UserError(f"--level must be a confidence level in (0, 1), e.g. 0.95; got {level}")
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be a positive number of seeds (seeds 0..N-1); got {seeds}")
-    return safe_io.write_text(Path(out) if out else Path(root) / "report.md", grid_report(Path(root), level, seeds))
+    path = Path(out) if out else Path(root) / "report.md"
+    safe_io.make_dirs(path.parent)
+    return safe_io.write_text(path, grid_report(Path(root), level, seeds))

@@ -105,6 +105,29 @@ def test_the_fp32_check_table_holds_the_committed_final_losses_and_their_differe
         assert number(row["ΔL fp32 - ΔL bf16"]) == pytest.approx(fp32 - bf16, abs=ROUNDING)
 
 
+def test_the_fp32_check_summary_rows_are_the_t_intervals_of_its_seeds():
+    seeds = [int(row["seed"]) for row in table_after("### Precision")]
+    loss = {(v, s): final_loss(v, s) for v in ("baseline", "fp32-baseline", "mlp-v", "fp32-mlp-v") for s in seeds}
+
+    def differences(a: str, b: str) -> list[float]:
+        return [loss[a, s] - loss[b, s] for s in seeds]
+
+    fp32_delta, bf16_delta = differences("fp32-mlp-v", "fp32-baseline"), differences("mlp-v", "baseline")
+    expected = {
+        "KHA-MLP v - baseline, fp32": fp32_delta,
+        "KHA-MLP v - baseline, bf16, the same seeds": bf16_delta,
+        "**ΔL in fp32 - ΔL in bf16** (the interaction)": [f - b for f, b in zip(fp32_delta, bf16_delta, strict=True)],
+        "baseline: fp32 - bf16": differences("fp32-baseline", "baseline"),
+        "KHA-MLP v: fp32 - bf16": differences("fp32-mlp-v", "mlp-v"),
+    }
+    label_column = f"paired contrast (final, {len(seeds)} seeds)"
+    rows = {r[label_column]: r["mean ± sd [95 % t interval]"] for r in table_after("### Precision", label_column)}
+    assert sorted(rows) == sorted(expected)
+    for label, values in expected.items():
+        s = summarize(values)
+        assert interval(rows[label]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label
+
+
 def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_pooled_interval():
     planned, beyond = table_after("### Result:"), table_after("### Beyond the plan")
     deltas = checked_pairs(planned + beyond)

@@ -25,6 +25,7 @@ from kha.analysis.tables import (
     grid_report,
     load_grid,
     paired_delta,
+    paired_sd_ratio,
     sd_upper_bound,
     seeds_for_half_width,
     summarize,
@@ -576,6 +577,60 @@ def test_contrast_between_two_kha_arms_by_hand(tmp_path):
     bound = sd * math.sqrt(2 / 0.2107)  # the 90 % upper bound with 2 degrees of freedom (chi2_0.10(2) = 0.2107)
     needed = f"{seeds_for_half_width(sd, 0.02)} ({seeds_for_half_width(sd_upper_bound(sd, 3), 0.02)})"
     assert f"| mlp-v | 3 | {sd:.4f} | {bound:.4f} | ±{half:.4f} | {needed} |" in report
+
+
+def _pitman_morgan_t(a: list[float], b: list[float], ratio: float) -> float:
+    """The Pitman-Morgan statistic for an sd ratio: t of the correlation of a - ratio b and a + ratio b."""
+    r = statistics.correlation([x - ratio * y for x, y in zip(a, b, strict=True)],
+                               [x + ratio * y for x, y in zip(a, b, strict=True)])
+    return r * math.sqrt(len(a) - 2) / math.sqrt(1 - r * r)
+
+
+def test_paired_sd_ratio_interval_is_where_the_pitman_morgan_test_keeps_the_ratio():
+    # independent of the closed form: at each end of the interval the test's statistic, computed from the data
+    # directly, sits at the critical t value; at the sample ratio it is 0
+    gen = torch.Generator().manual_seed(3)
+    for n in (3, 6, 25):
+        b = torch.randn(n, generator=gen, dtype=torch.float64)
+        a = 0.6 * b + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        a, b = a.tolist(), b.tolist()
+        ratio, lo, hi = paired_sd_ratio(a, b)
+        assert ratio == pytest.approx(statistics.stdev(a) / statistics.stdev(b), rel=1e-12)
+        assert lo < ratio < hi
+        critical = t_quantile(0.975, n - 2)
+        assert _pitman_morgan_t(a, b, lo) == pytest.approx(critical, rel=1e-9)
+        assert _pitman_morgan_t(a, b, hi) == pytest.approx(-critical, rel=1e-9)
+        assert _pitman_morgan_t(a, b, ratio) == pytest.approx(0, abs=1e-9)
+    assert paired_sd_ratio([1.0, 2.0], [1.0, 3.0]) is None  # fewer than 3 pairs
+    assert paired_sd_ratio([1.0, 2.0, 4.0], [1.0, 1.0, 1.0]) is None  # the baseline does not vary
+    with pytest.raises(ValueError, match="different lengths: 3 and 2"):
+        paired_sd_ratio([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_paired_sd_ratio_interval_covers_the_true_ratio_as_often_as_its_level():
+    # Monte Carlo: pairs of correlated normal losses (correlation 0.6, true sd ratio 0.7), 8 seeds per sample;
+    # the 95 % interval should hold 0.7 in 95 % of 4,000 samples (binomial sd of the share 0.0034)
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(4_000, 8, generator=gen, dtype=torch.float64)
+    a = 0.7 * (0.6 * b + 0.8 * torch.randn(4_000, 8, generator=gen, dtype=torch.float64))
+    covered = 0
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        _, lo, hi = paired_sd_ratio(x, y)
+        covered += lo <= 0.7 <= hi
+    assert covered / 4_000 == pytest.approx(0.95, abs=0.015)
+
+
+def test_report_gives_each_arms_spread_over_seeds_against_its_baseline(tmp_path):
+    def runs(finals):
+        return {seed: [5.0, 4.0, 3.5, final] for seed, final in enumerate(finals)}
+
+    base, mlp = [3.0, 3.3, 3.1, 3.5], [3.0, 3.15, 3.05, 3.2]
+    _fake_study(tmp_path, {"baseline": runs(base), "mlp-v": runs(mlp)})
+    ratio, lo, hi = paired_sd_ratio(mlp, base)
+    assert ratio == pytest.approx(statistics.stdev(mlp) / statistics.stdev(base))
+    row = (f"| mlp-v | 4 | {statistics.stdev(mlp):.4f} | {statistics.stdev(base):.4f} | "
+           f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]{'*' if hi < 1 else ''} |")
+    assert row in grid_report(tmp_path)
 
 
 def test_seeds_for_a_half_width_by_hand():

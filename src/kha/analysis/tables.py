@@ -6,6 +6,7 @@
   true sd may be, given few seeds; the seeds table plans with it as well as with the measured sd.
 - :func:`summarize`: n, mean, sample sd and the t-based confidence interval of the mean.
 - :func:`paired_delta`: the same for per-seed differences treatment - baseline (seeds both finished).
+- :func:`paired_sd_ratio`: whether an arm's final loss varies less over seeds than its baseline's (Pitman-Morgan).
 - :func:`load_grid`: a grid directory's ``grid.json`` and, per variant and seed, the final validation loss
   and the spike count of each run (only finished runs carry a loss).
 - :class:`GridResults`: a grid's results by variant, group and arm; ΔL of each arm against its group's baseline.
@@ -176,6 +177,28 @@ def welch_difference(a, b, level: float = 0.95) -> Summary | None:
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = t_quantile((1 + level) / 2, max(1, math.floor(df))) * se
     return Summary(len(a) + len(b), diff, se, diff - half, diff + half)
+
+
+def paired_sd_ratio(a, b, level: float = 0.95) -> tuple[float, float, float] | None:
+    """``sd(a) / sd(b)`` of paired samples (``a[i]``, ``b[i]`` from one seed) with its Pitman-Morgan interval, or
+    None below 3 pairs or when ``b`` does not vary.
+
+    The test (Pitman 1939, Morgan 1939): the variance ratio is ``c^2`` exactly when ``a - c b`` and ``a + c b``
+    are uncorrelated, and their sample correlation r gives ``t = r sqrt(n - 2) / sqrt(1 - r^2)`` on n - 2 degrees
+    of freedom. The interval holds every ratio that test keeps: for variances, ``F (K -+ sqrt(K^2 - 1))`` with
+    ``F`` the sample ratio, ``K = 1 + 2 t^2 (1 - r_ab^2) / (n - 2)``; here its square root, in sds."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    n = len(a)
+    if n != len(b):
+        raise ValueError(f"paired samples of different lengths: {n} and {len(b)}")
+    if n < 3 or statistics.variance(b) == 0:
+        return None
+    va, vb = statistics.variance(a), statistics.variance(b)
+    r2 = statistics.covariance(a, b) ** 2 / (va * vb) if va > 0 else 0.0
+    t = t_quantile((1 + level) / 2, n - 2)
+    k = 1 + 2 * t * t * (1 - r2) / (n - 2)
+    f, spread = va / vb, math.sqrt(max(k * k - 1, 0.0))
+    return math.sqrt(f), math.sqrt(f * (k - spread)), math.sqrt(f * (k + spread))
 
 
 def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:
@@ -556,6 +579,24 @@ def seeds_needed_md(g: GridResults) -> str | None:
                 *(f"seeds for ±{h}" for h in PLANNED_HALF_WIDTHS)], rows) if rows else None
 
 
+def spread_md(g: GridResults) -> str | None:
+    """Per non-baseline arm: the sd over seeds of its final losses and of its baseline's on the same seeds, and
+    their ratio with its interval (:func:`paired_sd_ratio`); None without an arm of 3 pairs."""
+    rows = []
+    for v in g.variants:
+        base = g.baseline(v["name"])
+        arm, ref = g.losses(v["name"]), g.losses(base) if base else {}
+        seeds = sorted(set(arm) & set(ref))
+        ratio = paired_sd_ratio([arm[s] for s in seeds], [ref[s] for s in seeds], g.level)
+        if ratio is not None:
+            star = "*" if not ratio[1] <= 1 <= ratio[2] else ""
+            rows.append([v["name"], str(len(seeds)), f"{statistics.stdev(arm[s] for s in seeds):.4f}",
+                         f"{statistics.stdev(ref[s] for s in seeds):.4f}",
+                         f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]{star}"])
+    return _md(["Variant", "seeds", "sd of final loss", "its baseline's sd", "sd ratio [interval]"],
+               rows) if rows else None
+
+
 def delta_curves_md(g: GridResults) -> str:
     """ΔL against tokens seen: one column per non-baseline arm, one row per evaluation point."""
     curves = {v["name"]: g.delta_curve(v["name"]) for v in g.variants if v["arm"] != "baseline"}
@@ -714,6 +755,15 @@ def grid_report(root: Path, level: float = 0.95, seeds: int | None = None) -> st
                   "wider than ± the half-width, if the paired sd stays what these seeds measured; in parentheses, "
                   f"if it is as large as its one-sided {100 * SD_BOUND_LEVEL:g} % upper confidence bound "
                   "(chi-square, from the same seeds: few seeds measure an sd loosely).", "", needed, ""]
+    spread = spread_md(g)
+    if spread:
+        lines += ["### Spread over seeds: does an arm change how much the final loss depends on the seed", "",
+                  "Over the seeds both runs finished: the sd of the arm's final loss and of its baseline's, and "
+                  f"their ratio with its {pct} Pitman-Morgan interval (paired: a seed's two runs share base "
+                  "weights and batches, so their losses are correlated; `*`: the interval excludes 1). Below 1: "
+                  "the arm's losses vary less from seed to seed, and then its ΔL is lowest (KHA gains most) on "
+                  "the seeds where the baseline ends worst. The interval assumes normally distributed losses; "
+                  "outlying seeds move it.", "", spread, ""]
     settings = settings_md(g)
     if settings:
         lines += ["### By setting: device, precision and kernels", "",

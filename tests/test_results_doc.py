@@ -18,10 +18,14 @@ ROUNDING = 5e-5 + 1e-9
 """The doc prints losses and ΔL to 4 decimals."""
 
 
+def records(variant: str, seed: int) -> list[dict]:
+    """A committed run's metrics.jsonl, one dict per step."""
+    return [json.loads(line) for line in (RUNS / variant / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()]
+
+
 def final_loss(variant: str, seed: int) -> float:
-    path = RUNS / variant / f"seed_{seed}" / "metrics.jsonl"
-    last = json.loads(path.read_text().strip().splitlines()[-1])
-    assert last["step"] == 1500 and "val_loss" in last, f"{path} is not a finished run"
+    last = records(variant, seed)[-1]
+    assert last["step"] == 1500 and "val_loss" in last, f"{variant} seed {seed} is not a finished run"
     return last["val_loss"]
 
 
@@ -138,3 +142,25 @@ def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_poole
                           (f"ΔL (paired), the {len(deltas) - 4} AMX pairs", [d for s, d in deltas.items() if s >= 4])):
         s = summarize(values)
         assert interval(summary[label]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label
+
+
+def validation_curve(variant: str, seed: int) -> dict[int, float]:
+    """``{tokens: validation loss}`` at every evaluation of a committed run."""
+    return {r["tokens"]: r["val_loss"] for r in records(variant, seed) if "val_loss" in r}
+
+
+def test_the_delta_against_tokens_of_the_pairs_beyond_the_plan_is_that_of_the_listed_seeds():
+    seeds = sorted(checked_pairs(table_after("### Result:") + table_after("### Beyond the plan")))
+    rows = {r["tokens"]: r for r in table_after("### Beyond the plan", first_column="tokens")}
+    header = [column for column in rows["ΔL"] if column != "tokens"]
+    assert len(header) == 6  # every evaluation: 250 steps of 4,096 tokens apart
+    base = {s: validation_curve("baseline", s) for s in seeds}
+    knock = {s: validation_curve("mlp-v", s) for s in seeds}
+    for column in header:
+        tokens = round(float(column.rstrip("M")) * 1e6)
+        tokens = min(base[seeds[0]], key=lambda t: abs(t - tokens))  # the printed column is rounded
+        s = summarize([knock[seed][tokens] - base[seed][tokens] for seed in seeds])
+        assert number(rows["ΔL"][column].rstrip("*")) == pytest.approx(s.mean, abs=ROUNDING), column
+        assert rows["ΔL"][column].endswith("*") == s.excludes_zero, column
+        lo, hi = re.findall(r"[-+]?\d+\.\d+", rows["95 % CI"][column])
+        assert (float(lo), float(hi)) == pytest.approx((s.lo, s.hi), abs=ROUNDING), column

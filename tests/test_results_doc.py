@@ -63,6 +63,12 @@ def interval(cell: str) -> tuple[float, float, float, float]:
     return float(mean), float(sd), float(lo), float(hi)
 
 
+def assert_t_interval(cell: str, values, label: str = "") -> None:
+    """``cell`` (``mean ± sd [lo, hi]``) is the t interval of ``values``, to the printed decimals."""
+    s = summarize(values)
+    assert interval(cell) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label
+
+
 def checked_pairs(rows: list[dict[str, str]]) -> dict[int, float]:
     """``{seed: ΔL}`` of a table of baseline / KHA-MLP v pairs, each row checked against the committed runs."""
     deltas = {}
@@ -80,8 +86,7 @@ def test_the_main_result_table_holds_the_committed_final_losses_and_their_paired
     deltas = checked_pairs(table_after("### Result:"))
     assert sorted(deltas) == list(range(18))  # the planned seeds
     summary = {r[""]: r["mean ± sd [95 % CI]"] for r in table_after("### Result:", first_column="")}
-    s = summarize(deltas.values())
-    assert interval(summary["ΔL (paired)"]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING)
+    assert_t_interval(summary["ΔL (paired)"], deltas.values())
 
 
 def test_the_other_arms_table_holds_the_committed_final_losses():
@@ -128,8 +133,7 @@ def test_the_fp32_check_summary_rows_are_the_t_intervals_of_its_seeds():
     rows = {r[label_column]: r["mean ± sd [95 % t interval]"] for r in table_after("### Precision", label_column)}
     assert sorted(rows) == sorted(expected)
     for label, values in expected.items():
-        s = summarize(values)
-        assert interval(rows[label]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label
+        assert_t_interval(rows[label], values, label)
 
 
 def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_pooled_interval():
@@ -140,8 +144,7 @@ def test_the_pairs_beyond_the_plan_hold_the_committed_final_losses_and_the_poole
     summary = {r["pairs"]: r["mean ± sd [95 % CI]"] for r in table_after("### Beyond the plan", first_column="pairs")}
     for label, values in ((f"ΔL (paired), all {len(deltas)}", list(deltas.values())),
                           (f"ΔL (paired), the {len(deltas) - 4} AMX pairs", [d for s, d in deltas.items() if s >= 4])):
-        s = summarize(values)
-        assert interval(summary[label]) == pytest.approx((s.mean, s.sd, s.lo, s.hi), abs=ROUNDING), label
+        assert_t_interval(summary[label], values, label)
 
 
 def validation_curve(variant: str, seed: int) -> dict[int, float]:

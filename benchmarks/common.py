@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from torch import nn
 
 from kha.attention import AttentionConfig
 from kha.config import ModelConfig
+from kha.runfiles import PACKAGE_DIR, code_version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,17 +188,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
     """What produced the numbers: CPU, cores, threads, GPU, versions, commit, load."""
     info = {
@@ -210,7 +199,7 @@ def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if env.cuda else None,
-        "kha_commit": _git_commit(),
+        "kha": code_version(PACKAGE_DIR, ROOT / "benchmarks"),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "allocator": "glibc, freed memory kept in the process" if env.freed_memory_kept else "default",
         "device": str(env.device),
@@ -231,7 +220,7 @@ def print_banner(title: str, info: dict) -> None:
     print(f"- machine: {info['cpu']}; {info['cores']} cores ({info['cores_usable']} usable), "
           f"torch threads {info['torch_threads']}; GPU: {gpu}")
     versions = ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "transformers") if k in info)
-    print(f"- versions: {versions}; kha commit {info['kha_commit']}")
+    print(f"- versions: {versions}; kha {info['kha']}")
     print(f"- run: device {info['device']}, {info['dtype']}, compile {'on' if info['compile'] else 'off'}, "
           f"per case {info['warmup']} warm-up call(s) then {info['repeats']} timed round(s), cases interleaved; "
           f"1-min load average before starting {info['load_avg_1m']:.2f} (near 0 on a quiet machine); "

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import kha
 from kha.data.loader import read_manifest
 from kha.model import DecoderLM
+from kha.runfiles import code_version
 from kha.train import train
 from kha.train.callbacks import read_metrics
 from kha.train.checkpoint import NonFiniteError
@@ -130,7 +132,7 @@ def test_train_config_records_where_each_stretch_of_a_run_trained(data_dir, tmp_
     train(small_run(data_dir, tmp_path / "r", steps=3))
     first = json.loads(path.read_text())["trained_on"]
     assert first == [{"first_step": 1, "device": "cpu", "processes": 1, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}]
+                      "torch": torch.__version__, "kha": code_version()}]
     train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))
     assert json.loads(path.read_text())["trained_on"] == [*first, {**first[0], "first_step": 4}]
     train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))  # nothing left to train: nothing added
@@ -144,6 +146,38 @@ def test_train_config_records_where_each_stretch_of_a_run_trained(data_dir, tmp_
     path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": "not a list"}))
     train(small_run(data_dir, tmp_path / "r", steps=12, resume=True))
     assert json.loads(path.read_text())["trained_on"] == [{**first[0], "first_step": 10}]
+
+
+def test_code_version_names_the_commit_of_a_checkout_and_its_changes(tmp_path, monkeypatch):
+    def git(*args, cwd=tmp_path / "repo"):
+        return subprocess.run(["git", "-c", "user.name=k", "-c", "user.email=k@k", *args], cwd=cwd, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    package = tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "repo" / "other.txt").write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    commit = git("rev-parse", "HEAD")
+    clean = code_version(package)
+    assert clean == f"{kha.__version__}+g{commit[:12]}"
+    (tmp_path / "repo" / "other.txt").write_text("b\n")  # a change outside the package is not its code
+    (package / "new.py").write_text("")  # nor is an untracked file
+    assert code_version(package) == clean
+    assert code_version(package, tmp_path / "repo" / "other.txt") == clean + ".dirty"  # unless named
+    (package / "__init__.py").write_text("x = 2\n")
+    assert code_version(package) == clean + ".dirty"
+    untracked = tmp_path / "repo" / "untracked"  # a package inside a checkout that does not track it
+    untracked.mkdir()
+    (untracked / "__init__.py").write_text("")
+    assert code_version(untracked) == kha.__version__
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert code_version(outside) == kha.__version__
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert code_version(package) == kha.__version__
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -8,18 +8,20 @@ whose ``tokenizer.json`` encoded the training text.
 - ``load_safetensors``, ``load_state_into``: tensors from a file (a damaged one named), loaded strictly.
 - ``load_run_model(run_dir)``: the run's final ``DecoderLM``.
 - ``run_tokenizer(run_dir)``: the tokenizer of the data the run trained on, if still there.
+- ``code_version()``: which code trained a stretch of a run (``train_config.json``'s ``trained_on``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from . import safe_io
+from . import __version__, safe_io
 from .attention import AttentionConfig
 from .config import ModelConfig, MoEConfig
 from .errors import UserError, read_json
@@ -84,3 +86,26 @@ def run_tokenizer(run_dir: str | os.PathLike) -> Path | None:
     data = read_json(safe_io.inside(train_cfg, run_dir)).get("data")
     path = Path(data) / "tokenizer.json" if data else None
     return path if path is not None and path.exists() else None
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_version(package: Path = PACKAGE_DIR, *also: Path) -> str:
+    """kha's version and, when ``package`` is tracked in a git checkout, its commit: ``0.1.0+g<12 hex>``, with
+    ``.dirty`` where tracked files in ``package`` (or ``also``) differ from that commit. A change of code that
+    computes the same function still rounds differently, so a run records the code of each stretch it trained.
+    Just the version where git, the checkout or the file is missing (an installed package)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        tracked = git("ls-files", "--error-unmatch", "--", "__init__.py")
+        head = git("rev-parse", "--short=12", "HEAD")
+        if tracked.returncode or head.returncode:
+            return __version__
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *map(str, also))
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    dirty = ".dirty" if changed.returncode or changed.stdout.strip() else ""
+    return f"{__version__}+g{head.stdout.strip()}{dirty}"

@@ -25,6 +25,7 @@ from ..data.loader import TokenBatches, read_manifest, verify_shards
 from ..errors import UserError, read_json
 from ..flops import model_flops_per_token, peak_flops
 from ..model import DecoderLM
+from ..runfiles import code_version
 from .callbacks import MetricsLog, SpikeDetector
 from .checkpoint import (
     NonFiniteError,
@@ -344,8 +345,8 @@ def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None 
 
 def _trained_on(started: dict | None, runtime: Runtime, first_step: int, steps: int) -> list[dict]:
     """Where each stretch of a run trained: one entry per (re)start, from its step ``first_step`` (1-based, as in
-    ``metrics.jsonl``) on, so a run resumed on other hardware (which rounds differently) says which steps ran
-    where. Kept from ``started`` (the run's ``train_config.json``): well-formed entries of steps before
+    ``metrics.jsonl``) on, so a run resumed on other hardware or code (which round differently) says which steps
+    ran where and on what. Kept from ``started`` (the run's ``train_config.json``): well-formed entries of steps before
     ``first_step`` (a resume from an earlier checkpoint discards the later ones); none is added for a run that
     has no step left."""
     earlier = (started or {}).get("trained_on")
@@ -355,7 +356,7 @@ def _trained_on(started: dict | None, runtime: Runtime, first_step: int, steps: 
         return kept
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else runtime.device.type
     return [*kept, {"first_step": first_step, "device": device, "processes": runtime.world_size,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}]
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "kha": code_version()}]
 
 
 def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict[str, bool]]:

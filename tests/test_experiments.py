@@ -28,6 +28,7 @@ from kha.analysis.tables import (
     paired_sd_ratio,
     sd_upper_bound,
     seeds_for_half_width,
+    signed_rank_interval,
     summarize,
     t_quantile,
     welch_difference,
@@ -631,6 +632,70 @@ def test_report_gives_each_arms_spread_over_seeds_against_its_baseline(tmp_path)
     row = (f"| mlp-v | 4 | {statistics.stdev(mlp):.4f} | {statistics.stdev(base):.4f} | "
            f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]{'*' if hi < 1 else ''} |")
     assert row in grid_report(tmp_path)
+
+
+def _walsh(values):
+    return sorted((a + b) / 2 for i, a in enumerate(values) for b in values[i:])
+
+
+def test_signed_rank_interval_ends_are_the_published_critical_values():
+    # Two-sided 5 % critical values of Wilcoxon's signed-rank statistic from published tables (e.g. Hollander,
+    # Wolfe & Chicken, Nonparametric Statistical Methods, table A.4; the largest T with P(W <= T) <= 0.025):
+    # n = 6: 0, n = 10: 8, n = 20: 52, n = 30: 137. The interval runs from the (T + 1)-th smallest Walsh average to
+    # the (T + 1)-th largest; the estimate is the Walsh averages' median.
+    gen = torch.Generator().manual_seed(5)
+    for n, critical in ((6, 0), (10, 8), (20, 52), (30, 137)):
+        values = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.05 - 0.02).tolist()
+        walsh = _walsh(values)
+        centre, lo, hi = signed_rank_interval(values)
+        assert (lo, hi) == (walsh[critical], walsh[-1 - critical])
+        assert centre == statistics.median(walsh)
+    assert signed_rank_interval([0.1, -0.2, 0.3, 0.05, -0.01]) is None  # 5 values: P(W = 0) = 1/32 > 0.025
+    assert signed_rank_interval([0.1, -0.2, 0.3, 0.05, -0.01], level=0.9) is not None  # 1/32 <= 0.05
+
+
+def test_signed_rank_interval_is_where_the_exact_test_keeps_the_centre():
+    # independent of the counting: scipy's exact signed-rank test of values - c rejects at 5 % just outside the
+    # interval and keeps c just inside it
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(8)
+    for n in (7, 12, 25):
+        values = (torch.randn(n, generator=gen, dtype=torch.float64) ** 3 * 0.05).tolist()  # skewed, long-tailed
+        _, lo, hi = signed_rank_interval(values)
+        for end, outward in ((lo, -1), (hi, 1)):
+            p_outside, p_inside = (stats.wilcoxon([v - end - step for v in values], method="exact").pvalue
+                                   for step in (outward * 1e-9, -outward * 1e-9))
+            assert p_outside <= 0.05 < p_inside
+
+
+def test_signed_rank_interval_covers_a_symmetric_centre_as_often_as_its_exact_level():
+    # Monte Carlo, 10 values from a heavy-tailed symmetric distribution (t with 2 df, centre 0.3): the interval's
+    # exact coverage is 1 - 2 P(W <= 8) = 1 - 2 x 25 / 1024 = 0.9512 (published: P(W <= 8) = 0.0244 at n = 10)
+    gen = torch.Generator().manual_seed(1)
+    normal = torch.randn(4_000, 10, generator=gen, dtype=torch.float64)
+    chi2 = torch.randn(4_000, 10, 2, generator=gen, dtype=torch.float64).pow(2).sum(-1)
+    samples = 0.3 + normal / (chi2 / 2).sqrt()
+    covered = sum(lo <= 0.3 <= hi for _, lo, hi in map(signed_rank_interval, samples.tolist()))
+    assert covered / 4_000 == pytest.approx(1 - 2 * 25 / 1024, abs=0.012)
+
+
+def test_report_gives_the_signed_rank_interval_of_each_arms_paired_delta(tmp_path):
+    def runs(finals):
+        return {seed: [5.0, 4.0, 3.5, final] for seed, final in enumerate(finals)}
+
+    base = [3.0, 3.3, 3.1, 3.5, 3.2, 3.4, 3.05]
+    mlp = [3.01, 3.15, 3.06, 3.2, 3.18, 3.38, 3.04]
+    deltas = [m - b for m, b in zip(mlp, base, strict=True)]
+    _fake_study(tmp_path, {"baseline": runs(base), "mlp-v": runs(mlp)})
+    walsh = _walsh(deltas)  # n = 7: the published two-sided 5 % critical value is 2
+    centre, lo, hi = statistics.median(walsh), walsh[2], walsh[-3]
+    t = summarize(deltas)
+    row = (f"| mlp-v | 7 | {t.mean:+.4f} ± {t.sd:.4f} [{t.lo:+.4f}, {t.hi:+.4f}]{'*' if t.hi < 0 else ''} | "
+           f"{centre:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if hi < 0 else ''} | 6 |")  # 6 of 7 below 0
+    assert row in grid_report(tmp_path)
+    runs5 = {"baseline": runs(base[:5]), "mlp-v": runs(mlp[:5])}
+    _fake_study(tmp_path / "five", runs5)
+    assert "signed-rank interval" not in grid_report(tmp_path / "five")  # 5 pairs: no 95 % interval
 
 
 def test_seeds_for_a_half_width_by_hand():

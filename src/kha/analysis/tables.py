@@ -7,6 +7,8 @@
 - :func:`summarize`: n, mean, sample sd and the t-based confidence interval of the mean.
 - :func:`paired_delta`: the same for per-seed differences treatment - baseline (seeds both finished).
 - :func:`paired_sd_ratio`: whether an arm's final loss varies less over seeds than its baseline's (Pitman-Morgan).
+- :func:`signed_rank_interval`: a paired ΔL's centre and interval without assuming normality (Hodges-Lehmann
+  estimate, exact Wilcoxon signed-rank interval).
 - :func:`load_grid`: a grid directory's ``grid.json`` and, per variant and seed, the final validation loss
   and the spike count of each run (only finished runs carry a loss).
 - :class:`GridResults`: a grid's results by variant, group and arm; ΔL of each arm against its group's baseline.
@@ -201,6 +203,31 @@ def paired_sd_ratio(a, b, level: float = 0.95) -> tuple[float, float, float] | N
     return math.sqrt(f), math.sqrt(f * (k - spread)), math.sqrt(f * (k + spread))
 
 
+def signed_rank_interval(values, level: float = 0.95) -> tuple[float, float, float] | None:
+    """The Hodges-Lehmann estimate of the centre of ``values`` (paired differences) and the Wilcoxon signed-rank
+    interval around it, or None where no interval reaches ``level`` (fewer than 6 values at 95 %).
+
+    The estimate is the median of the n (n + 1) / 2 Walsh averages ``(x_i + x_j) / 2``, ``i <= j``; the interval
+    holds every centre the exact signed-rank test keeps at ``level``: from the (c + 1)-th smallest Walsh average to
+    the (c + 1)-th largest, c the largest signed-rank sum with P(W <= c) <= (1 - level) / 2 under the null (the
+    2^n sign patterns counted). Its coverage is at least ``level`` for any continuous distribution symmetric about
+    its centre (without symmetry, the centre is the pseudo-median), with no normality assumed: a check on the t
+    interval when a few seeds make a long tail."""
+    x = [float(v) for v in values]
+    n = len(x)
+    counts = [1]  # counts[w]: sign patterns of the ranks so far whose positive ranks sum to w
+    for r in range(1, n + 1):
+        counts = [c + (counts[w - r] if w >= r else 0) for w, c in enumerate(counts + [0] * r)]
+    cut, tail, c = (1 - level) / 2 * 2 ** n, 0, -1
+    while c + 1 < len(counts) and tail + counts[c + 1] <= cut:
+        c += 1
+        tail += counts[c]
+    if c < 0:
+        return None
+    walsh = sorted((x[i] + x[j]) / 2 for i in range(n) for j in range(i, n))
+    return statistics.median(walsh), walsh[c], walsh[-1 - c]
+
+
 def paired_delta(treatment: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> Summary | None:
     """Summary of ``treatment[s] - baseline[s]`` over the seeds ``s`` both have."""
     seeds = sorted(set(treatment) & set(baseline))
@@ -373,6 +400,14 @@ class GridResults:
     def baseline(self, name: str) -> str | None:
         base = self.groups[self.by_name[name]["group"]].get("baseline")
         return base["name"] if base and base["name"] != name else None
+
+    def pairs(self, name: str) -> tuple[list[float], list[float]]:
+        """The final losses of ``name`` and of its baseline over the seeds both finished, in seed order (empty
+        lists without a baseline)."""
+        base = self.baseline(name)
+        arm, ref = self.losses(name), self.losses(base) if base else {}
+        seeds = sorted(set(arm) & set(ref))
+        return [arm[s] for s in seeds], [ref[s] for s in seeds]
 
     def delta_summary(self, name: str) -> Summary | None:
         base = self.baseline(name)
@@ -584,17 +619,32 @@ def spread_md(g: GridResults) -> str | None:
     their ratio with its interval (:func:`paired_sd_ratio`); None without an arm of 3 pairs."""
     rows = []
     for v in g.variants:
-        base = g.baseline(v["name"])
-        arm, ref = g.losses(v["name"]), g.losses(base) if base else {}
-        seeds = sorted(set(arm) & set(ref))
-        ratio = paired_sd_ratio([arm[s] for s in seeds], [ref[s] for s in seeds], g.level)
+        arm, ref = g.pairs(v["name"])
+        ratio = paired_sd_ratio(arm, ref, g.level)
         if ratio is not None:
             star = "*" if not ratio[1] <= 1 <= ratio[2] else ""
-            rows.append([v["name"], str(len(seeds)), f"{statistics.stdev(arm[s] for s in seeds):.4f}",
-                         f"{statistics.stdev(ref[s] for s in seeds):.4f}",
+            rows.append([v["name"], str(len(arm)), f"{statistics.stdev(arm):.4f}", f"{statistics.stdev(ref):.4f}",
                          f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]{star}"])
     return _md(["Variant", "seeds", "sd of final loss", "its baseline's sd", "sd ratio [interval]"],
                rows) if rows else None
+
+
+def signed_rank_md(g: GridResults) -> str | None:
+    """Per non-baseline arm: the paired ΔL's mean and t interval beside its Hodges-Lehmann estimate and
+    signed-rank interval (:func:`signed_rank_interval`), and the pairs below 0; None without an arm of enough
+    pairs for that interval."""
+    rows = []
+    for v in g.variants:
+        arm, ref = g.pairs(v["name"])
+        deltas = [a - b for a, b in zip(arm, ref, strict=True)]
+        found = signed_rank_interval(deltas, g.level)
+        if found is not None:
+            centre, lo, hi = found
+            star = "*" if lo > 0 or hi < 0 else ""
+            rows.append([v["name"], str(len(deltas)), g.delta(v["name"]),
+                         f"{centre:+.4f} [{lo:+.4f}, {hi:+.4f}]{star}", str(sum(d < 0 for d in deltas))])
+    return _md(["Variant", "pairs", "ΔL: mean ± sd [t interval]", "ΔL: Hodges-Lehmann [signed-rank interval]",
+                "pairs with ΔL < 0"], rows) if rows else None
 
 
 def delta_curves_md(g: GridResults) -> str:
@@ -764,6 +814,14 @@ def grid_report(root: Path, level: float = 0.95, seeds: int | None = None) -> st
                   "the arm's losses vary less from seed to seed, and then its ΔL is lowest (KHA gains most) on "
                   "the seeds where the baseline ends worst. The interval assumes normally distributed losses; "
                   "outlying seeds move it.", "", spread, ""]
+    ranks = signed_rank_md(g)
+    if ranks:
+        lines += ["### Without assuming normality: the signed-rank interval of the paired ΔL", "",
+                  "The t interval above assumes the paired differences are about normal; a few seeds far out (a "
+                  "long tail) move its mean. Beside it: the Hodges-Lehmann estimate (the median of the averages "
+                  "of every two differences, each with itself included) and the interval of every centre the "
+                  f"exact Wilcoxon signed-rank test keeps at {pct}, which assumes only a distribution symmetric "
+                  "about its centre (`*`: it excludes 0). Arms with pairs enough for it (6 at 95 %).", "", ranks, ""]
     settings = settings_md(g)
     if settings:
         lines += ["### By setting: device, precision and kernels", "",

@@ -652,6 +652,11 @@ def test_signed_rank_interval_ends_are_the_published_critical_values():
         assert centre == statistics.median(walsh)
     assert signed_rank_interval([0.1, -0.2, 0.3, 0.05, -0.01]) is None  # 5 values: P(W = 0) = 1/32 > 0.025
     assert signed_rank_interval([0.1, -0.2, 0.3, 0.05, -0.01], level=0.9) is not None  # 1/32 <= 0.05
+    # P(W <= c) may equal (1 - level) / 2 exactly: n = 3, level 0.75, P(W = 0) = 1/8, so c = 0 (the range); the
+    # Walsh averages are 0.1, 0.15, 0.2, 0.25, 0.3, 0.4
+    assert signed_rank_interval([0.4, 0.1, 0.2], level=0.75) == pytest.approx((0.225, 0.1, 0.4))
+    with pytest.raises(ValueError, match="level must be in"):
+        signed_rank_interval([0.1] * 8, level=95)
 
 
 def test_signed_rank_interval_is_where_the_exact_test_keeps_the_centre():
@@ -670,13 +675,14 @@ def test_signed_rank_interval_is_where_the_exact_test_keeps_the_centre():
 
 def test_signed_rank_interval_covers_a_symmetric_centre_as_often_as_its_exact_level():
     # Monte Carlo, 10 values from a heavy-tailed symmetric distribution (t with 2 df, centre 0.3): the interval's
-    # exact coverage is 1 - 2 P(W <= 8) = 1 - 2 x 25 / 1024 = 0.9512 (published: P(W <= 8) = 0.0244 at n = 10)
+    # exact coverage is 1 - 2 P(W <= 8) = 1 - 2 x 25 / 1024 = 0.9512 (published: P(W <= 8) = 0.0244 at n = 10).
+    # 16,000 samples: binomial sd of the share 0.0017; one step wider (c = 7) would cover 0.9629, narrower 0.9395
     gen = torch.Generator().manual_seed(1)
-    normal = torch.randn(4_000, 10, generator=gen, dtype=torch.float64)
-    chi2 = torch.randn(4_000, 10, 2, generator=gen, dtype=torch.float64).pow(2).sum(-1)
+    normal = torch.randn(16_000, 10, generator=gen, dtype=torch.float64)
+    chi2 = torch.randn(16_000, 10, 2, generator=gen, dtype=torch.float64).pow(2).sum(-1)
     samples = 0.3 + normal / (chi2 / 2).sqrt()
     covered = sum(lo <= 0.3 <= hi for _, lo, hi in map(signed_rank_interval, samples.tolist()))
-    assert covered / 4_000 == pytest.approx(1 - 2 * 25 / 1024, abs=0.012)
+    assert covered / 16_000 == pytest.approx(1 - 2 * 25 / 1024, abs=0.006)
 
 
 def test_report_gives_the_signed_rank_interval_of_each_arms_paired_delta(tmp_path):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ def test_code_version_names_the_commit_of_a_checkout_and_its_changes(tmp_path, m
     (package / "new.py").write_text("")  # nor is an untracked file
     assert code_version(package) == clean
     assert code_version(package, tmp_path / "repo" / "other.txt") == clean + ".dirty"  # unless named
+    monkeypatch.chdir(tmp_path / "repo")
+    assert code_version(package, Path("other.txt")) == clean + ".dirty"  # a relative path: from the working dir
+    assert code_version(package, tmp_path) == kha.__version__  # a path outside the checkout: nothing to tell
     (package / "__init__.py").write_text("x = 2\n")
     assert code_version(package) == clean + ".dirty"
     untracked = tmp_path / "repo" / "untracked"  # a package inside a checkout that does not track it

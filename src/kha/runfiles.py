@@ -93,19 +93,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def code_version(package: Path = PACKAGE_DIR, *also: Path) -> str:
     """kha's version and, when ``package`` is tracked in a git checkout, its commit: ``0.1.0+g<12 hex>``, with
-    ``.dirty`` where tracked files in ``package`` (or ``also``) differ from that commit. A change of code that
-    computes the same function still rounds differently, so a run records the code of each stretch it trained.
-    Just the version where git, the checkout or the file is missing (an installed package)."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+    ``.dirty`` where tracked files in ``package`` (or in ``also``, paths of the same checkout) differ from that
+    commit. A change of code that computes the same function still rounds differently, so a run records the code
+    of each stretch it trained. Just the version where git, the checkout or the file is missing (an installed
+    package), or an ``also`` path lies outside the checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess:  # no optional locks: never blocks a commit running beside
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(package), *args], capture_output=True,
+                              text=True, timeout=10)
 
     try:
         tracked = git("ls-files", "--error-unmatch", "--", "__init__.py")
         head = git("rev-parse", "--short=12", "HEAD")
-        if tracked.returncode or head.returncode:
-            return __version__
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *map(str, also))
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(str(Path(path).resolve()) for path in also))
     except (OSError, subprocess.SubprocessError):
         return __version__
-    dirty = ".dirty" if changed.returncode or changed.stdout.strip() else ""
-    return f"{__version__}+g{head.stdout.strip()}{dirty}"
+    if tracked.returncode or head.returncode or changed.returncode:  # not a checkout of kha, or a path outside it
+        return __version__
+    return f"{__version__}+g{head.stdout.strip()}{'.dirty' if changed.stdout.strip() else ''}"

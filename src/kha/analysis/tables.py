@@ -211,13 +211,15 @@ def signed_rank_interval(values, level: float = 0.95) -> tuple[float, float, flo
     holds every centre the exact signed-rank test keeps at ``level``: from the (c + 1)-th smallest Walsh average to
     the (c + 1)-th largest, c the largest signed-rank sum with P(W <= c) <= (1 - level) / 2 under the null (the
     2^n sign patterns counted). Its coverage is at least ``level`` for any continuous distribution symmetric about
-    its centre (without symmetry, the centre is the pseudo-median), with no normality assumed: a check on the t
-    interval when a few seeds make a long tail."""
+    its centre, with no normality assumed: a check on the t interval when a few seeds make a long tail. Without
+    symmetry it estimates the pseudo-median, and its coverage is no longer exact."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
     x = [float(v) for v in values]
     n = len(x)
     counts = [1]  # counts[w]: sign patterns of the ranks so far whose positive ranks sum to w
     for r in range(1, n + 1):
-        counts = [c + (counts[w - r] if w >= r else 0) for w, c in enumerate(counts + [0] * r)]
+        counts = [k + (counts[w - r] if w >= r else 0) for w, k in enumerate(counts + [0] * r)]
     cut, tail, c = (1 - level) / 2 * 2 ** n, 0, -1
     while c + 1 < len(counts) and tail + counts[c + 1] <= cut:
         c += 1

@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from kha.analysis.tables import summarize
+from kha.analysis.tables import (
+    paired_sd_ratio,
+    sd_upper_bound,
+    seeds_for_half_width,
+    signed_rank_interval,
+    summarize,
+    welch_difference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "docs" / "results" / "study2" / "runs"
 DOC = ROOT / "docs" / "results.md"
 ROUNDING = 5e-5 + 1e-9
 """The doc prints losses and ΔL to 4 decimals."""
+PROSE_ROUNDING = 5e-4 + 1e-9
+"""Its prose prints them to 3."""
 
 
 def records(variant: str, seed: int) -> list[dict]:
@@ -167,3 +176,60 @@ def test_the_delta_against_tokens_of_the_pairs_beyond_the_plan_is_that_of_the_li
         assert rows["ΔL"][column].endswith("*") == s.excludes_zero, column
         lo, hi = re.findall(r"[-+]?\d+\.\d+", rows["95 % CI"][column])
         assert (float(lo), float(hi)) == pytest.approx((s.lo, s.hi), abs=ROUNDING), column
+
+
+def reading(heading: str) -> str:
+    """The **Reading.** paragraph of a subsection, its lines joined."""
+    section = study2_section()
+    text = section[section.index(heading):]
+    text = text[text.index("**Reading.**"):]
+    return " ".join(text[:text.index("\n\n")].split())
+
+
+def prose_numbers(text: str, after: str, count: int) -> list[float]:
+    """The first ``count`` decimal numbers that follow ``after`` in ``text``."""
+    tail = text[text.index(after) + len(after):]
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+", tail)[:count]]
+
+
+def test_the_reading_of_the_pairs_beyond_the_plan_is_that_of_the_listed_pairs():
+    """Every statistic the reading quotes, recomputed from the committed runs of the seeds its tables list."""
+    deltas = checked_pairs(table_after("### Result:") + table_after("### Beyond the plan"))
+    n, values = len(deltas), list(deltas.values())
+    text = reading("### Beyond the plan")
+    approx = lambda *xs: pytest.approx(xs, abs=PROSE_ROUNDING)  # noqa: E731
+
+    pooled = summarize(values)
+    assert prose_numbers(text, f"With {n} pairs the estimate is", 4) == approx(pooled.mean, pooled.lo, pooled.hi,
+                                                                            pooled.hi - pooled.mean)
+    assert f"{sum(d < 0 for d in values)} of {n} pairs favour KHA-MLP v" in text
+    amx = summarize([d for s, d in deltas.items() if s >= 4])
+    assert prose_numbers(text, f"Over the {n - 4} AMX pairs alone,", 3) == approx(amx.mean, amx.lo, amx.hi)
+    beyond = [d for s, d in deltas.items() if s >= 18]
+    beyond_mean = sum(beyond) / len(beyond)
+    assert prose_numbers(text, f"The {len(beyond)} pairs beyond the plan average", 1) == approx(beyond_mean)
+    form = welch_difference(beyond, [d for s, d in deltas.items() if 4 <= s < 18])
+    assert prose_numbers(text, "against the planned AMX pairs,", 3) == approx(form.mean, form.lo, form.hi)
+    assert prose_numbers(text, "the Hodges-Lehmann estimate is", 3) == approx(*signed_rank_interval(values))
+
+    base = {s: final_loss("baseline", s) for s in deltas}
+    knock = {s: final_loss("mlp-v", s) for s in deltas}
+    ratio = paired_sd_ratio([knock[s] for s in deltas], [base[s] for s in deltas])
+    sd_knock, sd_base = summarize(knock.values()).sd, summarize(base.values()).sd
+    assert prose_numbers(text, "baseline's: sd", 5) == approx(sd_knock, sd_base, *ratio)
+
+    largest = sorted(deltas, key=deltas.get)[:4]
+    assert prose_numbers(text, "The 4 largest gains (", 4) == approx(*(deltas[s] for s in largest))
+    assert f"seeds {', '.join(map(str, largest))})" in text
+    worst_first = sorted(deltas, key=lambda s: -base[s])
+    ranks = [worst_first.index(s) + 1 for s in largest]
+    suffix = {1: "st", 2: "nd", 3: "rd"}
+    ordinals = ", ".join(f"{r}{'th' if 10 <= r % 100 <= 20 else suffix.get(r % 10, 'th')}" for r in ranks)
+    assert f"baselines rank {ordinals} worst of {n}" in text
+
+    upper = sd_upper_bound(pooled.sd, n)
+    need, need_upper = seeds_for_half_width(pooled.sd, 0.015), seeds_for_half_width(upper, 0.015)
+    assert prose_numbers(text, "At the pooled sd,", 1) == approx(pooled.sd)
+    assert f"about **{need} pairs** ({need_upper} at the sd's one-sided 90 % upper bound" in text
+    assert prose_numbers(text, "one-sided 90 % upper bound,", 1) == approx(upper)
+    assert f"{need - n} more" in text

@@ -2,7 +2,8 @@
 
 Each per-seed row of the section's tables is checked against the final validation loss in the run's own
 metrics.jsonl, read here without kha's loaders; the summary rows against the t intervals of the seeds the
-table lists. A row may lag the data (a run committed before its row), never disagree with it."""
+table lists; the statistics the prose of the pairs beyond the plan quotes, recomputed likewise. A row may lag
+the data (a run committed before its row), never disagree with it."""
 import json
 import re
 from pathlib import Path

@@ -11,6 +11,7 @@ Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 
 timed in one interleaved group and its ratio taken to the baseline's step of the same round.
 
     .venv/bin/python benchmarks/knock_forms.py --dtype bf16 [--compile --repeats 20 --json PATH]
+    .venv/bin/python benchmarks/knock_forms.py --dtype bf16 --compile --cases mlp-v-fused,linear-qkv-fused  # fewer cases, more rounds
 """
 
 from __future__ import annotations
@@ -48,11 +49,26 @@ def mlp_products_apart(model) -> None:
             module.residual = types.MethodType(_mlp_residual_apart, module)
 
 
-# (knocks, form, how this case's form differs from the library's, its prepare for kha_train_step)
-CASES = [("baseline", None, None, None), ("mlp-v", "plain", None, None), ("mlp-v", "fused", None, None),
-         ("mlp-v", "fused", "up and gate apart", mlp_products_apart),
-         ("linear-qkv", "plain", None, None), ("linear-qkv", "fused", None, None),
-         ("linear-qkv", "fused", "folded at any batch", fold_from(0))]
+# (id for --cases, knocks, form, how this case's form differs from the library's, its prepare for kha_train_step)
+CASES = [("baseline", "baseline", None, None, None),
+         ("mlp-v-plain", "mlp-v", "plain", None, None),
+         ("mlp-v-fused", "mlp-v", "fused", None, None),
+         ("mlp-v-apart", "mlp-v", "fused", "up and gate apart", mlp_products_apart),
+         ("linear-qkv-plain", "linear-qkv", "plain", None, None),
+         ("linear-qkv-fused", "linear-qkv", "fused", None, None),
+         ("linear-qkv-fold-any", "linear-qkv", "fused", "folded at any batch", fold_from(0))]
+
+
+def chosen_cases(arg: str | None) -> list[tuple]:
+    """The cases ``--cases`` names (comma-separated ids), the baseline always first; all of them for None."""
+    if arg is None:
+        return CASES
+    ids = [c[0] for c in CASES]
+    wanted = [n.strip() for n in arg.split(",") if n.strip()]
+    bad = [n for n in wanted if n not in ids]
+    if bad or not wanted:
+        raise ValueError(f"--cases: unknown case(s) {bad or arg!r}; valid are {', '.join(ids[1:])}")
+    return [c for c in CASES if c[0] == "baseline" or c[0] in wanted]
 
 
 def main() -> None:
@@ -62,7 +78,13 @@ def main() -> None:
     p.add_argument("--fold-rows-per-input", type=float, default=None,
                    help="KHA-Linear's fused form folds from this many rows per projection input feature "
                         f"(default: kha.knock.FOLD_ROWS_PER_INPUT = {kha_knock.FOLD_ROWS_PER_INPUT}); 0 always folds")
+    p.add_argument("--cases", default=None, help="time only these cases, comma-separated (the baseline is always "
+                                                  f"timed); default all: {', '.join(c[0] for c in CASES[1:])}")
     args = p.parse_args()
+    try:
+        cases_run = chosen_cases(args.cases)
+    except ValueError as e:
+        p.error(str(e))
     if args.fold_rows_per_input is not None:
         if args.fold_rows_per_input < 0:
             p.error(f"--fold-rows-per-input must be >= 0, got {args.fold_rows_per_input}")
@@ -79,7 +101,7 @@ def main() -> None:
     precision = "bf16" if args.dtype == "bf16" else "fp32"
     base_flops = model_flops_per_token(base_cfg, seq)
     cases, meta = [], {}
-    for key, form, differs, prepare in CASES:
+    for _, key, form, differs, prepare in cases_run:
         label, knock, targets = common.KNOCKS[key]
         cfg = base_cfg.with_knock(knock, targets)
         if form is not None:

@@ -11,7 +11,7 @@ Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 
 timed in one interleaved group and its ratio taken to the baseline's step of the same round.
 
     .venv/bin/python benchmarks/knock_forms.py --dtype bf16 [--compile --repeats 20 --json PATH]
-    .venv/bin/python benchmarks/knock_forms.py --dtype bf16 --compile --cases mlp-v-fused,linear-qkv-fused  # fewer cases, more rounds
+    .venv/bin/python benchmarks/knock_forms.py --dtype bf16 --compile --cases mlp-v-fused,linear-qkv-fused
 """
 
 from __future__ import annotations

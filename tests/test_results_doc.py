@@ -2,8 +2,8 @@
 
 Each per-seed row of the section's tables is checked against the final validation loss in the run's own
 metrics.jsonl, read here without kha's loaders; the summary rows against the t intervals of the seeds the
-table lists; the statistics the prose of the pairs beyond the plan quotes, recomputed likewise. A row may lag
-the data (a run committed before its row), never disagree with it."""
+table lists; the statistics the prose of the pairs beyond the plan and the section's heading quote,
+recomputed likewise. A row may lag the data (a run committed before its row), never disagree with it."""
 import json
 import re
 from pathlib import Path
@@ -179,11 +179,11 @@ def test_the_delta_against_tokens_of_the_pairs_beyond_the_plan_is_that_of_the_li
         assert (float(lo), float(hi)) == pytest.approx((s.lo, s.hi), abs=ROUNDING), column
 
 
-def reading(heading: str) -> str:
-    """The **Reading.** paragraph of a subsection, its lines joined."""
+def reading(heading: str, opening: str = "**Reading.**") -> str:
+    """The paragraph of a subsection that opens with ``opening`` (its **Reading.**), its lines joined."""
     section = study2_section()
     text = section[section.index(heading):]
-    text = text[text.index("**Reading.**"):]
+    text = text[text.index(opening):]
     return " ".join(text[:text.index("\n\n")].split())
 
 
@@ -237,3 +237,24 @@ def test_the_reading_of_the_pairs_beyond_the_plan_is_that_of_the_listed_pairs():
         assert f"{need - n} more" in text
     else:
         assert "the target is reached" in text
+
+
+def test_the_heading_and_the_conclusion_quote_the_pooled_interval_of_the_listed_pairs():
+    """Once the pooled interval's half-width is within the target, the section's heading says so with the interval,
+    and the conclusion quotes it, the Hodges-Lehmann estimate and where it lies against the paper's effects."""
+    deltas = checked_pairs(table_after("### Result:") + table_after("### Beyond the plan"))
+    n, values = len(deltas), list(deltas.values())
+    pooled = summarize(values)
+    heading = study2_section().splitlines()[0]
+    if pooled.hi - pooled.mean > 0.015:
+        assert "target reached" not in heading
+        return
+    approx = lambda *xs: pytest.approx(xs, abs=PROSE_ROUNDING)  # noqa: E731
+    assert f"at {n} pairs, the ±0.015 target reached" in heading
+    assert prose_numbers(heading, "KHA-MLP v", 3) == approx(pooled.mean, pooled.lo, pooled.hi)
+    text = reading("### Beyond the plan", "**Conclusion.**")
+    assert f"At {n} pairs the study answers its question" in text
+    assert prose_numbers(text, "changes the final validation loss by", 6) == approx(
+        pooled.mean, pooled.lo, pooled.hi, *signed_rank_interval(values))
+    paper_largest = -0.024  # the paper's largest KHA effect in its tables (docs/results.md, the design)
+    assert ("lies beyond the paper's largest effects" in text) == (pooled.hi < paper_largest)

@@ -477,6 +477,29 @@ def profile_case(case: Case, env: Env, steps: int, timed_ms: float | None = None
             "family_ms": {f: families.get(f, 0.0) * per_step for f in FAMILY_NAMES}}
 
 
+def add_profile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of each case (torch.profiler): kernels, busy and idle time "
+                        "per step, and where each knock's extra time goes (default 0: no profile)")
+
+
+def profile_after_timing(args: argparse.Namespace, env: Env, info: dict, cases: list[Case], stats: dict,
+                         results: list[dict], labels: dict[str, str], baseline: str = "baseline") -> None:
+    """With ``--profile-steps N``: profile each timed case (:func:`profile_case`), print :func:`profile_table` and
+    add each profile to its result (``results[i]["case"]`` names the case), then rewrite the JSON. Run after the
+    JSON of the timings is written, so that a time limit hit while profiling keeps the timings."""
+    if args.profile_steps <= 0:
+        return
+    profiles = {case.name: profile_case(case, env, args.profile_steps, 1e3 * stats[case.name]["median_s"])
+                for case in cases}
+    print(f"\nProfile of {args.profile_steps} step(s) per case, ms per step (in brackets: minus the baseline); "
+          "idle = the timed step (without the profiler) minus busy\n")
+    print(profile_table(profiles, labels, baseline))
+    for result in results:
+        result["profile"] = profiles[result["case"]]
+    write_json(args, info, results)
+
+
 def profile_table(profiles: dict[str, dict], labels: dict[str, str], baseline: str) -> str:
     """Markdown: each case's profile (:func:`profile_case`) and, from the second case on, its difference to
     ``baseline`` in ms per step."""

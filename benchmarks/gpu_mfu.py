@@ -52,9 +52,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--moe", action="store_true", help=f"the MoE preset {MOE_PRESET} (baseline only) instead")
     p.add_argument("--allow-math-sdpa", action="store_true", help="let SDPA fall back to the unfused math kernel")
-    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
-                   help="after timing, profile N steps of each case (torch.profiler): kernels, busy and idle time "
-                        "per step, and where each knock's extra time goes (default 0: no profile)")
+    common.add_profile_argument(p)
     p.add_argument("--cpu-logic-check", action="store_true",
                    help="run the logic on CPU at a toy size (CI without a GPU; numbers meaningless)")
     args = p.parse_args()
@@ -116,15 +114,7 @@ def main() -> None:
     print(common.markdown_table(["case", "params", "step ms", "tokens/s", "GFLOP/token", "MFU",
                                  "time ratio to baseline", "its 95 % CI", "peak MiB"], rows))
     common.finish(args, info, results)
-    if args.profile_steps > 0:  # after the JSON is written: a time limit hit while profiling keeps the timings
-        profiles = {case.name: common.profile_case(case, env, args.profile_steps, 1e3 * stats[case.name]["median_s"])
-                    for case in cases}
-        print(f"\nProfile of {args.profile_steps} step(s) per case, ms per step (in brackets: minus the baseline); "
-              "idle = the timed step (without the profiler) minus busy\n")
-        print(common.profile_table(profiles, {k: common.KNOCKS[k][0] for k in profiles}, "baseline"))
-        for result in results:
-            result["profile"] = profiles[result["case"]]
-        common.write_json(args, info, results)
+    common.profile_after_timing(args, env, info, cases, stats, results, {k: common.KNOCKS[k][0] for k in stats})
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--fold-rows-per-input", type=float, default=None,
                    help="KHA-Linear's fused form folds from this many rows per projection input feature "
                         f"(default: kha.knock.FOLD_ROWS_PER_INPUT = {kha_knock.FOLD_ROWS_PER_INPUT}); 0 always folds")
+    common.add_profile_argument(p)
     p.add_argument("--cases", default=None, help="time only these cases, comma-separated (the baseline is always "
                                                   f"timed); default all: {', '.join(c[0] for c in CASES[1:])}")
     args = p.parse_args()
@@ -127,6 +128,8 @@ def main() -> None:
           f"per step that does not grow with the batch) only where the rows are at least "
           f"{kha_knock.FOLD_ROWS_PER_INPUT:g}x the projection's input width; below that it runs the residual form.")
     common.finish(args, info, results)
+    labels = {name: f"{m['label']} {m['form'] or ''}".strip() for name, m in meta.items()}
+    common.profile_after_timing(args, env, info, cases, stats, results, labels)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """What the knocks cost in each form: one training step of the whole model, as ``kha train`` runs it, of the
 baseline, KHA-MLP (v) and KHA-Linear (q, k, v), each knock in the plain form (the formulas as written, the
 reference) and in the fused form (``AttentionConfig.knock_form``: KHA-Linear folded into its projection from 1x
-its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP), plus two variants of the fused
-form: KHA-Linear folded at any batch (so that the fold and the residual form meet in one run) and KHA-MLP with its
-up and gate products apart (the form it replaced); with the FLOPs overhead ``kha.flops`` predicts beside the
-measured one.
+its input width in rows, else ``y + y (T - I)``; W - I residual forms for the MLP; on kha's CPU kernels where
+they apply, as ``kha train`` runs it), plus variants of the fused form: through torch's ops (the form the kernels
+replaced) and KHA-Linear folded at any batch or at none (so that the fold and the residual form meet in one run);
+with the FLOPs overhead ``kha.flops`` predicts beside the measured one.
 
 Shape: the 32.5M CPU model (``common.small_lm_config``: 6 layers, d 512, GQA 32 query / 4 KV heads of 64, SwiGLU
 1536, vocabulary 8192), batch 2 x seq 512; ``--quick``: the ``tiny`` preset, batch 2 x seq 64. Every case is
@@ -16,7 +16,6 @@ timed in one interleaved group and its ratio taken to the baseline's step of the
 
 from __future__ import annotations
 
-import types
 from dataclasses import replace
 
 import common
@@ -27,7 +26,7 @@ from kha.flops import model_flops_per_token
 
 def fold_from(rows_per_input: float):
     """``prepare`` for ``kha_train_step``: every KHA-Linear knock of the model folds from this many rows per input
-    feature (0: always), so that the folded and the residual fused form are timed in one run."""
+    feature (0: always, inf: never), so that the folded and the residual fused form are timed in one run."""
     def prepare(model) -> None:
         for module in model.modules():
             if isinstance(module, kha_knock.LinearKnock):
@@ -35,28 +34,24 @@ def fold_from(rows_per_input: float):
     return prepare
 
 
-def _mlp_residual_apart(self, x):
-    """KHA-MLP's fused form with ``W_up - I`` and ``W_gate`` in two products (as before they shared one): the same
-    function, one more small matmul forward and two backward."""
-    hidden = kha_knock._gated(kha_knock._plus_product(x, kha_knock._minus_identity(self.w_up)), x, self.w_gate)
-    return kha_knock._plus_product(hidden, kha_knock._minus_identity(self.w_down))
-
-
-def mlp_products_apart(model) -> None:
-    """``prepare`` for ``kha_train_step``: every KHA-MLP knock runs :func:`_mlp_residual_apart`."""
+def torch_ops(model) -> None:
+    """``prepare`` for ``kha_train_step``: every knock's fused form through torch's ops, not kha's CPU kernels (the
+    form they replaced)."""
     for module in model.modules():
-        if isinstance(module, kha_knock.MLPKnock):
-            module.residual = types.MethodType(_mlp_residual_apart, module)
+        if isinstance(module, kha_knock.Knock):
+            module.kernels = False
 
 
 # (id for --cases, knocks, form, how this case's form differs from the library's, its prepare for kha_train_step)
 CASES = [("baseline", "baseline", None, None, None),
          ("mlp-v-plain", "mlp-v", "plain", None, None),
          ("mlp-v-fused", "mlp-v", "fused", None, None),
-         ("mlp-v-apart", "mlp-v", "fused", "up and gate apart", mlp_products_apart),
+         ("mlp-v-ops", "mlp-v", "fused", "torch's ops", torch_ops),
          ("linear-qkv-plain", "linear-qkv", "plain", None, None),
          ("linear-qkv-fused", "linear-qkv", "fused", None, None),
-         ("linear-qkv-fold-any", "linear-qkv", "fused", "folded at any batch", fold_from(0))]
+         ("linear-qkv-ops", "linear-qkv", "fused", "torch's ops", torch_ops),
+         ("linear-qkv-fold-any", "linear-qkv", "fused", "folded at any batch", fold_from(0)),
+         ("linear-qkv-fold-never", "linear-qkv", "fused", "never folded", fold_from(float("inf")))]
 
 
 def chosen_cases(arg: str | None) -> list[tuple]:

@@ -1,5 +1,5 @@
-"""kha.cpu_kernels (AMX attention; fused QK-norm + RoPE, SwiGLU gate, cross-entropy) against fp32 or float64
-autograd of torch's ops, and when they are used.
+"""kha.cpu_kernels (AMX attention; fused QK-norm + RoPE, SwiGLU gate, cross-entropy; the knocks and KHA-Linear's
+fold) against fp32 or float64 autograd of torch's ops, and when they are used.
 
 Tolerance: bf16 rounding of inputs and outputs dominates any kernel's error, so a kernel's largest error in
 the output and each gradient against the reference must be within 1.5x (plus a small absolute term) of
@@ -9,6 +9,8 @@ reference's largest entry.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from kha import AttentionConfig, cpu_kernels
 from kha.attention import RMSNorm, RotaryEmbedding, sdpa_attention
 from kha.config import ModelConfig
+from kha.knock import KNOCK_CLASSES, folded
 from kha.model import DecoderLM
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
@@ -421,3 +424,171 @@ def test_covers_the_shipped_tiny_configs_not_mla():
         assert not cpu_kernels.covers(tiny, batch=1, seq_len=128)  # 1 x 4 KV heads < 8 threads
     finally:
         torch.set_num_threads(threads)
+
+
+def knock_module(kind: str, head_dim: int, scale: float = 0.05):
+    """A knock of this type with every matrix moved off its init by noise of sd ``scale``."""
+    torch.manual_seed(0)
+    module = KNOCK_CLASSES[kind](head_dim)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def knock_outputs(module, y, grad, form):
+    """The knock's output and the gradients of its input and every matrix, in float64, through ``form``:
+    ``"kernel"`` (``residual``, which takes the kernel here) or ``"ops"`` (torch's ops)."""
+    y = y.detach().clone().requires_grad_()
+    module.zero_grad()
+    out = module.residual(y) if form == "kernel" else module.residual_ops(y)
+    out.backward(grad.to(out.dtype))
+    return [out.detach().double(), y.grad.double(), *(p.grad.double() for p in module.parameters())]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "gate"])
+def test_knock_kernel_matches_reference(kind, head_dim, monkeypatch):
+    """Every knock type on the kernel (2 x 100 x 4 rows: not a whole number of its 64-row blocks), on bf16 input
+    with fp32 matrices as training runs it: its output and the gradients of the input and of every matrix
+    against float64 autograd of the knock's formula, each error within 1.5x torch's ops' on the same input
+    plus 1e-3 of the reference's largest entry; the kernel did run."""
+    module = knock_module(kind, head_dim)
+    y = torch.randn(2, 100, 4, head_dim).bfloat16()
+    grad = torch.randn(2, 100, 4, head_dim)
+    reference = knock_outputs(copy.deepcopy(module).double(), y.double(), grad.double(), "ops")
+    ops = knock_outputs(module, y, grad, "ops")
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "knock", lambda *args: calls.append(1) or torch.ops.kha_cpu.knock_forward(*args))
+    ours = knock_outputs(module, y, grad, "kernel")
+    assert calls == [1]
+    for name, ref, theirs, mine in zip(["out", "dy", "d matrices"] * 3, reference, ops, ours):
+        error, torch_error = ((x - ref).abs().max().item() for x in (mine, theirs))
+        assert error <= 1.5 * torch_error + 1e-3 * ref.abs().max().item(), (name, error, torch_error)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "gate"])
+def test_knock_kernel_keeps_the_deviation_and_is_the_identity_at_init(kind):
+    """The probe of tests/test_knock_forms.py (every matrix at its init plus 0.002 on the diagonal plus noise of sd
+    5e-4, bf16 features) on the kernel: the output's deviation from the input keeps a slope within 5 % of 1 on
+    the exact one; at init the output is the input, bit for bit (the baseline's value)."""
+    from test_knock_forms import set_small_deviation, slope
+
+    y = torch.randn(256, 4, 64).bfloat16().requires_grad_()
+    at_init = KNOCK_CLASSES[kind](64)
+    assert torch.equal(at_init.residual(y), y)
+    set_small_deviation(at_init)
+    with torch.no_grad():
+        exact = copy.deepcopy(at_init).double()(y.detach().double()) - y.detach().double()
+    assert cpu_kernels.knock_applies(y, *at_init.parameters())
+    measured = at_init.residual(y).detach().double() - y.detach().double()
+    assert abs(slope(measured, exact) - 1) <= 0.05
+
+
+def test_knock_kernel_applies_only_where_it_can():
+    y = leaves(2, 64, 4, 64)
+    w = torch.eye(64, requires_grad=True)
+    assert cpu_kernels.knock_applies(y, w)
+    assert cpu_kernels.knock_applies(y.detach(), w)  # knocks trained on a frozen projection
+    assert not cpu_kernels.knock_applies(y[..., :48], torch.eye(48))  # head_dim not a multiple of 32
+    assert not cpu_kernels.knock_applies(y, w.detach().bfloat16())  # a model cast to bf16 as a whole
+    assert not cpu_kernels.knock_applies(y.detach().float().requires_grad_(), w)  # fp32 training
+    with torch.no_grad():
+        assert not cpu_kernels.knock_applies(y, w)  # inference: torch's ops
+
+
+def fold_case(heads=5, head_dim=64, d_in=192):
+    torch.manual_seed(1)
+    weight = (0.05 * torch.randn(heads * head_dim, d_in)).requires_grad_()
+    t = (torch.eye(head_dim) + 0.05 * torch.randn(head_dim, head_dim)).requires_grad_()
+    return weight, t, torch.randn(heads * head_dim, d_in)
+
+
+def test_fold_kernel_matches_reference():
+    """KHA-Linear's fold on the kernel (5 heads of 64 from 192 features) under bf16 autocast: the folded bf16
+    weight and the gradients of the projection's weight and of T against float64, each error within 1.5x that of
+    torch's ops (``kha.knock.folded`` under autocast) plus 1e-3 of the reference's largest entry."""
+    weight, t, grad = fold_case()
+
+    def run(fn, w, tt):
+        w, tt = w.detach().clone().requires_grad_(), tt.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(w, tt)
+        out.backward(grad.to(out.dtype))
+        return [out.detach().double(), w.grad.double(), tt.grad.double()]
+
+    reference = run(lambda w, tt: folded(w, None, tt, 64)[0], weight.double(), t.double())
+    ops = run(lambda w, tt: folded(w, None, tt, 64)[0], weight, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.fold_applies(weight, t)
+    ours = run(cpu_kernels.fold, weight, t)
+    assert ours[0].dtype == torch.float64 and ops[0].shape == ours[0].shape
+    for name, ref, theirs, mine in zip(["weight", "d weight", "d T"], reference, ops, ours):
+        error, torch_error = ((x - ref).abs().max().item() for x in (mine, theirs))
+        assert error <= 1.5 * torch_error + 1e-3 * ref.abs().max().item(), (name, error, torch_error)
+
+
+def test_fold_kernel_at_init_is_autocasts_cast_and_applies_only_where_it_can():
+    """With T = I the folded weight is the weight rounded to bf16, bit for bit (what autocast would hand the
+    projection); the kernel runs only in bf16 CPU training under autocast, on fp32 weights of whole heads."""
+    weight, t, _ = fold_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cpu_kernels.fold(weight, torch.eye(64)), weight.detach().bfloat16())
+        assert not cpu_kernels.fold_applies(weight[:, :96], t)  # input width not a multiple of 64
+        assert not cpu_kernels.fold_applies(weight.detach().bfloat16(), t)
+        with torch.no_grad():
+            assert not cpu_kernels.fold_applies(weight, t)
+    assert not cpu_kernels.fold_applies(weight, t)  # fp32 training: the fold stays fp32
+
+
+def test_knock_and_fold_gradients_do_not_depend_on_the_thread_count():
+    """The weight gradients are summed per chunk of rows (knock) or per head (fold), then in a fixed tree: bit for
+    bit the same at 1, 2 and 3 threads."""
+    from test_cpu_kernel_edges import at_threads
+
+    mlp = knock_module("mlp", 64)
+    y, grad = torch.randn(3, 300, 4, 64).bfloat16(), torch.randn(3, 300, 4, 64).bfloat16()
+    weight, t, fold_grad = fold_case()
+    runs = [at_threads(n, lambda: (*torch.ops.kha_cpu.knock_backward(grad, y, *mlp.parameters()),
+                                   *torch.ops.kha_cpu.fold_backward(fold_grad.bfloat16(), weight.detach(), t.detach())))
+            for n in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("knock,targets", [("mlp", "v"), ("linear", "qkv"), ("gate", "v")])
+def test_knocked_model_compiles_whole_on_the_kernels(knock, targets):
+    """A knocked decoder under bf16 autocast compiled with ``fullgraph=True``: the traced graph calls the knock's
+    kernel (KHA-Linear: the fold's, at 256 rows into 128 features), and with inductor its loss and gradients match
+    the eager model's within bf16 rounding."""
+    attn = AttentionConfig(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, knock=knock, knock_targets=targets)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(attention=attn, n_layers=2, d_ff=256, vocab_size=256))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".knocks." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 256, (2, 129))
+
+    def loss_and_grads(module):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    traced = set()
+
+    def record_ops(graph_module, example_inputs):
+        traced.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    loss_and_grads(torch.compile(model, backend=record_ops, fullgraph=True))
+    op = "fold_forward" if knock == "linear" else "knock_forward"
+    assert any(name.startswith(f"kha_cpu.{op}") for name in traced), sorted(traced)
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    assert (compiled_grads - eager_grads).norm() <= 2e-2 * eager_grads.norm()

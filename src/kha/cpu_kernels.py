@@ -257,16 +257,28 @@ def _logits_grad(grad, logits, *_):
     return _like_first(logits)
 
 
+def _knock_grads(grad_out, y, *matrices):
+    """``knock_backward``'s outputs: ``dy`` and the given matrices' gradients stacked, ``(m, D, D)`` fp32."""
+    present = [w for w in matrices if w is not None]
+    return _like_first(y), y.new_empty((len(present), y.shape[-1], y.shape[-1]), dtype=torch.float32)
+
+
 def _register_fakes() -> None:
-    """Output shapes of the C++ ops, for ``torch.compile``'s tracing (once the library is loaded)."""
+    """Output shapes of the C++ ops, for ``torch.compile``'s tracing, and the knock's autograd (once the library is
+    loaded)."""
     global _fakes_registered
     _fakes_registered = True
     fakes = {"attention_forward": _attention_shapes, "attention_backward": _backward_shapes,
              "cross_entropy_forward": _loss_and_lse, "cross_entropy_backward": _logits_grad}
+    fakes.update({"knock_forward": _like_first, "knock_backward": _knock_grads,
+                  "fold_forward": lambda w, t: w.new_empty(w.shape, dtype=torch.bfloat16),
+                  "fold_backward": lambda grad, w, t: (torch.empty_like(w), torch.empty_like(t, dtype=w.dtype))})
     for kernel in ("norm_rope", "rms_norm", "silu_mul"):
         fakes.update({f"{kernel}_forward": _like_first, f"{kernel}_backward": _like_inputs})
     for name, fake in fakes.items():
         torch.library.register_fake(f"kha_cpu::{name}", fake)
+    torch.library.register_autograd("kha_cpu::knock_forward", _knock_backward, setup_context=_knock_setup)
+    torch.library.register_autograd("kha_cpu::fold_forward", _fold_backward, setup_context=_fold_setup)
 
 
 def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
@@ -394,3 +406,60 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     if starts is not None:
         starts = starts.to(torch.int32).contiguous()
     return _heads(_attention(q, k, v, is_causal, starts)[0])
+
+
+def knock_applies(y: torch.Tensor, *matrices: torch.Tensor) -> bool:
+    """Whether :func:`knock` runs a knock with these fp32 matrices on ``y`` (``(..., head_dim)``): training on CPU
+    with ``y`` in bf16 (as a head projection leaves it under CPU bf16 autocast), head_dim a multiple of 32, the
+    extension loaded."""
+    if y.dtype != torch.bfloat16 or y.shape[-1] % 32 or not _training_on_cpu(y, *matrices):
+        return False
+    return all(w.dtype == torch.float32 for w in matrices) and _loaded()
+
+
+def knock(y: torch.Tensor, w_up: torch.Tensor | None, w_gate: torch.Tensor | None,
+          w_down: torch.Tensor | None) -> torch.Tensor:
+    """A knock of :mod:`kha.knock` in its fused form on bf16 rows ``y`` (``(..., head_dim)``), one pass each way:
+    ``u = y + y (W_up - I)``, ``h = u + u tanh(y W_gate / 2)``, ``out = h + h (W_down - I)``, each matrix given
+    or not (KHA-Linear: ``w_up = T``; the gate knock: ``w_gate``; KHA-MLP: all three); bf16 out. The same
+    function as the torch form, up to rounding (tests/test_cpu_kernels.py). The C++ op carries its autograd
+    itself (registered with the fakes), so a compiled graph calls it with no Python in between."""
+    return torch.ops.kha_cpu.knock_forward(y.contiguous(), w_up, w_gate, w_down)
+
+
+def _knock_setup(ctx, inputs, output):
+    ctx.present = [w is not None for w in inputs[1:]]
+    ctx.save_for_backward(*inputs)
+
+
+def _knock_backward(ctx, grad_out):
+    y, *matrices = ctx.saved_tensors
+    dy, grads = torch.ops.kha_cpu.knock_backward(grad_out, y, *matrices)
+    per_matrix = iter(grads.unbind(0))
+    return dy, *(next(per_matrix) if present else None for present in ctx.present)
+
+
+def fold_applies(weight: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether :func:`fold` folds KHA-Linear's ``t`` into the head projection ``weight`` (``(heads x head_dim,
+    d_in)``): training on CPU under bf16 autocast with both in fp32, head_dim a multiple of 32 and d_in of 64, the
+    extension loaded."""
+    if weight.dtype != torch.float32 or t.dtype != torch.float32 or not _training_on_cpu(weight, t):
+        return False
+    if t.shape[0] % 32 or weight.shape[0] % t.shape[0] or weight.shape[1] % 64:
+        return False
+    return _autocast_bf16() and _loaded()
+
+
+def fold(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight of ``x -> (x W^T) T`` per head (eq. 8; :func:`kha.knock.folded` without a bias), in the one
+    pass over ``W`` that autocast's cast to bf16 would make: ``W_i + (T - I)^T W_i`` per head, formed in fp32 and
+    rounded once; gradients to ``W`` (fp32) and ``T`` in one pass back."""
+    return torch.ops.kha_cpu.fold_forward(weight, t)
+
+
+def _fold_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fold_backward(ctx, grad):
+    return torch.ops.kha_cpu.fold_backward(grad, *ctx.saved_tensors)

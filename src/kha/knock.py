@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 KNOCK_TYPES = ("none", "linear", "mlp", "gate")
 KNOCK_TARGETS = ("q", "k", "v")
 # The paper's defaults: KHA-Linear on Q, K and V; KHA-MLP on V (gate, an ablation, on V as in Table 2).
@@ -122,6 +124,21 @@ class Knock(nn.Module):
     :meth:`project` is how the attention applies it to a head projection."""
 
     foldable = False
+    # this knock's W_up, W_gate and W_down (attribute names; None where it has none), as kha.cpu_kernels.knock
+    # takes them
+    kernel_matrices: tuple[str | None, str | None, str | None] = (None, None, None)
+    kernels = True  # whether the fused form may run on kha's CPU kernels (benchmarks time torch's ops beside them)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused form: on kha's CPU kernel where it applies (bf16 training on an AMX CPU: one pass each way),
+        else through torch's ops (:meth:`residual_ops`)."""
+        matrices = [getattr(self, name) if name else None for name in self.kernel_matrices]
+        if self.kernels and cpu_kernels.knock_applies(x, *(w for w in matrices if w is not None)):
+            return cpu_kernels.knock(x, *matrices)
+        return self.residual_ops(x)
+
+    def residual_ops(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def project(self, proj: nn.Linear, x: torch.Tensor, dim: int, form: str) -> torch.Tensor:
         """``proj(x)`` as ``(..., heads, dim)``, then this knock in ``form``."""
@@ -133,6 +150,7 @@ class LinearKnock(Knock):
     """KHA-Linear: ``x @ T``, ``T`` identity at init."""
 
     foldable = True
+    kernel_matrices = ("weight", None, None)
     identity_init = ("weight",)  # the parameters initialised to the identity (the rest start at zero)
     fold_rows_per_input: float | None = None  # this knock's own FOLD_ROWS_PER_INPUT (benchmarks compare both forms)
 
@@ -143,7 +161,7 @@ class LinearKnock(Knock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.to(x.dtype)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_ops(self, x: torch.Tensor) -> torch.Tensor:
         return _plus_product(x, _minus_identity(self.weight))
 
     def project(self, proj: nn.Linear, x: torch.Tensor, dim: int, form: str) -> torch.Tensor:
@@ -152,6 +170,8 @@ class LinearKnock(Knock):
         threshold = FOLD_ROWS_PER_INPUT if self.fold_rows_per_input is None else self.fold_rows_per_input
         if x.numel() < threshold * x.shape[-1] * proj.in_features:
             return self.residual(proj(x).unflatten(-1, (-1, dim)))
+        if self.kernels and proj.bias is None and cpu_kernels.fold_applies(proj.weight, self.weight):
+            return F.linear(x, cpu_kernels.fold(proj.weight, self.weight)).unflatten(-1, (-1, dim))
         return F.linear(x, *folded(proj.weight, proj.bias, self.weight, dim)).unflatten(-1, (-1, dim))
 
     def reset_parameters(self) -> None:
@@ -163,6 +183,7 @@ class MLPKnock(Knock):
     """KHA-MLP (eq. 9): ``2 * ((x @ W_up) * sigmoid(x @ W_gate)) @ W_down``; identity at init."""
 
     identity_init = ("w_up", "w_down")
+    kernel_matrices = ("w_up", "w_gate", "w_down")
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -175,7 +196,7 @@ class MLPKnock(Knock):
         hidden = (x @ self.w_up.to(dt)) * torch.sigmoid(x @ self.w_gate.to(dt))
         return 2.0 * (hidden @ self.w_down.to(dt))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_ops(self, x: torch.Tensor) -> torch.Tensor:
         # W_up - I and W_gate / 2 side by side: one matmul where the plain form has two (one fewer small product
         # forward and two backward; the knock costs per product, not per FLOP)
         flat = x.reshape(-1, x.shape[-1])
@@ -197,6 +218,7 @@ class GateKnock(Knock):
     """Gate-only knock (Table 2 ablation, known to hurt): ``2 * x * sigmoid(x @ W_gate)``; identity at init."""
 
     identity_init = ()
+    kernel_matrices = (None, "w_gate", None)
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -205,7 +227,7 @@ class GateKnock(Knock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2.0 * x * torch.sigmoid(x @ self.w_gate.to(x.dtype))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_ops(self, x: torch.Tensor) -> torch.Tensor:
         return _gated(x, x, self.w_gate)
 
     def reset_parameters(self) -> None:

@@ -1,6 +1,6 @@
 // bf16 training kernels for x86 CPUs with AMX and AVX512-BF16: scaled dot-product attention (causal or full,
-// forward and backward), the QK-norm + RoPE prologue, RMSNorm of the fp32 residual stream, the SwiGLU gate
-// and the LM's cross-entropy.
+// forward and backward), the QK-norm + RoPE prologue, RMSNorm of the fp32 residual stream, the SwiGLU gate,
+// the LM's cross-entropy, the knocks and KHA-Linear's fold.
 //
 // Attention. torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
 // takes about six times its forward. Here every product runs on the AMX tiles (tile_gemm, below) on 64 x 64
@@ -535,21 +535,9 @@ inline float inv_rms(const T* x, int64_t d, float eps) {
   return 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + eps);
 }
 
-// f(row, dw) for rows [0, rows) in blocks of block_rows rows (blocks in parallel), each block summing its rows'
-// weight gradient in row order into its own d partial sums; the partials are then added pairwise in a fixed
-// tree (0 + 1, 2 + 3, ..., then pairs of pairs). The bits do not depend on the thread count, and the rounding
-// error grows with block_rows + log2(blocks) additions, not with the row count.
-template <typename F>
-at::Tensor rows_summing_weight_grad(int64_t rows, int64_t block_rows, int64_t d, const at::TensorOptions& options,
-                                    const F& f) {
-  const int64_t blocks = std::max<int64_t>(1, (rows + block_rows - 1) / block_rows);
-  auto parts = at::zeros({blocks, d}, options);
-  float* partial = parts.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block)
-      for (int64_t row = block * block_rows; row < std::min(rows, (block + 1) * block_rows); ++row)
-        f(row, partial + block * d);
-  });
+// Adds blocks partial sums of d floats each (consecutive in partial) pairwise in a fixed tree (0 + 1, 2 + 3, ...,
+// then pairs of pairs) into the first: the bits do not depend on the thread count.
+void sum_in_tree(float* partial, int64_t blocks, int64_t d) {
   for (int64_t stride = 1; stride < blocks; stride *= 2) {
     const int64_t pairs = (blocks - stride + 2 * stride - 1) / (2 * stride);  // left partials i with i + stride < blocks
     at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
@@ -564,6 +552,23 @@ at::Tensor rows_summing_weight_grad(int64_t rows, int64_t block_rows, int64_t d,
       }
     });
   }
+}
+
+// f(row, dw) for rows [0, rows) in blocks of block_rows rows (blocks in parallel), each block summing its rows'
+// weight gradient in row order into its own d partial sums, then the partials summed by sum_in_tree: the
+// rounding error grows with block_rows + log2(blocks) additions, not with the row count.
+template <typename F>
+at::Tensor rows_summing_weight_grad(int64_t rows, int64_t block_rows, int64_t d, const at::TensorOptions& options,
+                                    const F& f) {
+  const int64_t blocks = std::max<int64_t>(1, (rows + block_rows - 1) / block_rows);
+  auto parts = at::zeros({blocks, d}, options);
+  float* partial = parts.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t row = block * block_rows; row < std::min(rows, (block + 1) * block_rows); ++row)
+        f(row, partial + block * d);
+  });
+  sum_in_tree(partial, blocks, d);
   return parts[0].clone();
 }
 
@@ -887,6 +892,392 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
   return dx;
 }
 
+// ---------------------------------------------------------------- Knocks
+//
+// kha.knock's fused forms on rows of head_dim features (the (..., heads, D) output of a head projection), one
+// pass each way where torch runs a chain of small products and elementwise kernels, each costing more than its
+// FLOPs at these shapes (docs/benchmarks.md, section j). One kernel for every knock type: with U = W_up - I,
+// G = W_gate / 2 and N = W_down - I, each present or not (KHA-Linear: U = T - I alone; the gate knock: G alone;
+// KHA-MLP: all three),
+//   [c_u | c_g] = y [U | G],  u = y + c_u,  t = tanh(c_g),  h = u + u t,  out = h + bf16(h) N,
+// the products on the AMX tiles (bf16 operands, fp32 sums), u, t and h in fp32, the output rounded once.
+// Backward from dout, the forward recomputed per block of 64 rows:
+//   dN += bf16(h)^T dout,  dh = dout + dout N^T,  du = dh (1 + t),  dc_g = dh u (1 - t^2),
+//   dy = du + [du | dc_g] [U | G]^T,  d[U | G] += y^T [du | dc_g]   (and dW_gate = dG / 2).
+// The weight gradients are summed per chunk of blocks (the chunks set by the row count alone), then the
+// chunks by sum_in_tree: the bits do not depend on the thread count.
+
+namespace {
+
+constexpr int64_t KNOCK_CHUNKS = 8;  // partial sums of the weight gradients (at most; fewer below 8 blocks of rows)
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): within about 2e-7 of tanh near 0, where a knock's gates sit (far below the
+// bf16 step of the values they scale); -1 and 1 at the ends (exp_ps clamps; rcp14(inf) = 0); NaN stays NaN.
+inline __m512 tanh_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  const __m512 d = _mm512_add_ps(exp_ps(_mm512_add_ps(x, x)), one);
+  __m512 r = _mm512_rcp14_ps(d);                                  // 1 / d within 2^-14, then one Newton step
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two));              // r (2 - d r): within about 2^-23
+  return _mm512_fnmadd_ps(two, r, one);
+}
+
+// dst (cols x rows) = src (rows x cols, rows ld apart)^T, row-major bf16, rows a multiple of 8 and cols of 32: per 8 rows x 32
+// columns, the 8 x 8 transposes of the four 128-bit lanes at once (unpacking 16-, 32-, then 64-bit elements);
+// v[k]'s lane l is then column 8 l + k over the 8 rows.
+void transpose_bf16(const BFloat16* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* dst) {
+  for (int64_t r = 0; r < rows; r += 8)
+    for (int64_t c = 0; c < cols; c += 32) {
+      __m512i a[8], t[8], u[8], v[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm512_loadu_si512(src + (r + i) * ld + c);
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 2; ++i) {
+          u[4 * h + 2 * i] = _mm512_unpacklo_epi32(t[4 * h + i], t[4 * h + i + 2]);
+          u[4 * h + 2 * i + 1] = _mm512_unpackhi_epi32(t[4 * h + i], t[4 * h + i + 2]);
+        }
+      for (int i = 0; i < 4; ++i) {
+        v[2 * i] = _mm512_unpacklo_epi64(u[i], u[i + 4]);
+        v[2 * i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 4]);
+      }
+      for (int k = 0; k < 8; ++k) {
+        BFloat16* out = dst + (c + k) * rows + r;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_extracti32x4_epi32(v[k], 0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * rows), _mm512_extracti32x4_epi32(v[k], 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * rows), _mm512_extracti32x4_epi32(v[k], 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 24 * rows), _mm512_extracti32x4_epi32(v[k], 3));
+      }
+    }
+}
+
+// A block of up to BLK rows of d values: the rows themselves when there are BLK of them, else a copy padded with
+// zero rows (which add nothing to a weight gradient).
+const BFloat16* block_rows(const BFloat16* src, int64_t n, int64_t d, BFloat16* pad) {
+  if (n == BLK) return src;
+  std::copy(src, src + n * d, pad);
+  std::fill(pad + n * d, pad + BLK * d, BFloat16(0.f));
+  return pad;
+}
+
+// The knock's matrices as the products read them (VNNI layout): F = [U | G] (D x n1) and F^T, N and N^T.
+struct KnockMatrices {
+  int64_t D = 0, n1 = 0, gate_col = 0;  // n1: columns of F; gate_col: G's first column in F
+  bool up = false, gate = false, down = false;
+  std::vector<BFloat16> f, f_t, n, n_t;
+};
+
+// m (rows x cols, row-major) in the VNNI layout of a right operand, and m^T likewise
+void pack_both(const std::vector<BFloat16>& m, int64_t rows, int64_t cols, std::vector<BFloat16>& out,
+               std::vector<BFloat16>& out_t) {
+  std::vector<BFloat16> t(rows * cols);
+  transpose_bf16(m.data(), cols, rows, cols, t.data());
+  out.resize(rows * cols);
+  out_t.resize(rows * cols);
+  pack_rows(m.data(), cols, rows, cols, out.data());
+  pack_rows(t.data(), rows, cols, rows, out_t.data());
+}
+
+KnockMatrices knock_matrices(const std::optional<at::Tensor>& w_up, const std::optional<at::Tensor>& w_gate,
+                             const std::optional<at::Tensor>& w_down, int64_t D) {
+  KnockMatrices k;
+  k.D = D;
+  k.up = w_up.has_value(), k.gate = w_gate.has_value(), k.down = w_down.has_value();
+  k.gate_col = k.up ? D : 0;
+  k.n1 = k.gate_col + (k.gate ? D : 0);
+  // entry (i, j) of (w - I on the diagonal when identity) * scale, formed in fp32, rounded once
+  auto fill = [D](const at::Tensor& w_in, bool identity, float scale, BFloat16* dst, int64_t ld) {
+    const auto w = w_in.to(at::kFloat).contiguous();
+    const float* wd = w.const_data_ptr<float>();
+    for (int64_t i = 0; i < D; ++i)
+      for (int64_t j = 0; j < D; ++j) dst[i * ld + j] = BFloat16((wd[i * D + j] - (identity && i == j)) * scale);
+  };
+  if (k.n1 > 0) {
+    std::vector<BFloat16> f(D * k.n1);
+    if (k.up) fill(*w_up, true, 1.f, f.data(), k.n1);
+    if (k.gate) fill(*w_gate, false, 0.5f, f.data() + k.gate_col, k.n1);
+    pack_both(f, D, k.n1, k.f, k.f_t);
+  }
+  if (k.down) {
+    std::vector<BFloat16> n(D * D);
+    fill(*w_down, true, 1.f, n.data(), D);
+    pack_both(n, D, D, k.n, k.n_t);
+  }
+  return k;
+}
+
+void check_knock(const at::Tensor& y, const std::optional<at::Tensor>& w_up, const std::optional<at::Tensor>& w_gate,
+                 const std::optional<at::Tensor>& w_down) {
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() >= 1 && y.is_contiguous(),
+              "kha_cpu knock: y must be a contiguous bf16 tensor of rows of head_dim values");
+  const int64_t D = y.size(-1);
+  TORCH_CHECK(D > 0 && D % 32 == 0, "kha_cpu knock: head_dim ", D, " must be a positive multiple of 32");
+  TORCH_CHECK(w_up.has_value() || w_gate.has_value() || w_down.has_value(), "kha_cpu knock: no matrix given");
+  for (const auto* w : {&w_up, &w_gate, &w_down})
+    TORCH_CHECK(!w->has_value() || ((*w)->is_floating_point() && (*w)->sizes() == at::IntArrayRef({D, D})),
+                "kha_cpu knock: every matrix must be a floating-point head_dim x head_dim (", D, " x ", D, ") tensor");
+}
+
+// The forward of one block of BLK rows y: c = y F (BLK x n1), then h (fp32), with N hb = bf16(h), and with a gate
+// u and t (fp32) where the backward asks for them (not null).
+void knock_block_forward(const KnockMatrices& k, const BFloat16* y, float* c, float* u, float* t, float* h,
+                         BFloat16* hb) {
+  const int64_t D = k.D, n1 = k.n1;
+  if (n1 > 0) tile_gemm(BLK, n1, D, y, D, k.f.data(), 2 * n1, c, n1, false);
+  for (int64_t r = 0; r < BLK; ++r)
+    for (int64_t j = 0; j < D; j += 16) {
+      __m512 uv = load_bf16(y + r * D + j);
+      if (k.up) uv = _mm512_add_ps(uv, _mm512_loadu_ps(c + r * n1 + j));
+      __m512 hv = uv;
+      if (k.gate) {
+        const __m512 tv = tanh_ps(_mm512_loadu_ps(c + r * n1 + k.gate_col + j));
+        hv = _mm512_fmadd_ps(uv, tv, uv);
+        if (u != nullptr) {
+          _mm512_storeu_ps(u + r * D + j, uv);
+          _mm512_storeu_ps(t + r * D + j, tv);
+        }
+      }
+      _mm512_storeu_ps(h + r * D + j, hv);
+      if (k.down) store_bf16(hb + r * D + j, hv);
+    }
+}
+
+}  // namespace
+
+at::Tensor knock_forward(const at::Tensor& y, const std::optional<at::Tensor>& w_up,
+                         const std::optional<at::Tensor>& w_gate, const std::optional<at::Tensor>& w_down) {
+  check_knock(y, w_up, w_gate, w_down);
+  const int64_t D = y.size(-1), rows = y.numel() / D, blocks = (rows + BLK - 1) / BLK;
+  const KnockMatrices k = knock_matrices(w_up, w_gate, w_down, D);
+  auto out = at::empty_like(y);
+  const BFloat16* yd = y.const_data_ptr<BFloat16>();
+  BFloat16* od = out.data_ptr<BFloat16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    BFloat16 *pad = scratch<BFloat16>(0, BLK * D), *hb = scratch<BFloat16>(1, BLK * D);
+    float *c = scratch<float>(0, BLK * std::max(k.n1, D)), *h = scratch<float>(1, BLK * D);
+    configure_tiles();
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * BLK, n = std::min(BLK, rows - r0);
+      knock_block_forward(k, block_rows(yd + r0 * D, n, D, pad), c, nullptr, nullptr, h, hb);
+      if (k.down) tile_gemm(BLK, D, D, hb, D, k.n.data(), 2 * D, c, D, false);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < D; j += 16) {
+          const __m512 hv = _mm512_loadu_ps(h + r * D + j);
+          store_bf16(od + (r0 + r) * D + j, k.down ? _mm512_add_ps(hv, _mm512_loadu_ps(c + r * D + j)) : hv);
+        }
+    }
+    release_tiles();
+  });
+  return out;
+}
+
+// dy (bf16, y's shape) and the matrices' gradients as one fp32 (m, D, D) tensor, m the matrices given, in the
+// order up, gate, down.
+std::tuple<at::Tensor, at::Tensor> knock_backward(const at::Tensor& grad_out_in, const at::Tensor& y,
+                                                  const std::optional<at::Tensor>& w_up,
+                                                  const std::optional<at::Tensor>& w_gate,
+                                                  const std::optional<at::Tensor>& w_down) {
+  check_knock(y, w_up, w_gate, w_down);
+  auto grad_out = grad_out_in.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(grad_out.sizes() == y.sizes(), "kha_cpu knock_backward: grad_out must have y's shape");
+  const int64_t D = y.size(-1), rows = y.numel() / D, blocks = (rows + BLK - 1) / BLK;
+  const KnockMatrices k = knock_matrices(w_up, w_gate, w_down, D);
+  const int64_t n1 = k.n1, f_size = D * n1, size = f_size + (k.down ? D * D : 0);
+  const int64_t chunk_blocks = std::max<int64_t>(1, (blocks + KNOCK_CHUNKS - 1) / KNOCK_CHUNKS);
+  const int64_t chunks = std::max<int64_t>(1, (blocks + chunk_blocks - 1) / chunk_blocks);
+  auto parts = at::zeros({chunks, size}, y.options().dtype(at::kFloat));
+  auto dy = at::empty_like(y);
+  const BFloat16 *yd = y.const_data_ptr<BFloat16>(), *gd = grad_out.const_data_ptr<BFloat16>();
+  BFloat16* dyd = dy.data_ptr<BFloat16>();
+  float* partial = parts.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    BFloat16 *y_pad = scratch<BFloat16>(0, BLK * D), *g_pad = scratch<BFloat16>(1, BLK * D),
+             *hb = scratch<BFloat16>(2, BLK * D), *rows_t = scratch<BFloat16>(3, BLK * D),
+             *packed = scratch<BFloat16>(4, BLK * std::max(n1, D)), *g1 = scratch<BFloat16>(5, BLK * n1);
+    float *c = scratch<float>(0, BLK * std::max(n1, D)), *u = scratch<float>(1, BLK * D),
+          *t = scratch<float>(2, BLK * D), *h = scratch<float>(3, BLK * D), *du = scratch<float>(4, BLK * D);
+    configure_tiles();
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partial + chunk * size;
+      for (int64_t block = chunk * chunk_blocks; block < std::min(blocks, (chunk + 1) * chunk_blocks); ++block) {
+        const int64_t r0 = block * BLK, n = std::min(BLK, rows - r0);
+        const BFloat16 *yb = block_rows(yd + r0 * D, n, D, y_pad), *gb = block_rows(gd + r0 * D, n, D, g_pad);
+        knock_block_forward(k, yb, c, u, t, h, hb);
+        if (k.down) {  // dN += hb^T dout, then dh = dout + dout N^T (into du)
+          transpose_bf16(hb, D, BLK, D, rows_t);
+          pack_rows(gb, D, BLK, D, packed);
+          tile_gemm(D, D, BLK, rows_t, BLK, packed, 2 * D, part + f_size, D, true);
+          tile_gemm(BLK, D, D, gb, D, k.n_t.data(), 2 * D, c, D, false);
+        }
+        for (int64_t r = 0; r < BLK; ++r)
+          for (int64_t j = 0; j < D; j += 16) {
+            const int64_t i = r * D + j;
+            __m512 dh = load_bf16(gb + i);
+            if (k.down) dh = _mm512_add_ps(dh, _mm512_loadu_ps(c + i));
+            __m512 duv = dh;
+            if (k.gate) {
+              const __m512 tv = _mm512_loadu_ps(t + i);
+              duv = _mm512_fmadd_ps(dh, tv, dh);
+              const __m512 dc = _mm512_mul_ps(_mm512_mul_ps(dh, _mm512_loadu_ps(u + i)),
+                                              _mm512_fnmadd_ps(tv, tv, _mm512_set1_ps(1.f)));
+              store_bf16(g1 + r * n1 + k.gate_col + j, dc);
+            }
+            if (k.up) store_bf16(g1 + r * n1 + j, duv);
+            _mm512_storeu_ps(du + i, duv);
+          }
+        if (n1 > 0) {  // dy = du + [du | dc_g] F^T, d F += y^T [du | dc_g]
+          tile_gemm(BLK, D, n1, g1, n1, k.f_t.data(), 2 * D, c, D, false);
+          transpose_bf16(yb, D, BLK, D, rows_t);
+          pack_rows(g1, n1, BLK, n1, packed);
+          tile_gemm(D, n1, BLK, rows_t, BLK, packed, 2 * n1, part, n1, true);
+        }
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < D; j += 16) {
+            const int64_t i = r * D + j;
+            const __m512 dyv = _mm512_loadu_ps(du + i);
+            store_bf16(dyd + r0 * D + i, n1 > 0 ? _mm512_add_ps(dyv, _mm512_loadu_ps(c + i)) : dyv);
+          }
+      }
+    }
+    release_tiles();
+  });
+  sum_in_tree(partial, chunks, size);
+  const int64_t m = k.up + k.gate + k.down;
+  auto grads = at::empty({m, D, D}, parts.options());
+  float* gw = grads.data_ptr<float>();
+  int64_t slot = 0;
+  auto take = [&](const float* src, int64_t ld, float scale) {  // a D x D block of the sums, rows ld apart
+    for (int64_t i = 0; i < D; ++i)
+      for (int64_t j = 0; j < D; ++j) gw[(slot * D + i) * D + j] = src[i * ld + j] * scale;
+    ++slot;
+  };
+  if (k.up) take(partial, n1, 1.f);
+  if (k.gate) take(partial + k.gate_col, n1, 0.5f);
+  if (k.down) take(partial + f_size, D, 1.f);
+  return {dy, grads};
+}
+
+// ---------------------------------------------------------------- KHA-Linear folded into its projection
+//
+// Training folds T into the head projection (eq. 8): with the projection's fp32 weight W (heads x D rows of d_in
+// values; head i's rows W_i) and Delta = (T - I)^T, the bf16 weight F.linear reads under autocast is
+//   W'_i = bf16(W_i + Delta bf16(W_i)),
+// made in one pass over W (the pass autocast's cast to bf16 would make anyway), the product on the AMX tiles.
+// Backward from dW' (bf16, what F.linear's backward gives under autocast):
+//   dW_i = dW'_i + Delta^T dW'_i (fp32, the master weight's gradient),  dT = sum_i bf16(W_i) dW'_i^T,
+// a head per unit of parallel work, its rows read in order (packed, converted), then its products in blocks
+// of FOLD_COLS columns (the head's rows, now in L2); dT's per-head partial sums added by sum_in_tree.
+
+namespace {
+
+constexpr int64_t FOLD_COLS = 64;  // columns of W per product
+
+// rows x cols values of fp32 src (rows even, cols a multiple of 16, rows ld apart) as bf16 in the VNNI layout of
+// a right operand
+void pack_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* dst) {
+  const __m512i pairs = interleave_idx();
+  for (int64_t r = 0; r < rows; r += 2)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + (r + 1) * ld + c),
+                                                         _mm512_loadu_ps(src + r * ld + c));
+      _mm512_storeu_si512(dst + r * cols + 2 * c, _mm512_permutexvar_epi16(pairs, both));
+    }
+}
+
+// (T - I)^T (or T - I when transposed is false) as row-major bf16, each entry formed in fp32 and rounded once
+std::vector<BFloat16> minus_identity(const at::Tensor& t_in, bool transposed) {
+  const auto t = t_in.to(at::kFloat).contiguous();
+  const int64_t D = t.size(0);
+  const float* td = t.const_data_ptr<float>();
+  std::vector<BFloat16> out(D * D);
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = 0; j < D; ++j) out[i * D + j] = BFloat16((transposed ? td[j * D + i] : td[i * D + j]) - (i == j));
+  return out;
+}
+
+void check_fold(const at::Tensor& w, const at::Tensor& t) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+              "kha_cpu fold: the projection's weight must be a contiguous fp32 (heads x head_dim, d_in) tensor");
+  const int64_t D = t.size(0);
+  TORCH_CHECK(t.is_floating_point() && t.dim() == 2 && t.size(1) == D && D > 0 && D % 32 == 0,
+              "kha_cpu fold: T must be a square floating-point matrix of a multiple of 32 rows, got ", t.sizes());
+  TORCH_CHECK(w.size(0) % D == 0 && w.size(1) > 0 && w.size(1) % FOLD_COLS == 0, "kha_cpu fold: the weight's ",
+              w.size(0), " rows must be whole heads of ", D, " and its ", w.size(1), " columns a multiple of ",
+              FOLD_COLS);
+}
+
+}  // namespace
+
+at::Tensor fold_forward(const at::Tensor& w, const at::Tensor& t) {
+  check_fold(w, t);
+  const int64_t D = t.size(0), heads = w.size(0) / D, d_in = w.size(1);
+  const std::vector<BFloat16> delta = minus_identity(t, true);
+  auto out = at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  const float* wd = w.const_data_ptr<float>();
+  BFloat16* od = out.data_ptr<BFloat16>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    BFloat16* packed = scratch<BFloat16>(0, D * d_in);
+    float* c = scratch<float>(0, D * FOLD_COLS);
+    configure_tiles();
+    for (int64_t head = begin; head < end; ++head) {
+      const float* wi = wd + head * D * d_in;
+      BFloat16* oi = od + head * D * d_in;
+      pack_rows_f32(wi, d_in, D, d_in, packed);
+      for (int64_t c0 = 0; c0 < d_in; c0 += FOLD_COLS) {
+        tile_gemm(D, FOLD_COLS, D, delta.data(), D, packed + 2 * c0, 2 * d_in, c, FOLD_COLS, false);
+        for (int64_t r = 0; r < D; ++r)
+          for (int64_t j = 0; j < FOLD_COLS; j += 16) {
+            const int64_t i = r * d_in + c0 + j;
+            store_bf16(oi + i, _mm512_add_ps(_mm512_loadu_ps(wi + i), _mm512_loadu_ps(c + r * FOLD_COLS + j)));
+          }
+      }
+    }
+    release_tiles();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fold_backward(const at::Tensor& grad_in, const at::Tensor& w, const at::Tensor& t) {
+  check_fold(w, t);
+  auto grad = grad_in.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(grad.sizes() == w.sizes(), "kha_cpu fold_backward: the gradient must have the weight's shape");
+  const int64_t D = t.size(0), heads = w.size(0) / D, d_in = w.size(1);
+  const std::vector<BFloat16> delta_t = minus_identity(t, false);
+  auto dw = at::empty_like(w);
+  auto parts = at::zeros({heads, D * D}, w.options());
+  const float* wd = w.const_data_ptr<float>();
+  const BFloat16* gd = grad.const_data_ptr<BFloat16>();
+  float *dwd = dw.data_ptr<float>(), *partial = parts.data_ptr<float>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    BFloat16 *packed = scratch<BFloat16>(0, D * d_in), *w_rows = scratch<BFloat16>(1, D * d_in),
+             *g_t = scratch<BFloat16>(2, D * FOLD_COLS), *packed_t = scratch<BFloat16>(3, D * FOLD_COLS);
+    float* c = scratch<float>(0, D * FOLD_COLS);
+    configure_tiles();
+    for (int64_t head = begin; head < end; ++head) {
+      const float* wi = wd + head * D * d_in;
+      const BFloat16* gi = gd + head * D * d_in;
+      float* dwi = dwd + head * D * d_in;
+      pack_rows(gi, d_in, D, d_in, packed);  // the head's rows read in order: dW'_i packed, bf16(W_i)
+      for (int64_t i = 0; i < D * d_in; i += 16) store_bf16(w_rows + i, _mm512_loadu_ps(wi + i));
+      for (int64_t c0 = 0; c0 < d_in; c0 += FOLD_COLS) {
+        tile_gemm(D, FOLD_COLS, D, delta_t.data(), D, packed + 2 * c0, 2 * d_in, c, FOLD_COLS, false);
+        for (int64_t r = 0; r < D; ++r)  // dW_i = dW'_i + (T - I) dW'_i
+          for (int64_t j = 0; j < FOLD_COLS; j += 16) {
+            const int64_t i = r * d_in + c0 + j;
+            _mm512_storeu_ps(dwi + i, _mm512_add_ps(load_bf16(gi + i), _mm512_loadu_ps(c + r * FOLD_COLS + j)));
+          }
+        transpose_bf16(gi + c0, d_in, D, FOLD_COLS, g_t);  // dT += bf16(W_i) dW'_i^T
+        pack_rows(g_t, D, FOLD_COLS, D, packed_t);
+        tile_gemm(D, D, FOLD_COLS, w_rows + c0, d_in, packed_t, 2 * D, partial + head * D * D, D, true);
+      }
+    }
+    release_tiles();
+  });
+  sum_in_tree(partial, heads, D * D);
+  return {dw, parts[0].view({D, D}).clone()};
+}
+
 TORCH_LIBRARY(kha_cpu, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, bool is_causal, Tensor? starts=None) -> "
         "(Tensor, Tensor)");
@@ -901,6 +1292,10 @@ TORCH_LIBRARY(kha_cpu, m) {
   m.def("silu_mul_backward(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor)");
   m.def("cross_entropy_forward(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> Tensor");
+  m.def("knock_forward(Tensor y, Tensor? w_up, Tensor? w_gate, Tensor? w_down) -> Tensor");
+  m.def("knock_backward(Tensor grad_out, Tensor y, Tensor? w_up, Tensor? w_gate, Tensor? w_down) -> (Tensor, Tensor)");
+  m.def("fold_forward(Tensor weight, Tensor t) -> Tensor");
+  m.def("fold_backward(Tensor grad, Tensor weight, Tensor t) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("attention_forward", &attention_forward);
@@ -913,4 +1308,8 @@ TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("silu_mul_backward", &silu_mul_backward);
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("knock_forward", &knock_forward);
+  m.impl("knock_backward", &knock_backward);
+  m.impl("fold_forward", &fold_forward);
+  m.impl("fold_backward", &fold_backward);
 }

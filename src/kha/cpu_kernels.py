@@ -12,7 +12,10 @@ each (docs/benchmarks.md, sections e and i). This module replaces them where the
 - :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
   LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
   (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast), and
-  :func:`rms_norm` for the fp32 residual stream under CPU bf16 autocast (:func:`fuses_rms_norm`).
+  :func:`rms_norm` for the fp32 residual stream under CPU bf16 autocast (:func:`fuses_rms_norm`);
+- :func:`knock` (every knock type's fused form, :mod:`kha.knock`, where :func:`knock_applies`) and :func:`fold`
+  (KHA-Linear folded into its projection, where :func:`fold_applies`): one pass each way where torch's ops run
+  several small products and elementwise kernels, each costing more than its FLOPs at a knock's shapes.
 
 Everything else (fp32, inference, MLA, GLA and talking-heads attention, GPUs, CPUs without AMX-BF16 and
 AVX512-BF16) runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is

@@ -455,8 +455,8 @@ def fold_applies(weight: torch.Tensor, t: torch.Tensor) -> bool:
 
 def fold(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The bf16 weight of ``x -> (x W^T) T`` per head (eq. 8; :func:`kha.knock.folded` without a bias), in the one
-    pass over ``W`` that autocast's cast to bf16 would make: ``W_i + (T - I)^T W_i`` per head, formed in fp32 and
-    rounded once; gradients to ``W`` (fp32) and ``T`` in one pass back."""
+    pass over ``W`` that autocast's cast to bf16 would make: ``W_i + (T - I)^T bf16(W_i)`` per head, the sum in
+    fp32, rounded once; gradients to ``W`` (fp32) and ``T`` in one pass back."""
     return torch.ops.kha_cpu.fold_forward(weight, t)
 
 

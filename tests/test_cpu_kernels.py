@@ -457,20 +457,22 @@ def knock_outputs(module, y, grad, form):
     return [out.detach().double(), y.grad.double(), *(p.grad.double() for p in module.parameters())]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
 @pytest.mark.parametrize("kind", ["linear", "mlp", "gate"])
 def test_knock_kernel_matches_reference(kind, head_dim, monkeypatch):
-    """Every knock type on the kernel (2 x 100 x 4 rows: not a whole number of its 64-row blocks), on bf16 input
-    with fp32 matrices as training runs it: its output and the gradients of the input and of every matrix
-    against float64 autograd of the knock's formula, each error within 1.5x torch's ops' on the same input
-    plus 1e-3 of the reference's largest entry; the kernel did run."""
+    """Every knock type on the kernel (2 x 100 x 4 rows: not a whole number of its 64-row blocks; the heads
+    interleaved in memory, as a transposed view), on bf16 input with fp32 matrices as training runs it: its
+    output and the gradients of the input and of every matrix against float64 autograd of the knock's formula,
+    each error within 1.5x torch's ops' on the same input plus 1e-3 of the reference's largest entry; the kernel
+    did run."""
     module = knock_module(kind, head_dim)
-    y = torch.randn(2, 100, 4, head_dim).bfloat16()
+    y = torch.randn(2, 4, 100, head_dim).bfloat16().transpose(1, 2)
+    assert not y.is_contiguous()
     grad = torch.randn(2, 100, 4, head_dim)
     reference = knock_outputs(copy.deepcopy(module).double(), y.double(), grad.double(), "ops")
     ops = knock_outputs(module, y, grad, "ops")
-    calls = []
-    monkeypatch.setattr(cpu_kernels, "knock", lambda *args: calls.append(1) or torch.ops.kha_cpu.knock_forward(*args))
+    calls, original = [], cpu_kernels.knock
+    monkeypatch.setattr(cpu_kernels, "knock", lambda *args: calls.append(1) or original(*args))
     ours = knock_outputs(module, y, grad, "kernel")
     assert calls == [1]
     names = ["out", "dy", *(f"d {name}" for name, _ in module.named_parameters())]
@@ -495,6 +497,28 @@ def test_knock_kernel_keeps_the_deviation_and_is_the_identity_at_init(kind):
     assert cpu_kernels.knock_applies(y, *at_init.parameters())
     measured = at_init.residual(y).detach().double() - y.detach().double()
     assert abs(slope(measured, exact) - 1) <= 0.05
+
+
+def test_knock_kernel_at_large_gates_and_without_rows():
+    """Gate logits far beyond where exp(2x) overflows fp32 (W_gate = 512 I, exact in bf16, so the logits are 256 y,
+    up to about +-1,000): the kernel's output and gradients are finite and within 1 % of float64's (tanh
+    saturates to +-1); an input without rows gives an empty output and zero matrix gradients."""
+    module = knock_module("mlp", 64)
+    with torch.no_grad():
+        module.w_gate.copy_(512 * torch.eye(64))
+    y = torch.randn(2, 64, 4, 64).bfloat16()
+    grad = torch.randn(2, 64, 4, 64)
+    reference = knock_outputs(copy.deepcopy(module).double(), y.double(), grad.double(), "ops")
+    assert 256 * y.abs().max() > 200  # beyond exp(2x)'s fp32 range (x > 44)
+    ours = knock_outputs(module, y, grad, "kernel")
+    for ref, mine in zip(reference, ours, strict=True):
+        assert torch.isfinite(mine).all()
+        assert (mine - ref).norm() <= 1e-2 * ref.norm()
+    module.zero_grad(set_to_none=True)
+    empty = torch.zeros(0, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = module.residual(empty)
+    out.sum().backward()
+    assert out.shape == empty.shape and all(torch.equal(p.grad, torch.zeros(64, 64)) for p in module.parameters())
 
 
 def test_knock_kernel_applies_only_where_it_can():
@@ -546,6 +570,7 @@ def test_fold_kernel_at_init_is_autocasts_cast_and_applies_only_where_it_can():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(cpu_kernels.fold(weight, torch.eye(64)), weight.detach().bfloat16())
         assert not cpu_kernels.fold_applies(weight[:, :96], t)  # input width not a multiple of 64
+        assert not cpu_kernels.fold_applies(weight.t().contiguous().t(), t)  # not contiguous: torch's ops
         assert not cpu_kernels.fold_applies(weight.detach().bfloat16(), t)
         with torch.no_grad():
             assert not cpu_kernels.fold_applies(weight, t)

@@ -448,6 +448,8 @@ def fold_applies(weight: torch.Tensor, t: torch.Tensor) -> bool:
     extension loaded."""
     if weight.dtype != torch.float32 or t.dtype != torch.float32 or not _training_on_cpu(weight, t):
         return False
+    if not weight.is_contiguous():
+        return False
     if t.shape[0] % 32 or weight.shape[0] % t.shape[0] or weight.shape[1] % 64:
         return False
     return _autocast_bf16() and _loaded()

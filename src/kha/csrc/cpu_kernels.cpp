@@ -912,9 +912,12 @@ namespace {
 constexpr int64_t KNOCK_CHUNKS = 8;  // partial sums of the weight gradients (at most; fewer below 8 blocks of rows)
 
 // tanh(x) = 1 - 2 / (exp(2x) + 1): within about 2e-7 of tanh near 0, where a knock's gates sit (far below the
-// bf16 step of the values they scale); -1 and 1 at the ends (exp_ps clamps; rcp14(inf) = 0); NaN stays NaN.
+// bf16 step of the values they scale). x is clamped to [-9, 9] first, where tanh is +-1 in fp32: beyond that
+// exp(2x) would overflow to inf, and the Newton step below would turn inf * 0 into NaN. NaN stays NaN (max and
+// min return their second operand when either is NaN).
 inline __m512 tanh_ps(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  x = _mm512_min_ps(_mm512_set1_ps(9.f), _mm512_max_ps(_mm512_set1_ps(-9.f), x));
   const __m512 d = _mm512_add_ps(exp_ps(_mm512_add_ps(x, x)), one);
   __m512 r = _mm512_rcp14_ps(d);                                  // 1 / d within 2^-14, then one Newton step
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two));              // r (2 - d r): within about 2^-23

@@ -974,12 +974,21 @@ struct KnockMatrices {
 // m (rows x cols, row-major) in the VNNI layout of a right operand, and m^T likewise
 void pack_both(const std::vector<BFloat16>& m, int64_t rows, int64_t cols, std::vector<BFloat16>& out,
                std::vector<BFloat16>& out_t) {
-  std::vector<BFloat16> t(rows * cols);
-  transpose_bf16(m.data(), cols, rows, cols, t.data());
   out.resize(rows * cols);
   out_t.resize(rows * cols);
   pack_rows(m.data(), cols, rows, cols, out.data());
-  pack_rows(t.data(), rows, cols, rows, out_t.data());
+  pack_transposed(m.data(), cols, rows, cols, cols, out_t.data(), 2 * rows);
+}
+
+// The D x D matrix (w - I) * scale (w * scale without the identity), or its transpose, as bf16 rows ld apart: each
+// entry formed in fp32 and rounded once, so a matrix near I keeps its small deviation (kha.knock's fused forms).
+void offset_bf16(const at::Tensor& w_in, bool identity, float scale, bool transposed, BFloat16* dst, int64_t ld) {
+  const auto w = w_in.to(at::kFloat).contiguous();
+  const int64_t D = w.size(0);
+  const float* wd = w.const_data_ptr<float>();
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = 0; j < D; ++j)
+      dst[i * ld + j] = BFloat16(((transposed ? wd[j * D + i] : wd[i * D + j]) - (identity && i == j)) * scale);
 }
 
 KnockMatrices knock_matrices(const std::optional<at::Tensor>& w_up, const std::optional<at::Tensor>& w_gate,
@@ -989,22 +998,15 @@ KnockMatrices knock_matrices(const std::optional<at::Tensor>& w_up, const std::o
   k.up = w_up.has_value(), k.gate = w_gate.has_value(), k.down = w_down.has_value();
   k.gate_col = k.up ? D : 0;
   k.n1 = k.gate_col + (k.gate ? D : 0);
-  // entry (i, j) of (w - I on the diagonal when identity) * scale, formed in fp32, rounded once
-  auto fill = [D](const at::Tensor& w_in, bool identity, float scale, BFloat16* dst, int64_t ld) {
-    const auto w = w_in.to(at::kFloat).contiguous();
-    const float* wd = w.const_data_ptr<float>();
-    for (int64_t i = 0; i < D; ++i)
-      for (int64_t j = 0; j < D; ++j) dst[i * ld + j] = BFloat16((wd[i * D + j] - (identity && i == j)) * scale);
-  };
   if (k.n1 > 0) {
     std::vector<BFloat16> f(D * k.n1);
-    if (k.up) fill(*w_up, true, 1.f, f.data(), k.n1);
-    if (k.gate) fill(*w_gate, false, 0.5f, f.data() + k.gate_col, k.n1);
+    if (k.up) offset_bf16(*w_up, true, 1.f, false, f.data(), k.n1);
+    if (k.gate) offset_bf16(*w_gate, false, 0.5f, false, f.data() + k.gate_col, k.n1);
     pack_both(f, D, k.n1, k.f, k.f_t);
   }
   if (k.down) {
     std::vector<BFloat16> n(D * D);
-    fill(*w_down, true, 1.f, n.data(), D);
+    offset_bf16(*w_down, true, 1.f, false, n.data(), D);
     pack_both(n, D, D, k.n, k.n_t);
   }
   return k;
@@ -1189,13 +1191,9 @@ void pack_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, BFl
 }
 
 // (T - I)^T (or T - I when transposed is false) as row-major bf16, each entry formed in fp32 and rounded once
-std::vector<BFloat16> minus_identity(const at::Tensor& t_in, bool transposed) {
-  const auto t = t_in.to(at::kFloat).contiguous();
-  const int64_t D = t.size(0);
-  const float* td = t.const_data_ptr<float>();
-  std::vector<BFloat16> out(D * D);
-  for (int64_t i = 0; i < D; ++i)
-    for (int64_t j = 0; j < D; ++j) out[i * D + j] = BFloat16((transposed ? td[j * D + i] : td[i * D + j]) - (i == j));
+std::vector<BFloat16> minus_identity(const at::Tensor& t, bool transposed) {
+  std::vector<BFloat16> out(t.size(0) * t.size(0));
+  offset_bf16(t, true, 1.f, transposed, out.data(), t.size(0));
   return out;
 }
 
@@ -1270,7 +1268,9 @@ std::tuple<at::Tensor, at::Tensor> fold_backward(const at::Tensor& grad_in, cons
             const int64_t i = r * d_in + c0 + j;
             _mm512_storeu_ps(dwi + i, _mm512_add_ps(load_bf16(gi + i), _mm512_loadu_ps(c + r * FOLD_COLS + j)));
           }
-        transpose_bf16(gi + c0, d_in, D, FOLD_COLS, g_t);  // dT += bf16(W_i) dW'_i^T
+        // dT += bf16(W_i) dW'_i^T; dW'_i^T packed as pack_transposed would, through the vectorised transpose (this
+        // runs per block, pack_transposed moves one pair at a time)
+        transpose_bf16(gi + c0, d_in, D, FOLD_COLS, g_t);
         pack_rows(g_t, D, FOLD_COLS, D, packed_t);
         tile_gemm(D, D, FOLD_COLS, w_rows + c0, d_in, packed_t, 2 * D, partial + head * D * D, D, true);
       }

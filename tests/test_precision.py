@@ -140,7 +140,7 @@ def test_auto_precision_rule(monkeypatch):
     assert prec.resolve_precision("auto", cpu, prec.AUTO_BF16_MIN_D_MODEL)[0] == "bf16"
     # where kha's AMX attention kernel covers the model, bf16 measured faster at every width
     assert prec.resolve_precision("auto", cpu, 128, amx_attention=True) == (
-        "bf16", "auto: CPU with native bf16 and kha's AMX attention kernel for this model")
+        "bf16", "auto: CPU with native bf16 and kha's attention kernel for this model")
     assert prec.resolve_precision("fp32", cpu, 4096, amx_attention=True)[0] == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert prec.resolve_precision("auto", cuda, 64)[0] == "bf16"
@@ -178,11 +178,13 @@ def test_bf16_training_is_deterministic_across_resume(data_dir, tmp_path, capsys
     train(_bf16_run(data_dir, tmp_path / "a", seq_len=seq_len))
     out = capsys.readouterr().out
     fused = cpu_kernels.prepare()  # the fused kernels run wherever the extension does, at any length
-    assert "precision: bf16 (asked for)" in out and ("kha's AMX attention" in out) == amx
+    isa = {"amx": "AMX", "avx512_bf16": "AVX512-BF16"}.get(cpu_kernels.micro_kernel())
+    assert "precision: bf16 (asked for)" in out and (f"kha's {isa} attention" in out) == amx
     assert ("CPU kernels: " in out) == fused
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
     assert saved["precision"] == "bf16" and saved["resolved_precision"] == "bf16"
     assert saved["amx_attention"] == amx and saved["cpu_kernels"] == fused
+    assert saved["cpu_micro_kernel"] == (cpu_kernels.micro_kernel() if fused else None)
     train(_bf16_run(data_dir, tmp_path / "b", seq_len=seq_len))
     # b loses everything after step 3, as if killed there, and is resumed
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000006")
@@ -201,16 +203,50 @@ def test_resume_onto_the_other_attention_kernel_says_so(data_dir, tmp_path, monk
     from kha import cpu_kernels
 
     if not cpu_kernels.covers(get_preset("tiny-moe").attention, 4, 64):
-        pytest.skip("kha's AMX attention kernels do not run here")
+        pytest.skip("kha's attention kernels do not run here")
     train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=3))
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     monkeypatch.setattr(cpu_kernels, "_state", None)
     capsys.readouterr()
     train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=6, resume=True))
     out = capsys.readouterr().out
-    assert "trained on kha's AMX attention and kha's elementwise kernels and resumes on torch's ops" in out
+    isa = {"amx": "AMX", "avx512_bf16": "AVX512-BF16"}[cpu_kernels._micro_kernel]
+    assert f"trained on kha's {isa} attention and kha's elementwise kernels and resumes on torch's ops" in out
     saved = json.loads((tmp_path / "r" / "train_config.json").read_text())
-    assert saved["amx_attention"] is False and saved["cpu_kernels"] is False
+    assert saved["amx_attention"] is False and saved["cpu_kernels"] is False and saved["cpu_micro_kernel"] is None
+
+
+def test_a_run_recorded_before_the_avx512_path_resumes_as_an_amx_run(data_dir, tmp_path, capsys):
+    """Runs recorded before ``cpu_micro_kernel`` existed trained on the AMX tiles (the only path then): resumed
+    on AMX they continue silently, on AVX512-BF16 with the warning that the rounding changed."""
+    from kha import cpu_kernels
+
+    if not cpu_kernels.covers(get_preset("tiny-moe").attention, 4, 64):
+        pytest.skip("kha's attention kernels do not run here")
+    train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=3))
+    path = tmp_path / "r" / "train_config.json"
+    recorded = json.loads(path.read_text())
+    del recorded["cpu_micro_kernel"]
+    path.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    train(_bf16_run(data_dir, tmp_path / "r", seq_len=64, steps=4, resume=True))
+    out = capsys.readouterr().out
+    moved = ("trained on kha's AMX attention and kha's elementwise kernels and resumes on kha's AVX512-BF16 "
+             "attention and kha's elementwise kernels")
+    assert (moved in out) == (cpu_kernels.micro_kernel() == "avx512_bf16")
+    assert json.loads(path.read_text())["cpu_micro_kernel"] == cpu_kernels.micro_kernel()
+
+
+def test_kernels_label_names_the_micro_kernel():
+    from kha.cpu_kernels import kernels_label
+
+    assert kernels_label({"amx_attention": False, "cpu_kernels": False}) == "torch's ops"
+    old = {"amx_attention": True, "cpu_kernels": True}  # recorded before cpu_micro_kernel: AMX
+    assert kernels_label(old) == "kha's AMX attention and kha's elementwise kernels"
+    assert kernels_label({**old, "cpu_micro_kernel": "avx512_bf16"}) == (
+        "kha's AVX512-BF16 attention and kha's elementwise kernels")
+    assert kernels_label({"amx_attention": False, "cpu_kernels": True, "cpu_micro_kernel": "avx512_bf16"}) == (
+        "torch's SDPA and kha's elementwise kernels on AVX512-BF16")
 
 
 def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, capsys):

@@ -42,6 +42,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 BLOCK = 64  # the kernel's block of queries and of keys
 ENV_SWITCH = "KHA_CPU_KERNELS"
+SWITCH_VALUES = ("1", "0", "avx512")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
           "-mamx-tile", "-mamx-bf16"]
 
@@ -49,23 +50,65 @@ LIBRARY = "kha_cpu_kernels"
 
 _state: bool | None = None  # None: not tried yet; then whether the extension is loaded
 _library: Path | None = None  # the extension's file, once loaded into this process
+_micro_kernel = "avx512_bf16"  # what the loaded kernels' products run on (micro_kernel)
 _fakes_registered = False
 
 
 def cpu_supports() -> bool:
-    """Whether this CPU has what the kernels run on (AMX tiles, AVX512-BF16)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    """Whether this CPU has what the kernels run on: AVX512-BF16 (their products then run on the AMX tiles where
+    the CPU has them and the OS grants them, see :func:`micro_kernel`)."""
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return bool(amx() and bf16())
+    return bool(bf16())
 
 
-def kernels_label(kernels: dict[str, bool]) -> str:
-    """What a run trains on, from the flags ``kha train`` records in ``train_config.json`` (``amx_attention``,
-    ``cpu_kernels``), e.g. "kha's AMX attention and kha's elementwise kernels"; "torch's ops" when neither."""
+def _switch() -> str:
+    """``KHA_CPU_KERNELS``: ``1`` (default) the kernels where they apply, ``0`` never, ``avx512`` their products on
+    AVX512-BF16 even where the CPU has AMX (to compare the two, or to match a run made without AMX)."""
+    value = os.environ.get(ENV_SWITCH, "1")
+    if value not in SWITCH_VALUES:
+        warnings.warn(f"kha: {ENV_SWITCH}={value!r} is not one of {', '.join(SWITCH_VALUES)}; using 1 (the kernels "
+                      "where they apply)", stacklevel=3)
+        return "1"
+    return value
+
+
+def micro_kernel() -> str | None:
+    """What the kernels' matrix products run on: ``"amx"`` (the AMX tiles) or ``"avx512_bf16"`` (AVX512-BF16 dot
+    products: CPUs without AMX, such as AMD Zen 4, or where the OS denies the tiles, or ``KHA_CPU_KERNELS=avx512``);
+    None when the kernels are not loaded (:func:`prepare`)."""
+    return _micro_kernel if prepare() else None
+
+
+def _choose_micro_kernel() -> str:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    if not amx() or _switch() == "avx512":
+        return "avx512_bf16"
+    if not _amx_permitted():
+        warnings.warn("kha: the OS did not grant this process the AMX tiles (torch.cpu._init_amx() said no or is "
+                      "missing); kha's CPU kernels run their products on AVX512-BF16", stacklevel=3)
+        return "avx512_bf16"
+    return "amx"
+
+
+def kernels_label(kernels: dict) -> str:
+    """What a run trains on, from what ``kha train`` records in ``train_config.json`` (``amx_attention``: kha's
+    attention kernel, a name kept from when it ran on AMX only; ``cpu_kernels``; ``cpu_micro_kernel``, absent from
+    runs recorded before the AVX512-BF16 path, which ran on AMX), e.g. "kha's AMX attention and kha's elementwise
+    kernels"; "torch's ops" when neither."""
     if not (kernels.get("amx_attention") or kernels.get("cpu_kernels")):
         return "torch's ops"
-    attention = "kha's AMX attention" if kernels.get("amx_attention") else "torch's SDPA"
-    return f"{attention} and {'kha' if kernels.get('cpu_kernels') else 'torch'}'s elementwise kernels"
+    isa = "AVX512-BF16" if kernels.get("cpu_micro_kernel") == "avx512_bf16" else "AMX"
+    if kernels.get("amx_attention"):
+        return f"kha's {isa} attention and {'kha' if kernels.get('cpu_kernels') else 'torch'}'s elementwise kernels"
+    return f"torch's SDPA and kha's elementwise kernels{' on AVX512-BF16' if isa != 'AMX' else ''}"
+
+
+def recorded_micro_kernel(kernels: dict) -> str | None:
+    """``cpu_micro_kernel`` as a run's ``train_config.json`` records it: ``"amx"`` for a run recorded before the
+    key existed that used the kernels (they ran on AMX only then), None for one that did not."""
+    if "cpu_micro_kernel" in kernels:
+        return kernels["cpu_micro_kernel"]
+    return "amx" if kernels.get("amx_attention") or kernels.get("cpu_kernels") else None
 
 
 def prepare() -> bool:
@@ -73,13 +116,12 @@ def prepare() -> bool:
     global _state
     if _state is None:
         _state = False
-        if os.environ.get(ENV_SWITCH, "1") != "0" and cpu_supports():
-            if not _amx_permitted():
-                warnings.warn("kha: the OS did not grant this process the AMX tiles (torch.cpu._init_amx() said no "
-                              "or is missing); using torch's ops", stacklevel=2)
-                return _state
+        if _switch() != "0" and cpu_supports():
             try:
                 _load_library()
+                global _micro_kernel
+                _micro_kernel = _choose_micro_kernel()
+                torch.ops.kha_cpu.set_tiles(_micro_kernel == "amx")
                 if not _fakes_registered:
                     _register_fakes()
                 _state = True

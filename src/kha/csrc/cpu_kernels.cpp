@@ -183,9 +183,15 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Which micro-kernel tile_gemm runs: the AMX tiles, or AVX512-BF16 dot products on CPUs without AMX (AMD Zen 4,
+// Intel before Sapphire Rapids), or where the OS does not grant the tiles. Set once by kha.cpu_kernels after
+// loading (set_tiles); the products are the same, summed in another order.
+bool tiles = false;
+
 // Once per thread before tile_gemm. torch's own micro-kernel wrapper (at::native::cpublas::brgemm) caches
 // which tile configuration is loaded, so release_tiles also tells it that its configuration is gone.
 inline void configure_tiles() {
+  if (!tiles) return;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
@@ -195,6 +201,7 @@ inline void configure_tiles() {
 }
 
 inline void release_tiles() {
+  if (!tiles) return;
   _tile_release();
   blas::brgemm_release(true);
 }
@@ -231,10 +238,53 @@ inline void tile_block(int64_t k, const BFloat16* a, int64_t lda, const BFloat16
   if constexpr (MI > 1 && NJ > 1) _tile_stored(3, c + 16 * ldc + 16, c_stride);
 }
 
+// C[4 x 16 NV] (+)= A[4 x k] B[k x 16 NV] with AVX512-BF16: one accumulator per row and 16 columns, each step
+// one pair of A's columns (a 32-bit word, broadcast) against one pair-row of B (VNNI: 16 columns' pairs).
+template <int NV>
+inline void dot_block(int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb, float* c,
+                      int64_t ldc, bool accumulate) {
+  constexpr int MR = 4;
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < k / 2; ++p) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 32 * v);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+// tile_gemm without the tiles
+void dot_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
+              float* c, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 64) {
+    const BFloat16* bj = b + 2 * j;
+    const int64_t vectors = std::min<int64_t>(4, (n - j) / 16);
+    for (int64_t i = 0; i < m; i += 4) {
+      const BFloat16* ai = a + i * lda;
+      float* cij = c + i * ldc + j;
+      switch (vectors) {
+        case 4: dot_block<4>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+        case 3: dot_block<3>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+        case 2: dot_block<2>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+        default: dot_block<1>(k, ai, lda, bj, ldb, cij, ldc, accumulate);
+      }
+    }
+  }
+}
+
 // C[m x n] (+)= A[m x k] B[k x n] on the tiles: m, n multiples of 16, k of 32; A row-major (lda), B in the
 // VNNI layout of pack_rows with rows of ldb values (ldb = 2 x B's width).
 void tile_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
                float* c, int64_t ldc, bool accumulate) {
+  if (!tiles) return dot_gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
   for (int64_t i = 0; i < m; i += 32)
     for (int64_t j = 0; j < n; j += 32) {
       const BFloat16* ai = a + i * lda;
@@ -1299,6 +1349,7 @@ TORCH_LIBRARY(kha_cpu, m) {
   m.def("knock_backward(Tensor grad_out, Tensor y, Tensor? w_up, Tensor? w_gate, Tensor? w_down) -> (Tensor, Tensor)");
   m.def("fold_forward(Tensor weight, Tensor t) -> Tensor");
   m.def("fold_backward(Tensor grad, Tensor weight, Tensor t) -> (Tensor, Tensor)");
+  m.def("set_tiles(bool enabled) -> ()");
 }
 TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("attention_forward", &attention_forward);
@@ -1315,4 +1366,7 @@ TORCH_LIBRARY_IMPL(kha_cpu, CPU, m) {
   m.impl("knock_backward", &knock_backward);
   m.impl("fold_forward", &fold_forward);
   m.impl("fold_backward", &fold_backward);
+}
+TORCH_LIBRARY_IMPL(kha_cpu, CompositeExplicitAutograd, m) {
+  m.impl("set_tiles", [](bool enabled) { tiles = enabled; });
 }

@@ -361,14 +361,18 @@ def _trained_on(started: dict | None, runtime: Runtime, first_step: int, steps: 
 
 def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict[str, bool]]:
     """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
-    its attention, ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate and loss). A resumed ``auto`` run
+    its attention, on AMX or AVX512-BF16 alike; ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate, loss and
+    knocks; ``cpu_micro_kernel``: what their products run on, ``kha.cpu_kernels.micro_kernel``). A resumed ``auto`` run
     keeps the precision it started in (``started``: its ``train_config.json``); one that lands on other kernels
     says so."""
     asked = started.get("resolved_precision", "auto") if started and cfg.precision == "auto" else cfg.precision
     precision, why, covered = planned_precision(cfg, runtime.device, asked)
     bf16_cpu = runtime.device.type == "cpu" and precision == "bf16"
-    kernels = {"amx_attention": covered and bf16_cpu, "cpu_kernels": bf16_cpu and cpu_kernels.prepare()}
-    before = {name: started.get(name, False) for name in kernels} if started else kernels
+    fused = bf16_cpu and cpu_kernels.prepare()
+    kernels = {"amx_attention": covered and bf16_cpu, "cpu_kernels": fused,
+               "cpu_micro_kernel": cpu_kernels.micro_kernel() if fused else None}
+    before = ({"amx_attention": started.get("amx_attention", False), "cpu_kernels": started.get("cpu_kernels", False),
+               "cpu_micro_kernel": cpu_kernels.recorded_micro_kernel(started)} if started else kernels)
     if before != kernels and runtime.is_main:
         print(f"warning: this run trained on {cpu_kernels.kernels_label(before)} and resumes on "
               f"{cpu_kernels.kernels_label(kernels)}: the same run, but no longer bit for bit the uninterrupted one "

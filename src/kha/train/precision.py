@@ -63,7 +63,7 @@ def resolve_precision(precision: str, device: torch.device, d_model: int,
     if device.type == "cuda":
         return "bf16", "auto: CUDA with bf16"
     if amx_attention:
-        return "bf16", "auto: CPU with native bf16 and kha's AMX attention kernel for this model"
+        return "bf16", "auto: CPU with native bf16 and kha's attention kernel for this model"
     if d_model < AUTO_BF16_MIN_D_MODEL:
         return "fp32", f"auto: d_model {d_model} < {AUTO_BF16_MIN_D_MODEL}, too small for bf16 to pay on CPU"
     return "bf16", f"auto: CPU with native bf16 and d_model {d_model} >= {AUTO_BF16_MIN_D_MODEL}"

@@ -3,11 +3,12 @@
 Two parts, both at the 32.5M model's attention shape (batch 2 x 512, GQA 32 query / 4 KV heads of 64):
 
 1. Kernels, forward + backward of causal GQA attention on random inputs, against SDPA in bf16 (torch's CPU
-   flash attention): kha's AMX kernels (``kha.cpu_kernels``, what ``kha train`` runs in bf16 on a CPU with
-   AMX) and both forward alone; SDPA in fp32; kha's explicit reference (``impl="eager"``: scores, fp32
-   softmax, weighted values); SDPA's math backend; and ``matmuls only``, the seven batched matmuls of
-   attention's forward and backward (scores and weighted values forward; scores recomputed, dV, dP, dQ, dK
-   backward) in bf16 without softmax or masking: what attention would cost at plain matmul speed.
+   flash attention): kha's kernels (``kha.cpu_kernels``, what ``kha train`` runs in bf16 on a CPU with
+   AVX512-BF16, on the AMX tiles where it has them) and both forward alone; SDPA in fp32; kha's explicit
+   reference (``impl="eager"``: scores, fp32 softmax, weighted values); SDPA's math backend; and ``matmuls
+   only``, the seven batched matmuls of attention's forward and backward (scores and weighted values forward;
+   scores recomputed, dV, dP, dQ, dK backward) in bf16 without softmax or masking: what attention would cost at
+   plain matmul speed.
 2. The step: one optimizer step exactly as ``kha train --precision bf16 --compile`` runs it (the fastest setting;
    ``common.kha_train_step``) under ``torch.profiler``; self time per category (attention forward / backward
    kernels, matmuls, kha's fused kernels, the compiled fused kernels, AdamW, the rest) as a share of the
@@ -86,11 +87,12 @@ def matmuls_only():
 
 
 def kernel_cases() -> list[common.Case]:
-    def kha_amx(q, k, v):
+    def kha_kernel(q, k, v):
         return cpu_kernels.attention(q, k, v, True)  # directly: sdpa_attention would route no_grad calls to torch
 
-    ours = [common.Case("kha.cpu_kernels bf16 (AMX kernels)", fwd_bwd(kha_amx, torch.bfloat16)),
-            common.Case("kha.cpu_kernels bf16, forward only", forward_only(kha_amx, torch.bfloat16))]
+    on = {"amx": "AMX", "avx512_bf16": "AVX512-BF16"}.get(cpu_kernels.micro_kernel())
+    ours = [common.Case(f"kha.cpu_kernels bf16 ({on})", fwd_bwd(kha_kernel, torch.bfloat16)),
+            common.Case("kha.cpu_kernels bf16, forward only", forward_only(kha_kernel, torch.bfloat16))]
     return [common.Case("SDPA bf16", fwd_bwd(sdpa, torch.bfloat16)),
             common.Case("SDPA bf16, forward only", forward_only(sdpa, torch.bfloat16)),
             *(ours if cpu_kernels.prepare() else []),

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kha import cpu_kernels
 from kha.attention import AttentionConfig
 from kha.config import ModelConfig
 from kha.runfiles import PACKAGE_DIR, code_version
@@ -203,6 +204,8 @@ def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "allocator": "glibc, freed memory kept in the process" if env.freed_memory_kept else "default",
         "device": str(env.device),
+        # what kha.cpu_kernels' products run on here ("amx", "avx512_bf16"), None where they do not load
+        "cpu_micro_kernel": cpu_kernels.micro_kernel() if env.device.type == "cpu" else None,
         "dtype": "bf16 autocast" if env.dtype == "bf16" else "fp32",
         "compile": env.compile,
         "repeats": env.repeats,
@@ -225,6 +228,9 @@ def print_banner(title: str, info: dict) -> None:
           f"per case {info['warmup']} warm-up call(s) then {info['repeats']} timed round(s), cases interleaved; "
           f"1-min load average before starting {info['load_avg_1m']:.2f} (near 0 on a quiet machine); "
           f"allocator: {info.get('allocator', 'default')}")
+    if info["device"] == "cpu":
+        names = {"amx": "on the AMX tiles", "avx512_bf16": "on AVX512-BF16 dot products"}
+        print(f"- kha's CPU kernels (bf16): {names.get(info.get('cpu_micro_kernel'), 'off (torch ops)')}")
     if info.get("quick"):
         print("- QUICK SMOKE RUN: tiny shapes, few repeats; these numbers mean nothing")
     print(flush=True)
@@ -267,7 +273,7 @@ def training_case(name: str, forward: Callable[[], torch.Tensor], loss: Callable
 
 def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
     """What ``kha train --precision auto`` picks for this model and batch on ``device``, why, and whether its
-    attention then trains on kha's AMX kernel (``kha.cpu_kernels``): ``kha.train.precision.plan_precision``."""
+    attention then trains on kha's attention kernel (``kha.cpu_kernels``): ``kha.train.precision.plan_precision``."""
     from kha.train.precision import plan_precision
 
     precision, why, covered = plan_precision("auto", cfg, batch, seq, device)
@@ -282,7 +288,6 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     ``build_optimizer``'s AdamW; ``compile`` as ``kha train --compile`` (``kha.train.distributed.parallelize``);
     ``doc_mask``, ``doc_positions`` as in ``TrainConfig``, with token 0 as ``<|endoftext|>``; ``prepare(model)``
     before compiling, if given."""
-    from kha import cpu_kernels
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
@@ -291,7 +296,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     from kha.train.precision import autocast_context
 
     if precision == "bf16" and device.type == "cpu":
-        cpu_kernels.prepare()  # as kha train does before compiling: the AMX attention kernels, where they run
+        cpu_kernels.prepare()  # as kha train does before compiling: kha's CPU kernels, where they run
     torch.manual_seed(0)
     model = DecoderLM(cfg).to(device)
     if prepare is not None:

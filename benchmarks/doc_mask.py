@@ -2,8 +2,8 @@
 same batch without the mask (plain causal attention, the baseline) and with it, on windows whose documents have
 a given mean length (geometric lengths: each token ends its document with probability 1 / mean), RoPE positions
 restarting per document (the default) and, once, continuing. Ratios are step time against the unmasked step in
-the same round, cases interleaved. On CPUs with AMX, bf16 runs the mask in kha's attention kernel; elsewhere
-torch's SDPA takes it as an explicit boolean mask (on CUDA, flex_attention).
+the same round, cases interleaved. On CPUs with AVX512-BF16, bf16 runs the mask in kha's attention kernel;
+elsewhere torch's SDPA takes it as an explicit boolean mask (on CUDA, flex_attention).
 
 Shape: the ``study`` preset (d 256, 16/4 heads of 32) at the study's 16 x 256, bf16 autocast, compiled as
 ``kha train --compile``; ``--quick``: the ``tiny`` preset at 4 x 64, eager, few repeats (a smoke test).
@@ -42,8 +42,9 @@ def main() -> None:
     info = common.machine_info(env)
     info["compile"] = compile
     common.print_banner("Training step with and without the document mask", info)
-    _, _, amx = common.auto_precision(cfg, batch, seq, env.device)
-    kernel = ("kha's AMX attention" if amx and precision == "bf16" and env.device.type == "cpu"
+    _, _, covered = common.auto_precision(cfg, batch, seq, env.device)
+    kernel = (f"kha's attention kernel ({info['cpu_micro_kernel']})"
+              if covered and precision == "bf16" and env.device.type == "cpu"
               else "flex_attention" if env.cuda else "torch's SDPA with an explicit mask")
     print(f"- {preset}: {common.describe(cfg)}; {common.n_params(DecoderLM(cfg)):,} parameters; batch {batch} x "
           f"seq {seq}; {precision}; masked attention on {kernel}\n", flush=True)

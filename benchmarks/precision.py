@@ -3,7 +3,7 @@
 One optimizer step exactly as ``kha train`` runs it (``DecoderLM`` with the loss inside, ``kha.train.precision``'s
 autocast, gradient clipping, ``kha.train.optim.build_optimizer``'s AdamW, ``kha.train.distributed.parallelize``
 for ``--compile``), for each shape in four settings: fp32 eager (the baseline of the shape), bf16 eager, fp32
-compiled, bf16 compiled; where ``kha.cpu_kernels``'s AMX attention covers the shape (bf16 runs on it and on
+compiled, bf16 compiled; where ``kha.cpu_kernels``'s attention kernel covers the shape (bf16 runs on it and on
 the fused kernels), bf16 eager and compiled once more with all of them off ("torch's ops", as with
 ``KHA_CPU_KERNELS=0``). Ratios are tokens/s against fp32
 eager of the same shape, cases interleaved round by round. The ``auto`` column says what ``--precision auto``
@@ -64,12 +64,12 @@ def main() -> None:
     for name in names:
         preset, batch, seq = SHAPES[name]
         cfg = model_config(preset)
-        auto, why, amx = common.auto_precision(cfg, batch, seq, env.device)
+        auto, why, covered = common.auto_precision(cfg, batch, seq, env.device)
         print(f"- {name}: {common.describe(cfg)}; {common.n_params(DecoderLM(cfg)):,} parameters; batch {batch} x "
               f"seq {seq}; auto picks {auto} ({why})", flush=True)
         cases = [common.Case(f"{prec}{' compiled' if comp else ''}",
                              common.kha_train_step(cfg, batch, seq, prec, comp, env.device)) for prec, comp in settings]
-        if amx:
+        if covered:
             for comp in sorted({comp for _, comp in settings}):
                 step = common.kha_train_step(cfg, batch, seq, "bf16", comp, env.device)
                 cases.append(common.Case(f"bf16{' compiled' if comp else ''}, torch's ops",

@@ -1,5 +1,6 @@
-"""kha.cpu_kernels (AMX attention; fused QK-norm + RoPE, SwiGLU gate, cross-entropy; the knocks and KHA-Linear's
-fold) against fp32 or float64 autograd of torch's ops, and when they are used.
+"""kha.cpu_kernels (attention; fused QK-norm + RoPE, SwiGLU gate, cross-entropy; the knocks and KHA-Linear's
+fold) against fp32 or float64 autograd of torch's ops, and when they are used. Every test runs on each
+micro-kernel this CPU has: AVX512-BF16 dot products, and the AMX tiles where the CPU has them.
 
 Tolerance: bf16 rounding of inputs and outputs dominates any kernel's error, so a kernel's largest error in
 the output and each gradient against the reference must be within 1.5x (plus a small absolute term) of
@@ -21,7 +22,17 @@ from kha.config import ModelConfig
 from kha.knock import KNOCK_CLASSES, folded
 from kha.model import DecoderLM
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AVX512-BF16 CPU or no C++ compiler")
+MICRO_KERNELS = ["avx512_bf16", "amx"] if cpu_kernels.micro_kernel() == "amx" else ["avx512_bf16"]
+
+
+@pytest.fixture(autouse=True, params=MICRO_KERNELS)
+def micro_kernel(request):
+    """The kernels' products on this micro-kernel for the test, then on the one this process chose again."""
+    chosen = cpu_kernels.micro_kernel()
+    torch.ops.kha_cpu.set_tiles(request.param == "amx")
+    yield request.param
+    torch.ops.kha_cpu.set_tiles(chosen == "amx")
 
 
 @pytest.fixture(autouse=True)

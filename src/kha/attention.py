@@ -6,7 +6,7 @@ QK RMSNorm -> RoPE -> scaled dot-product attention -> output projection. The ord
 
 Two interchangeable attention kernels: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
 GQA through ``enable_gqa`` so K/V are not repeated where the backend supports it; when training in bf16 on
-a CPU with AMX, ``kha.cpu_kernels``'s kernels where they apply) and ``"eager"``
+a CPU with AVX512-BF16, ``kha.cpu_kernels``'s kernels where they apply) and ``"eager"``
 (an explicit softmax reference used by the tests).
 
 :class:`AttentionBase` holds what every variant (``kha.variants``) shares: input checks, masks, positions,
@@ -354,7 +354,7 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
     documents: DocumentMask | None = None,
 ) -> torch.Tensor:
-    """The fast kernel for the inputs: kha's AMX kernel (CPU bf16 training), ``flex_attention`` (a document mask
+    """The fast kernel for the inputs: kha's kernel (CPU bf16 training), ``flex_attention`` (a document mask
     with its block mask), else torch's SDPA (a document mask as its explicit mask)."""
     if documents is not None:
         if documents.block_mask is not None:

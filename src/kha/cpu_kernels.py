@@ -1,14 +1,16 @@
-"""bf16 training kernels for CPUs with AMX (``csrc/cpu_kernels.cpp``), built on first use.
+"""bf16 training kernels for x86 CPUs with AVX512-BF16 (``csrc/cpu_kernels.cpp``), built on first use. Their
+matrix products run on the AMX tiles where the CPU has them (Intel Sapphire Rapids and later) and the OS grants
+them, else as AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake; :func:`micro_kernel` says which).
 
 On such CPUs a bf16 training step spent most of its non-matmul time in torch's CPU flash-attention backward
 (about six times its forward) and in chains of small elementwise kernels with a bf16/fp32 copy between
 each (docs/benchmarks.md, sections e and i). This module replaces them where they run:
 
-- :func:`attention`: causal, document-masked or full GQA/MHA/MQA attention, forward and backward on the AMX
-  tiles. The ``"sdpa"`` kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or
-  CPU bf16 autocast, no mask other than causal or a document mask, as many queries as keys, the length a
-  multiple of 64, one head_dim for Q, K and V that is a multiple of 16, and at least as many (batch, KV head)
-  pairs as threads (its unit of parallel work);
+- :func:`attention`: causal, document-masked or full GQA/MHA/MQA attention, forward and backward. The ``"sdpa"``
+  kernel uses it when :func:`attention_applies` says so: gradients wanted, bf16 inputs or CPU bf16 autocast, no
+  mask other than causal or a document mask, as many queries as keys, the length a multiple of 64, one head_dim
+  for Q, K and V that is a multiple of 16, and at least as many (batch, KV head) pairs as threads (its unit of
+  parallel work);
 - :func:`norm_rope` (QK-norm then RoPE), :func:`silu_mul` (SwiGLU's gate) and :func:`cross_entropy` (the
   LM loss), each one pass forward and one backward; the models use them where :func:`fuses` says so
   (training on CPU with the tensor in bf16, as linear layers leave it under CPU bf16 autocast), and
@@ -17,13 +19,14 @@ each (docs/benchmarks.md, sections e and i). This module replaces them where the
   (KHA-Linear folded into its projection, where :func:`fold_applies`): one pass each way where torch's ops run
   several small products and elementwise kernels, each costing more than its FLOPs at a knock's shapes.
 
-Everything else (fp32, inference, MLA, GLA and talking-heads attention, GPUs, CPUs without AMX-BF16 and
-AVX512-BF16) runs torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``. The extension is
-compiled on first use (about 10 s) with OpenMP (its parallel loops run on torch's threads), in a private
-folder renamed into place when complete, then cached under ``TORCH_EXTENSIONS_DIR`` in a folder named by a
-hash of the source, flags, torch and Python versions; a failed build, or an OS that denies the process the
-AMX tiles, warns once and falls back to torch's ops. Under ``torch.compile`` the build is not started: call
-:func:`prepare` first (``kha train`` does, through :func:`covers`, when it decides the run's precision).
+Everything else (fp32, inference, MLA, GLA and talking-heads attention, GPUs, CPUs without AVX512-BF16) runs
+torch's ops as before, as does every case with ``KHA_CPU_KERNELS=0``; ``KHA_CPU_KERNELS=avx512`` keeps the
+kernels off the AMX tiles. The extension is compiled on first use (about 10 s) with OpenMP (its parallel loops
+run on torch's threads), in a private folder renamed into place when complete, then cached under
+``TORCH_EXTENSIONS_DIR`` in a folder named by a hash of the source, flags, torch and Python versions; a failed
+build warns once and falls back to torch's ops; an OS that denies the process the AMX tiles warns once and the
+products run on AVX512-BF16. Under ``torch.compile`` the build is not started: call :func:`prepare` first
+(``kha train`` does, through :func:`covers`, when it decides the run's precision).
 """
 
 from __future__ import annotations
@@ -441,7 +444,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
               starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention (GQA when K/V have fewer heads) on the AMX kernels; inputs are cast to bf16
+    """Scaled dot-product attention (GQA when K/V have fewer heads) on kha's kernel; inputs are cast to bf16
     as CPU autocast would cast them for SDPA. Call only where :func:`attention_applies`.
 
     ``starts`` (``(B, L)``, non-decreasing along each row, ``starts[b, i] <= i``; with ``is_causal``): query ``i``

@@ -8,7 +8,7 @@
 4. Training: prepare the built-in Shakespeare corpus, train the tiny GQA baseline and the same model with
    KHA-MLP on V (same seed, same base weights, same batches), print both validation losses and write
    their loss curves to ``runs/demo/loss_curves.png``. A few minutes on 2 CPU cores (``--precision auto``:
-   fp32 for this small model unless kha's AMX kernels run it); longer and larger on a GPU (in bf16).
+   fp32 for this small model unless kha's CPU kernels run it); longer and larger on a GPU (in bf16).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, ``y (W_up - I)`` and ``y W_gate / 2`` coming from
   one product of ``y`` with both matrices side by side, the other sums inside one ``addmm`` or ``addcmul``:
   a gate near 1 kept as its deviation from 1 (bf16 would round ``sigmoid`` near 0.5 to a multiple of 2^-9);
-  the gate knock likewise. In bf16 training on an AMX CPU both paths run on :mod:`kha.cpu_kernels` (one pass
+  the gate knock likewise. In bf16 training on a CPU with AVX512-BF16 both paths run on :mod:`kha.cpu_kernels` (one pass
   each way; the fold in the pass over the weight that autocast's cast would make), the same function rounded
   once more finely (u, h and the gate in fp32).
 
@@ -132,8 +132,8 @@ class Knock(nn.Module):
     kernels = True  # whether the fused form may run on kha's CPU kernels (benchmarks time torch's ops beside them)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused form: on kha's CPU kernel where it applies (bf16 training on an AMX CPU: one pass each way),
-        else through torch's ops (:meth:`residual_ops`)."""
+        """The fused form: on kha's CPU kernel where it applies (bf16 training on a CPU with AVX512-BF16: one pass
+        each way), else through torch's ops (:meth:`residual_ops`)."""
         matrices = [getattr(self, name) if name else None for name in self.kernel_matrices]
         if self.kernels and cpu_kernels.knock_applies(x, *(w for w in matrices if w is not None)):
             return cpu_kernels.knock(x, *matrices)

@@ -1,9 +1,11 @@
-// bf16 training kernels for x86 CPUs with AMX and AVX512-BF16: scaled dot-product attention (causal or full,
-// forward and backward), the QK-norm + RoPE prologue, RMSNorm of the fp32 residual stream, the SwiGLU gate,
-// the LM's cross-entropy, the knocks and KHA-Linear's fold.
+// bf16 training kernels for x86 CPUs with AVX512-BF16: scaled dot-product attention (causal or full, forward
+// and backward), the QK-norm + RoPE prologue, RMSNorm of the fp32 residual stream, the SwiGLU gate, the LM's
+// cross-entropy, the knocks and KHA-Linear's fold. Every matrix product goes through tile_gemm: on the AMX
+// tiles where the CPU has them (Intel Sapphire Rapids and later) and the OS grants them, else as AVX512-BF16 dot
+// products (dot_gemm: AMD Zen 4 and later, Intel Cooper Lake), with the same operand layouts.
 //
 // Attention. torch's CPU flash attention runs its block products through the generic bf16 GEMM; its backward
-// takes about six times its forward. Here every product runs on the AMX tiles (tile_gemm, below) on 64 x 64
+// takes about six times its forward. Here every product runs through tile_gemm (below) on 64 x 64
 // blocks, the softmax in AVX-512, per (batch, KV head), so that a group's query heads share packed K and V and
 // dK, dV sum in place (GQA). Forward: per query block m, S = Q_m K^T over the keys it sees, the exact softmax
 // of each row, O_m = P V; it returns O and the rows' log-sum-exp (lse). Backward, per query head, per key
@@ -23,8 +25,8 @@
 // past it), and partial blocks are masked row by row.
 //
 // Preconditions (check_inputs; kha.cpu_kernels.attention_applies tests them first): bf16, as many queries as
-// keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0; a CPU with AMX-BF16
-// and AVX512-BF16 (kha.cpu_kernels.cpu_supports, before the extension is built).
+// keys, a multiple of 64 of them, head_dim a multiple of 16, n_heads % n_kv_heads == 0; a CPU with AVX512-BF16
+// (kha.cpu_kernels.cpu_supports, before the extension is built).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>

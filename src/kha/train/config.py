@@ -81,7 +81,7 @@ class TrainConfig:
     """auto (CUDA when present), cpu or cuda."""
     precision: str = "auto"
     """auto, fp32 or bf16 (autocast over fp32 master weights). auto: bf16 on CUDA, and on CPUs with native
-    bf16 matmul where kha's AMX attention kernels cover the model or it is wide enough to gain from bf16,
+    bf16 matmul where kha's attention kernels cover the model or it is wide enough to gain from bf16,
     else fp32 (see kha.train.precision)."""
     compile: bool = False
     """torch.compile the model (each block, plus the LM head and loss) for faster steps."""

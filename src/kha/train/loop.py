@@ -339,7 +339,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
 
 def planned_precision(cfg: TrainConfig, device: torch.device, asked: str | None = None) -> tuple[str, str, bool]:
     """``(precision, why, amx_attention)``: what ``asked`` (default ``cfg.precision``) resolves to for ``cfg``'s
-    model on ``device``, and whether kha's AMX attention kernel covers it there."""
+    model on ``device``, and whether kha's attention kernel covers it there."""
     return plan_precision(asked or cfg.precision, base_model_config(cfg), cfg.batch_size, cfg.seq_len, device)
 
 

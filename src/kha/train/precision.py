@@ -6,7 +6,7 @@ AdamW's state stay fp32; the loss, norms, RoPE and MoE routing are computed in f
 ``auto`` picks what ``benchmarks/precision.py`` measured to be faster (results in docs/benchmarks.md):
 - CUDA with bf16 support: bf16.
 - A CPU with native bf16 matmul (``amx_bf16`` or ``avx512_bf16`` on x86, ``bf16`` on Arm): bf16 where
-  ``kha.cpu_kernels``'s AMX kernel covers the model's attention (bf16 then measured faster at every width,
+  ``kha.cpu_kernels``'s kernel covers the model's attention (bf16 then measured faster at every width,
   the tiny presets included), else once the model is wide enough for matmuls to dominate
   (``d_model >= AUTO_BF16_MIN_D_MODEL``); below that width, with torch's CPU attention, bf16 was slower.
 - Anything else: fp32 (bf16 without hardware support is emulated and slow).
@@ -72,7 +72,7 @@ def resolve_precision(precision: str, device: torch.device, d_model: int,
 def plan_precision(precision: str, model_cfg, batch: int, seq: int, device: torch.device) -> tuple[str, str, bool]:
     """``(fp32 | bf16, reason, amx_attention)`` for a run of ``model_cfg`` (a ``kha.config.ModelConfig``) at
     ``batch`` x ``seq`` asking for ``precision``: :func:`resolve_precision` told whether ``kha.cpu_kernels``'s
-    AMX attention covers the model there (asked for auto or bf16 on a CPU), and that answer."""
+    attention kernel covers the model there (asked for auto or bf16 on a CPU), and that answer."""
     from kha import cpu_kernels
 
     covered = (device.type == "cpu" and precision in ("auto", "bf16")

@@ -66,7 +66,7 @@ def cpu_supports() -> bool:
 
 def _switch() -> str:
     """``KHA_CPU_KERNELS``: ``1`` (default) the kernels where they apply, ``0`` never, ``avx512`` their products on
-    AVX512-BF16 even where the CPU has AMX (to compare the two, or to match a run made without AMX)."""
+    AVX512-BF16 even where the CPU has AMX (to compare the two micro-kernels on one machine)."""
     value = os.environ.get(ENV_SWITCH, "1")
     if value not in SWITCH_VALUES:
         warnings.warn(f"kha: {ENV_SWITCH}={value!r} is not one of {', '.join(SWITCH_VALUES)}; using 1 (the kernels "

@@ -82,9 +82,9 @@ def micro_kernel() -> str | None:
     return _micro_kernel if prepare() else None
 
 
-def _choose_micro_kernel() -> str:
+def _choose_micro_kernel(switch: str) -> str:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    if not amx() or _switch() == "avx512":
+    if not amx() or switch == "avx512":
         return "avx512_bf16"
     if not _amx_permitted():
         warnings.warn("kha: the OS did not grant this process the AMX tiles (torch.cpu._init_amx() said no or is "
@@ -116,14 +116,14 @@ def recorded_micro_kernel(kernels: dict) -> str | None:
 
 def prepare() -> bool:
     """Build (or load the cached build of) the extension if this machine can run it; True when it is ready."""
-    global _state
+    global _state, _micro_kernel
     if _state is None:
         _state = False
-        if _switch() != "0" and cpu_supports():
+        switch = _switch()
+        if switch != "0" and cpu_supports():
             try:
                 _load_library()
-                global _micro_kernel
-                _micro_kernel = _choose_micro_kernel()
+                _micro_kernel = _choose_micro_kernel(switch)
                 torch.ops.kha_cpu.set_tiles(_micro_kernel == "amx")
                 if not _fakes_registered:
                     _register_fakes()

@@ -186,8 +186,8 @@ struct alignas(64) TileConfig {
 };
 
 // Which micro-kernel tile_gemm runs: the AMX tiles, or AVX512-BF16 dot products on CPUs without AMX (AMD Zen 4,
-// Intel before Sapphire Rapids), or where the OS does not grant the tiles. Set once by kha.cpu_kernels after
-// loading (set_tiles); the products are the same, summed in another order.
+// Intel Cooper Lake) or where the OS does not grant the tiles. Set by kha.cpu_kernels after loading (set_tiles;
+// the tests switch it between calls); the products are the same, summed in another order.
 bool tiles = false;
 
 // Once per thread before tile_gemm. torch's own micro-kernel wrapper (at::native::cpublas::brgemm) caches
@@ -263,7 +263,8 @@ inline void dot_block(int64_t k, const BFloat16* a, int64_t lda, const BFloat16*
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-// tile_gemm without the tiles
+// tile_gemm without the tiles: 64-column panels of B (k x 64 bf16, 8 KB at k = 64, kept in L1) against every
+// 4 rows of A in turn
 void dot_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
               float* c, int64_t ldc, bool accumulate) {
   for (int64_t j = 0; j < n; j += 64) {
@@ -282,8 +283,8 @@ void dot_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, c
   }
 }
 
-// C[m x n] (+)= A[m x k] B[k x n] on the tiles: m, n multiples of 16, k of 32; A row-major (lda), B in the
-// VNNI layout of pack_rows with rows of ldb values (ldb = 2 x B's width).
+// C[m x n] (+)= A[m x k] B[k x n] on the tiles (dot_gemm where they are off): m, n multiples of 16, k of 32;
+// A row-major (lda), B in the VNNI layout of pack_rows with rows of ldb values (ldb = 2 x B's width).
 void tile_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
                float* c, int64_t ldc, bool accumulate) {
   if (!tiles) return dot_gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);

@@ -85,7 +85,11 @@ def fresh_prepare(ops, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_micro_kernel", before)  # restored with _state
     monkeypatch.setattr(cpu_kernels, "_state", None)
     monkeypatch.setattr(cpu_kernels, "cpu_supports", lambda: True)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # the attention below has 4 (batch, KV head) pairs, its unit of work
     yield
+    torch.set_num_threads(threads)
     ops.set_tiles(before == "amx")
 
 

@@ -27,9 +27,10 @@ MICRO_KERNELS = ["avx512_bf16", "amx"] if cpu_kernels.micro_kernel() == "amx" el
 
 
 @pytest.fixture(autouse=True, params=MICRO_KERNELS)
-def micro_kernel(request):
+def micro_kernel(request, monkeypatch):
     """The kernels' products on this micro-kernel for the test, then on the one this process chose again."""
     chosen = cpu_kernels.micro_kernel()
+    monkeypatch.setattr(cpu_kernels, "_micro_kernel", request.param)
     torch.ops.kha_cpu.set_tiles(request.param == "amx")
     yield request.param
     torch.ops.kha_cpu.set_tiles(chosen == "amx")

@@ -277,9 +277,9 @@ def test_cli_train_with_doc_mask_records_it_and_evaluates_with_it(short_docs, tm
     assert "doc_mask=True" in err and "--doc-mask" in err
 
 
-# ------------------------------------------------------------------------------ kha's AMX attention kernel
+# ------------------------------------------------------------------------------ kha's attention kernel
 
-amx = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AMX-BF16 CPU or no C++ compiler")
+amx = pytest.mark.skipif(not cpu_kernels.prepare(), reason="no AVX512-BF16 CPU or no C++ compiler")
 
 # batch, heads, KV heads, length, head_dim; per row the first tokens of its documents after the first (what
 # follows each EOS). Cases: a one-token document (5) and a boundary on a block edge (64); query block 2 whose

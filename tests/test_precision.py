@@ -249,6 +249,17 @@ def test_kernels_label_names_the_micro_kernel():
         "torch's SDPA and kha's elementwise kernels on AVX512-BF16")
 
 
+def test_recorded_micro_kernel_of_old_and_odd_records():
+    """What a resume compares against: None without kernels, the recorded micro-kernel, and AMX for records made
+    before the key existed or holding something else (a hand-edited or foreign file: no crash, no new label)."""
+    from kha.cpu_kernels import recorded_micro_kernel
+
+    assert recorded_micro_kernel({"amx_attention": False, "cpu_kernels": False, "cpu_micro_kernel": "amx"}) is None
+    assert recorded_micro_kernel({"cpu_kernels": True, "cpu_micro_kernel": "avx512_bf16"}) == "avx512_bf16"
+    for odd in ({}, {"cpu_micro_kernel": None}, {"cpu_micro_kernel": "AMX"}, {"cpu_micro_kernel": [1]}):
+        assert recorded_micro_kernel({"amx_attention": True, **odd}) == "amx"
+
+
 def test_resumed_auto_run_keeps_its_precision(data_dir, tmp_path, monkeypatch, capsys):
     """An ``auto`` run resumed elsewhere (here: a rule that would now pick fp32) continues in its precision."""
     import kha.train.loop as loop

@@ -107,11 +107,13 @@ def kernels_label(kernels: dict) -> str:
 
 
 def recorded_micro_kernel(kernels: dict) -> str | None:
-    """``cpu_micro_kernel`` as a run's ``train_config.json`` records it: ``"amx"`` for a run recorded before the
-    key existed that used the kernels (they ran on AMX only then), None for one that did not."""
-    if "cpu_micro_kernel" in kernels:
-        return kernels["cpu_micro_kernel"]
-    return "amx" if kernels.get("amx_attention") or kernels.get("cpu_kernels") else None
+    """``cpu_micro_kernel`` as a run's ``train_config.json`` records it: None for a run that did not use the kernels;
+    ``"amx"`` for one recorded before the key existed (the kernels ran on AMX only then) or with a value that is
+    neither ``"amx"`` nor ``"avx512_bf16"``."""
+    if not (kernels.get("amx_attention") or kernels.get("cpu_kernels")):
+        return None
+    recorded = kernels.get("cpu_micro_kernel")
+    return recorded if recorded in ("amx", "avx512_bf16") else "amx"
 
 
 def prepare() -> bool:

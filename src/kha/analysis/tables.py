@@ -829,7 +829,8 @@ def grid_report(root: Path, level: float = 0.95, seeds: int | None = None) -> st
         lines += ["### By setting: device, precision and kernels", "",
                   "These runs trained on more than one setting (device, precision, and on a CPU in bf16 which "
                   "kernels: `train_config.json`'s `trained_on`, `resolved_precision`, `amx_attention`, "
-                  "`cpu_kernels`). Each setting computes the same function with its own rounding. Per setting: each "
+                  "`cpu_kernels`, `cpu_micro_kernel`). Each setting computes the same function with its own "
+                  "rounding. Per setting: each "
                   "baseline's loss and each arm's paired ΔL over the pairs trained wholly on it (n: runs or pairs); "
                   "last: each later setting minus the first, where a variant has runs in both, difference of means "
                   f"with Welch's {pct} interval (`*`: it excludes 0). A difference in "

@@ -32,6 +32,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -187,8 +188,9 @@ struct alignas(64) TileConfig {
 
 // Which micro-kernel tile_gemm runs: the AMX tiles, or AVX512-BF16 dot products on CPUs without AMX (AMD Zen 4,
 // Intel Cooper Lake) or where the OS does not grant the tiles. Set by kha.cpu_kernels after loading (set_tiles;
-// the tests switch it between calls); the products are the same, summed in another order.
-bool tiles = false;
+// the tests switch it between calls), never while a kernel runs: configure_tiles, tile_gemm and release_tiles
+// each read it. The products are the same, summed in another order.
+std::atomic<bool> tiles{false};
 
 // Once per thread before tile_gemm. torch's own micro-kernel wrapper (at::native::cpublas::brgemm) caches
 // which tile configuration is loaded, so release_tiles also tells it that its configuration is gone.
@@ -263,10 +265,11 @@ inline void dot_block(int64_t k, const BFloat16* a, int64_t lda, const BFloat16*
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-// tile_gemm without the tiles: 64-column panels of B (k x 64 bf16, 8 KB at k = 64, kept in L1) against every
-// 4 rows of A in turn
+// tile_gemm without the tiles: 64-column panels of B (k x 64 bf16: 8 KB at k = 64, in L1; the attention
+// backward's longer k streams from L2) against every 4 rows of A in turn
 void dot_gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b, int64_t ldb,
               float* c, int64_t ldc, bool accumulate) {
+  TORCH_CHECK(m % 4 == 0 && n % 16 == 0 && k % 2 == 0, "dot_gemm: m ", m, " n ", n, " k ", k);
   for (int64_t j = 0; j < n; j += 64) {
     const BFloat16* bj = b + 2 * j;
     const int64_t vectors = std::min<int64_t>(4, (n - j) / 16);
@@ -953,7 +956,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
 // G = W_gate / 2 and N = W_down - I, each present or not (KHA-Linear: U = T - I alone; the gate knock: G alone;
 // KHA-MLP: all three),
 //   [c_u | c_g] = y [U | G],  u = y + c_u,  t = tanh(c_g),  h = u + u t,  out = h + bf16(h) N,
-// the products on the AMX tiles (bf16 operands, fp32 sums), u, t and h in fp32, the output rounded once.
+// the products through tile_gemm (bf16 operands, fp32 sums), u, t and h in fp32, the output rounded once.
 // Backward from dout, the forward recomputed per block of 64 rows:
 //   dN += bf16(h)^T dout,  dh = dout + dout N^T,  du = dh (1 + t),  dc_g = dh u (1 - t^2),
 //   dy = du + [du | dc_g] [U | G]^T,  d[U | G] += y^T [du | dc_g]   (and dW_gate = dG / 2).
@@ -1221,7 +1224,7 @@ std::tuple<at::Tensor, at::Tensor> knock_backward(const at::Tensor& grad_out_in,
 // Training folds T into the head projection (eq. 8): with the projection's fp32 weight W (heads x D rows of d_in
 // values; head i's rows W_i) and Delta = (T - I)^T, the bf16 weight F.linear reads under autocast is
 //   W'_i = bf16(W_i + Delta bf16(W_i)),
-// made in one pass over W (the pass autocast's cast to bf16 would make anyway), the product on the AMX tiles.
+// made in one pass over W (the pass autocast's cast to bf16 would make anyway), the product through tile_gemm.
 // Backward from dW' (bf16, what F.linear's backward gives under autocast):
 //   dW_i = dW'_i + Delta^T dW'_i (fp32, the master weight's gradient),  dT = sum_i bf16(W_i) dW'_i^T,
 // a head per unit of parallel work, its rows read in order (packed, converted), then its products in blocks

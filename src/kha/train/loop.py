@@ -359,7 +359,7 @@ def _trained_on(started: dict | None, runtime: Runtime, first_step: int, steps: 
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "kha": code_version()}]
 
 
-def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict[str, bool]]:
+def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tuple[str, str, dict]:
     """The run's precision, why, and which of ``kha.cpu_kernels``'s kernels it trains on (``amx_attention``:
     its attention, on AMX or AVX512-BF16 alike; ``cpu_kernels``: the fused QK-norm + RoPE, SwiGLU gate, loss and
     knocks; ``cpu_micro_kernel``: what their products run on, ``kha.cpu_kernels.micro_kernel``). A resumed ``auto`` run
@@ -376,7 +376,8 @@ def _precision(cfg: TrainConfig, runtime: Runtime, started: dict | None) -> tupl
     if before != kernels and runtime.is_main:
         print(f"warning: this run trained on {cpu_kernels.kernels_label(before)} and resumes on "
               f"{cpu_kernels.kernels_label(kernels)}: the same run, but no longer bit for bit the uninterrupted one "
-              f"({cpu_kernels.ENV_SWITCH}=0 selects torch's ops)", flush=True)
+              f"({cpu_kernels.ENV_SWITCH}=0 selects torch's ops, {cpu_kernels.ENV_SWITCH}=avx512 the kernels "
+              "without the AMX tiles)", flush=True)
     return precision, why, kernels
 
 

@@ -11,7 +11,9 @@ picks on this machine for the shape.
 
 Shapes (batch x seq): ``tiny`` (d 128, 32/4 heads of 16; 16 x 128, as ``make demo``), ``tiny-cfg`` (the same
 model at ``configs/tiny.toml``'s 8 x 128), ``study`` (d 256, 16/4 heads of 32; 16 x 256), ``small`` (the 32.5M
-model of the other benchmarks, d 512, 32/4 heads of 64; 2 x 512). ``--quick``: tiny only, few repeats.
+model of the other benchmarks, d 512, 32/4 heads of 64; 2 x 512); on request ``tiny-moe`` (16 x 128: compiled
+against eager in one process, interleaved, where ``moe_compile.py`` runs two ``kha train`` processes in turn).
+``--quick``: tiny only, few repeats.
 
     .venv/bin/python benchmarks/precision.py [--shapes tiny,study,small --no-compile --json PATH]
 """
@@ -24,7 +26,7 @@ from kha.config import get_preset
 from kha.model import DecoderLM
 
 SHAPES = {"tiny": ("tiny", 16, 128), "tiny-cfg": ("tiny", 8, 128), "study": ("study", 16, 256),
-          "small": ("small", 2, 512)}
+          "small": ("small", 2, 512), "tiny-moe": ("tiny-moe", 16, 128)}  # tiny-moe: not in the default list
 
 
 def model_config(name: str):

@@ -1,13 +1,14 @@
 """``kha train --compile`` on an MoE preset against the same run eager: how often it recompiles while the routing
 changes, and its step time.
 
-Runs ``kha train --config PRESET`` twice as subprocesses (compiled with ``TORCH_LOGS=recompiles``, then eager; the
+Runs ``kha train --config PRESET`` twice as subprocesses (compiled with ``TORCH_LOGS=recompiles``, and eager; the
 same seed, data, precision and steps), counts the recompilations logged, and compares the median step time of
-the steps after the first ``--skip`` (compilation and warm-up). On a shared machine the two runs see different
-loads: read the ratio as rough, and rerun on a quiet machine.
+the steps after the first ``--skip`` of each process (compilation and warm-up). One after the other (the
+default) the two runs see the machine at different times; ``--slices N`` runs them in turns, N slices each
+(``kha train --stop-after``, then ``--resume``: the same runs bit for bit), so that drift hits both alike.
 
     .venv/bin/python benchmarks/moe_compile.py --data DIR [--preset tiny-moe --steps 100 --precision bf16
-                                                         --device cpu --json PATH]
+                                                         --device cpu --slices 4 --skip 5 --json PATH]
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(args, out: Path, compile: bool) -> dict:
+def call(args, out: Path, compile: bool, stop_after: int, resume: bool) -> tuple[str, float]:
+    """One ``kha train`` process of the run in ``out`` (up to ``stop_after``, 0: to the end): its stderr and wall
+    time."""
     cmd = [sys.executable, "-m", "kha.cli", "train", "--config", args.preset, "--data", args.data, "--out", str(out),
            "--steps", str(args.steps), "--precision", args.precision, "--device", args.device,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", str(args.steps),
-           "--eval-batches", "1", "--ckpt-every", str(args.steps), "--no-progress", *(["--compile"] if compile else [])]
+           "--eval-batches", "1", "--ckpt-every", str(args.steps), "--stop-after", str(stop_after), "--no-progress",
+           *(["--compile"] if compile else []), *(["--resume"] if resume else [])]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if compile:
         env["TORCH_LOGS"] = "recompiles"
@@ -40,11 +44,22 @@ def run(args, out: Path, compile: bool) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stderr, time.perf_counter() - start
+
+
+def summary(args, out: Path, compile: bool, stderrs: list[str], wall_s: float, starts: list[int]) -> dict:
+    """The run's recompilations, first step, and median step time over its steps but the first ``args.skip`` of
+    each process (``starts``: the step each began after)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    step_s = [args.batch_size * args.seq_len / r["tokens_per_s"] for r in records[min(args.skip, len(records) - 1):]]
-    recompiles = len(re.findall(r"Recompiling function", proc.stderr))
-    return {"compile": compile, "wall_s": time.perf_counter() - start, "median_step_s": statistics.median(step_s),
-            "first_step_s": args.batch_size * args.seq_len / records[0]["tokens_per_s"], "recompiles": recompiles,
+    warm = {start + i for start in starts for i in range(1, args.skip + 1)}
+    timed = {r["step"]: args.batch_size * args.seq_len / r["tokens_per_s"] for r in records if r["step"] not in warm}
+    ends = [*starts[1:], args.steps]
+    per_slice = [statistics.median([t for step, t in timed.items() if a < step <= b])
+                 for a, b in zip(starts, ends, strict=True)]
+    return {"compile": compile, "wall_s": wall_s, "median_step_s": statistics.median(timed.values()),
+            "steps_timed": len(timed), "slice_median_step_s": per_slice,
+            "first_step_s": args.batch_size * args.seq_len / records[0]["tokens_per_s"],
+            "recompiles": sum(len(re.findall(r"Recompiling function", e)) for e in stderrs),
             "final_loss": records[-1]["loss"]}
 
 
@@ -53,24 +68,45 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a prepared data folder (kha data prepare)")
     p.add_argument("--preset", default="tiny-moe")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--skip", type=int, default=10, help="steps left out of the median (compilation, warm-up)")
+    p.add_argument("--skip", type=int, default=10, help="steps of each process left out of the median (compilation, "
+                                                         "warm-up)")
+    p.add_argument("--slices", type=int, default=1, help="run the two in turns, this many slices each (kha train "
+                                                         "--stop-after, then --resume), so that both see the machine "
+                                                         "alike; 1: one after the other")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--json")
     args = p.parse_args()
+    if not 1 <= args.slices <= args.steps or args.skip < 0 or args.skip >= args.steps // args.slices:
+        p.error(f"--slices {args.slices} and --skip {args.skip} leave no step to time in a slice of {args.steps} "
+                "steps: need 1 <= slices <= steps and 0 <= skip < steps / slices")
     print(f"# kha train --config {args.preset} --compile vs eager\n\n- torch {torch.__version__}, {os.cpu_count()} "
           f"CPUs, load average {os.getloadavg()[0]:.2f}; {args.device}, {args.precision}, batch {args.batch_size} x "
-          f"seq {args.seq_len}, {args.steps} steps (median over steps {args.skip + 1}-{args.steps})\n", flush=True)
+          f"seq {args.seq_len}, {args.steps} steps in {args.slices} slice(s) each, run in turns (median over each "
+          f"process's steps after its first {args.skip})\n", flush=True)
+    ends = sorted({round(args.steps * (i + 1) / args.slices) for i in range(args.slices)})
+    starts = [0, *ends[:-1]]
+    stderrs, walls = {True: [], False: []}, {True: 0.0, False: 0.0}
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(args, Path(tmp) / name, name == "compiled") for name in ("compiled", "eager")]
-    compiled, eager = results
+        outs = {compile: Path(tmp) / ("compiled" if compile else "eager") for compile in (True, False)}
+        for i, end in enumerate(ends):  # the two runs in turns, a slice each
+            for compile in (True, False):
+                stderr, wall = call(args, outs[compile], compile, end if end < args.steps else 0, resume=i > 0)
+                stderrs[compile].append(stderr)
+                walls[compile] += wall
+        results = [summary(args, outs[c], c, stderrs[c], walls[c], starts) for c in (True, False)]
     print("| run | recompiles | first step s | median step ms | wall s | final loss |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {'compiled' if r['compile'] else 'eager'} | {r['recompiles'] if r['compile'] else '-'} | "
               f"{r['first_step_s']:.1f} | {1e3 * r['median_step_s']:.1f} | {r['wall_s']:.0f} | {r['final_loss']:.4f} |")
+    compiled, eager = results
     print(f"\ncompiled step / eager step: {compiled['median_step_s'] / eager['median_step_s']:.2f}")
+    if args.slices > 1:
+        ratios = [c / e for c, e in zip(compiled["slice_median_step_s"], eager["slice_median_step_s"],
+                                                      strict=True)]
+        print(f"per slice (the two run in turns): {', '.join(f'{r:.2f}' for r in ratios)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

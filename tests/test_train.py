@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import kha
 from kha.data.loader import read_manifest
+from kha.errors import UserError
 from kha.model import DecoderLM
 from kha.runfiles import code_version
 from kha.train import train
@@ -126,6 +127,33 @@ def test_partial_checkpoint_is_ignored_on_resume(data_dir, tmp_path):
     record = train(small_run(data_dir, tmp_path / "r", steps=6, resume=True))
     assert record["step"] == 6 and not broken.exists()
     assert [p.name for p in sorted(ckpts.glob("step_*"))] == ["step_0000003", "step_0000006"]
+
+
+def test_a_run_in_slices_equals_the_straight_run(data_dir, tmp_path, capsys):
+    """``stop_after`` ends a call at that step with a checkpoint (no final weights, a normal return); resumed slice
+    by slice the run equals the straight one bit for bit (the schedule stays that of ``steps``)."""
+    train(small_run(data_dir, tmp_path / "straight", steps=6))
+    sliced = tmp_path / "sliced"
+    record = train(small_run(data_dir, sliced, steps=6, stop_after=2))
+    assert record["step"] == 2 and "stopped after step 2 of 6 as --stop-after asked" in capsys.readouterr().out
+    assert not (sliced / "model.safetensors").exists()
+    assert [p.name for p in sorted((sliced / "checkpoints").glob("step_*"))] == ["step_0000002"]
+    assert train(small_run(data_dir, sliced, steps=6, stop_after=5, resume=True))["step"] == 5
+    with pytest.raises(UserError, match="--stop-after 4 is not after the checkpoint's step 5"):
+        train(small_run(data_dir, sliced, steps=6, stop_after=4, resume=True))
+    assert train(small_run(data_dir, sliced, steps=6, resume=True))["step"] == 6
+    straight, resumed = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(sliced / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key
+    assert torch.equal(load_file(sliced / "model.safetensors")["embed.weight"],
+                       load_file(tmp_path / "straight" / "model.safetensors")["embed.weight"])
+
+
+@pytest.mark.parametrize("stop_after", [-1, 7])
+def test_stop_after_outside_the_run_is_refused(data_dir, tmp_path, stop_after):
+    with pytest.raises(ValueError, match=f"stop_after must be between 0 .* and steps \\(6\\), got {stop_after}"):
+        small_run(data_dir, tmp_path / "r", steps=6, stop_after=stop_after)
 
 
 def test_train_config_records_where_each_stretch_of_a_run_trained(data_dir, tmp_path):

@@ -93,6 +93,10 @@ class TrainConfig:
     eval_batches: int = 20
     ckpt_every: int = 100
     keep_checkpoints: int = 2
+    stop_after: int = 0
+    """Train in this call only up to this step (0: to ``steps``), then save a checkpoint and end normally; the
+    schedule stays that of ``steps``, and ``--resume`` (with a later ``stop_after``, or none) continues the same
+    run bit for bit: a run in slices, for a scheduler's time limit or to interleave two runs on one machine."""
     resume: bool = False
     """Continue from the newest intact checkpoint in ``out``."""
     overwrite: bool = False
@@ -116,6 +120,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.seed <= MAX_SEED:  # numpy refuses negative seeds; the seed must fit a signed 64-bit integer
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {self.seed!r}")
+        if not 0 <= self.stop_after <= self.steps:
+            raise ValueError(f"stop_after must be between 0 (train to steps) and steps ({self.steps}), got "
+                             f"{self.stop_after}")
         if self.steps > MAX_STEPS:
             raise ValueError(f"steps must be at most {MAX_STEPS:,} (10**9), got {self.steps:,}: warmup alone would "
                              f"take {max(1, round(self.warmup_frac * self.steps)):,} steps, so the learning rate would "
@@ -214,11 +221,16 @@ def check_types(values: dict) -> None:
             raise UserError(f"{key} = {value!r} is not {_type_name(hints[key])}")
 
 
-def check_resume_steps(target_steps: int, checkpoint_step: int) -> None:
-    """Resuming with ``steps`` below the checkpoint's step would train nothing and look like success: refuse it."""
+def check_resume_steps(target_steps: int, checkpoint_step: int, stop_after: int = 0) -> None:
+    """Resuming with ``steps`` (or ``stop_after``) below the checkpoint's step would train nothing and look like
+    success: refuse it."""
     if target_steps < checkpoint_step:
         raise UserError(f"--steps {target_steps} is below the checkpoint's step {checkpoint_step}: nothing would be "
                         f"trained; pass --steps above {checkpoint_step} to continue, or another --out to start anew")
+    if 0 < stop_after <= checkpoint_step < target_steps:
+        raise UserError(f"--stop-after {stop_after} is not after the checkpoint's step {checkpoint_step}: nothing "
+                        f"would be trained; pass --stop-after above {checkpoint_step}, or 0 to train to --steps "
+                        f"{target_steps}")
 
 
 # Fields a run keeps for its whole life: resuming onto another value would change what it learns mid-run (the

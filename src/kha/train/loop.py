@@ -149,7 +149,7 @@ def _claim_run_main(cfg: TrainConfig, lock: RunLock) -> int:
     ckpt = latest_checkpoint(ckpt_root, verify=True, log=lambda msg: print(msg, flush=True))
     if ckpt is not None:
         step = int(ckpt.name.removeprefix("step_"))
-        check_resume_steps(cfg.steps, step)  # before train_config.json is rewritten with the new steps
+        check_resume_steps(cfg.steps, step, cfg.stop_after)  # before train_config.json is rewritten with the new steps
         started = started_config(out)
         if started is not None:
             check_resume_fixed(started, cfg)
@@ -262,6 +262,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     bar = _progress(cfg, runtime, start_step)
     record: dict = {}
     stopped_at = None  # (step, checkpoint) when a stop signal ended the run early
+    sliced_at = None  # (step, checkpoint) when stop_after ended this call
     model.train()
     try:
         if stop.agreed(runtime.device):  # signalled while starting: nothing new to save
@@ -312,11 +313,15 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     spikes=len(spikes.spikes), refresh=False)
                     bar.update(1)
-            if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
+            slice_end = done == cfg.stop_after < cfg.steps
+            if stopping or slice_end or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 meta = {"data": train_data.state_dict(), "callbacks": {"spikes": spikes.state_dict()}}
                 saved = save_checkpoint(ckpt_root, done, model, optimizer, meta, runtime, cfg.keep_checkpoints)
                 if stopping and done < cfg.steps:
                     stopped_at = (done, saved)
+                    break
+                if slice_end:
+                    sliced_at = (done, saved)
                     break
     finally:
         if bar is not None:
@@ -326,6 +331,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
 
     if stopped_at is not None:
         raise stop.error(f"after step {stopped_at[0]} of {cfg.steps}; saved {stopped_at[1]}; continue with --resume")
+    if sliced_at is not None:
+        if runtime.is_main:
+            print(f"stopped after step {sliced_at[0]} of {cfg.steps} as --stop-after asked; saved {sliced_at[1]}; "
+                  "continue with --resume", flush=True)
+        return {**record, "params": n_params, "spikes": len(spikes.spikes)}
     save_final_weights(model, model_cfg, out, runtime)
     if runtime.is_main and record:
         summary = f"step {record['step']}: loss {record['loss']:.4f}"

@@ -1,5 +1,6 @@
 """``benchmarks/common.py``: the median ratio's confidence interval, and the step profile (``gpu_mfu.py
---profile-steps``): interval union, kernel families, and the operator count of a profiled CPU case."""
+--profile-steps``): interval union, kernel families, and the operator count of a profiled CPU case; and
+``moe_compile.py``'s timing of a run in slices."""
 
 import importlib.util
 import json
@@ -118,3 +119,24 @@ def test_profile_case_counts_the_operators_of_a_cpu_step():
     table = common.profile_table({"baseline": prof, "twice": {**prof, "kernels": 2 * prof["kernels"]}},
                                  {"twice": "twice"}, "baseline")
     assert f"| twice | {prof['wall_ms']:.2f} (+0.00) | {2 * prof['kernels']:.0f} (+{prof['kernels']:.0f}) |" in table
+
+
+def test_moe_compile_times_each_slice_after_its_warm_up(tmp_path):
+    """``moe_compile.py --slices``: each process's first ``--skip`` steps (compilation) are left out, the median is
+    taken over the rest, and per slice, so the two runs' slices can be paired."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe_compile", Path(__file__).resolve().parent.parent / "benchmarks" / "moe_compile.py")
+    moe_compile = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(spec.origin).parent))
+    try:
+        spec.loader.exec_module(moe_compile)
+    finally:
+        sys.path.pop(0)
+    args = type("Args", (), {"batch_size": 2, "seq_len": 5, "skip": 1, "steps": 8})()
+    seconds = {1: 9.0, 2: 1.0, 3: 2.0, 4: 3.0, 5: 7.0, 6: 4.0, 7: 6.0, 8: 5.0}  # steps 1 and 5 compile
+    lines = [json.dumps({"step": s, "loss": 1.0, "tokens_per_s": 10 / t}) for s, t in seconds.items()]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = moe_compile.summary(args, tmp_path, True, ["Recompiling function f", ""], 12.0, [0, 4])
+    assert result["steps_timed"] == 6 and result["median_step_s"] == 3.5
+    assert result["slice_median_step_s"] == [2.0, 5.0] and result["first_step_s"] == 9.0
+    assert result["recompiles"] == 1

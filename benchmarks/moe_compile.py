@@ -104,8 +104,8 @@ def main() -> None:
     compiled, eager = results
     print(f"\ncompiled step / eager step: {compiled['median_step_s'] / eager['median_step_s']:.2f}")
     if args.slices > 1:
-        ratios = [c / e for c, e in zip(compiled["slice_median_step_s"], eager["slice_median_step_s"],
-                                                      strict=True)]
+        pairs = zip(compiled["slice_median_step_s"], eager["slice_median_step_s"], strict=True)
+        ratios = [c / e for c, e in pairs]
         print(f"per slice (the two run in turns): {', '.join(f'{r:.2f}' for r in ratios)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -24,9 +24,9 @@ Forms (``AttentionConfig.knock_form``; the same function, different rounding):
   ``h = 2 u sigmoid(y W_gate) = u + u tanh(y W_gate / 2)``, ``y (W_up - I)`` and ``y W_gate / 2`` coming from
   one product of ``y`` with both matrices side by side, the other sums inside one ``addmm`` or ``addcmul``:
   a gate near 1 kept as its deviation from 1 (bf16 would round ``sigmoid`` near 0.5 to a multiple of 2^-9);
-  the gate knock likewise. In bf16 training on a CPU with AVX512-BF16 both paths run on :mod:`kha.cpu_kernels` (one pass
-  each way; the fold in the pass over the weight that autocast's cast would make), the same function rounded
-  once more finely (u, h and the gate in fp32).
+  the gate knock likewise. In bf16 training on a CPU with AVX512-BF16 both paths run on :mod:`kha.cpu_kernels`
+  (one pass each way; the fold in the pass over the weight that autocast's cast would make), the same function
+  rounded once more finely (u, h and the gate in fp32).
 
 Parameters are plain ``nn.Parameter`` matrices used as ``x @ W`` (input dim first), never ``nn.Linear``,
 so generic ``nn.Linear`` re-initialisers leave them alone. Their initialisation draws no random numbers,

@@ -2,7 +2,9 @@
 of running the experts (``kha.model.EXPERT_FORMS``): ``auto`` (what ``kha train`` runs), ``torch._grouped_mm``
 over 16-byte-aligned groups, the padded batched matmul over blocks of one expert each (both with device-side
 offsets: no host sync, shapes independent of the routing), and the per-expert Python loop (the reference the
-tests compare against; it reads the counts on the host). With ``--compile`` (``kha train --compile``) the loop
+tests compare against; it reads the counts on the host). On CPU the padded form runs a second time with its row
+gathers as indexing (``x[index]``, whose backward is ``index_put_`` with accumulation: the form before
+``kha.model.gather_rows``). With ``--compile`` (``kha train --compile``) the loop
 is left out (its graph breaks and recompiles as the routing changes), and so is ``_grouped_mm`` outside bf16
 (torch's shape function for it accepts bf16 only).
 
@@ -47,6 +49,24 @@ def with_form(form: str):
     return prepare
 
 
+def _indexing(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x[index]
+
+
+def with_indexing(step):
+    """``step`` with ``kha.model.gather_rows`` as indexing, for each call (a compiled model keeps one graph for
+    each, chosen by dynamo's guard on the global)."""
+
+    def run():
+        kept, kha.model.gather_rows = kha.model.gather_rows, _indexing
+        try:
+            step()
+        finally:
+            kha.model.gather_rows = kept
+
+    return run
+
+
 def forms(precision: str, compile: bool, device) -> list[str]:
     """The expert forms that run (and compile) here in ``precision``."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -84,6 +104,9 @@ def main() -> None:
             cases += [common.Case(f"MoE, {form}", common.kha_train_step(moe, batch, seq, precision, env.compile,
                                                                          env.device, prepare=with_form(form)))
                       for form in forms(precision, env.compile, env.device)]
+            if env.device.type == "cpu":
+                cases.append(common.Case("MoE, padded, indexing", with_indexing(common.kha_train_step(
+                    moe, batch, seq, precision, env.compile, env.device, prepare=with_form("padded")))))
             stats = common.summarize(common.measure(cases, env, f"{name} {precision}"), "dense")
             for case in cases:
                 s = stats[case.name]

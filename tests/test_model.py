@@ -43,23 +43,48 @@ def test_moe_with_one_expert_top1_equals_gated_dense_ffn():
     torch.testing.assert_close(moe(x), score * dense(x), **EXACT)
 
 
-@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
-def test_moe_matches_per_token_loop(score):
+def moe_per_token_reference(moe: MoE, flat: torch.Tensor) -> torch.Tensor:
+    """The MoE layer token by token from its definition: top-k of the biased scores, gates from the unbiased
+    ones, the gated sum of the chosen experts' SwiGLUs."""
+    logits = flat @ moe.router.weight.t()
+    scores = torch.sigmoid(logits) if moe.cfg.score == "sigmoid" else torch.softmax(logits, -1)
+    rows = []
+    for n in range(flat.shape[0]):
+        chosen = torch.topk(scores[n] + moe.router.expert_bias, moe.cfg.top_k).indices
+        gates = scores[n, chosen] / scores[n, chosen].sum()
+        rows.append(sum(g * swiglu_reference(flat[n], moe.w_gate[e], moe.w_up[e], moe.w_down[e])
+                        for e, g in zip(chosen.tolist(), gates, strict=True)))
+    return torch.stack(rows)
+
+
+def random_moe(score: str) -> MoE:
     moe = MoE(32, MoEConfig(n_experts=6, top_k=3, d_expert=16, score=score))
     for p in (moe.w_gate, moe.w_up, moe.w_down, moe.router.weight):
         torch.nn.init.normal_(p, std=0.3)
     moe.router.expert_bias.copy_(torch.randn(6) * 0.1)
+    return moe
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_moe_matches_per_token_loop(score):
+    moe = random_moe(score)
     x = torch.randn(2, 7, 32)
-    flat = x.reshape(-1, 32)
-    logits = flat @ moe.router.weight.t()
-    scores = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)
-    expected = torch.zeros_like(flat)
-    for n in range(flat.shape[0]):
-        chosen = torch.topk(scores[n] + moe.router.expert_bias, 3).indices
-        gates = scores[n, chosen] / scores[n, chosen].sum()
-        for e, g in zip(chosen.tolist(), gates, strict=True):
-            expected[n] += g * swiglu_reference(flat[n], moe.w_gate[e], moe.w_up[e], moe.w_down[e])
-    torch.testing.assert_close(moe(x).reshape(-1, 32), expected, **FP32)
+    torch.testing.assert_close(moe(x).reshape(-1, 32), moe_per_token_reference(moe, x.reshape(-1, 32)), **FP32)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_moe_gradients_match_per_token_loop(score):
+    """Every token goes to top_k experts, so its rows are gathered several times and their gradients summed
+    (``kha.model.gather_rows``' backward): input, expert and router gradients against autograd through the
+    per-token loop (float32: the layer routes and sums in float32 at least)."""
+    moe = random_moe(score)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    probe = torch.randn(14, 32)
+    params = [x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight]
+    got = torch.autograd.grad((moe(x).reshape(-1, 32) * probe).sum(), params)
+    expected = torch.autograd.grad((moe_per_token_reference(moe, x.reshape(-1, 32)) * probe).sum(), params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, **FP32)
 
 
 def test_gates_come_from_unbiased_scores():

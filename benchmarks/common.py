@@ -14,7 +14,6 @@ modules in ``torch.compile`` (default options, recompile limit raised so that no
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import math
@@ -36,6 +35,7 @@ from kha import cpu_kernels
 from kha.attention import AttentionConfig
 from kha.config import ModelConfig
 from kha.runfiles import PACKAGE_DIR, code_version
+from kha.train.host_memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,20 +147,6 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def keep_freed_memory() -> bool:
-    """glibc only: freed memory stays in the process (no trimming of the heap's top; blocks up to glibc's
-    32 MiB cap come from the heap, not fresh mappings). Several models timed in one process otherwise pay
-    page faults for each other's freed memory: fp32 eager at the 32.5M shape took 2.26-2.41 s next to five
-    other training cases against 1.23 s alone (docs/benchmarks.md, section e)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # mallopt takes an int: 2 GiB - 1 is the largest trim threshold it can be given
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def setup(args: argparse.Namespace) -> Env:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for, but torch sees no CUDA device (torch "
@@ -202,7 +188,7 @@ def machine_info(env: Env, modules: tuple[str, ...] = ()) -> dict:
         "cuda": torch.version.cuda if env.cuda else None,
         "kha": code_version(PACKAGE_DIR, ROOT / "benchmarks"),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "allocator": "glibc, freed memory kept in the process" if env.freed_memory_kept else "default",
+        "allocator": "glibc, freed memory kept in the process (as kha train)" if env.freed_memory_kept else "default",
         "device": str(env.device),
         # what kha.cpu_kernels' products run on here ("amx", "avx512_bf16"), None where they do not load
         "cpu_micro_kernel": cpu_kernels.micro_kernel() if env.device.type == "cpu" else None,

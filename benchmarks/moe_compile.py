@@ -6,9 +6,12 @@ same seed, data, precision and steps), counts the recompilations logged, and com
 the steps after the first ``--skip`` of each process (compilation and warm-up). One after the other (the
 default) the two runs see the machine at different times; ``--slices N`` runs them in turns, N slices each
 (``kha train --stop-after``, then ``--resume``: the same runs bit for bit), so that drift hits both alike.
+``--returned-memory`` adds the two runs with ``--no-keep-freed-memory`` (the allocator's default: freed memory
+goes back to the system), in the same turns, and compares each mode with and without it.
 
     .venv/bin/python benchmarks/moe_compile.py --data DIR [--preset tiny-moe --steps 100 --precision bf16
-                                                         --device cpu --slices 4 --skip 5 --json PATH]
+                                                         --device cpu --slices 4 --skip 5 --returned-memory
+                                                         --json PATH]
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def call(args, out: Path, compile: bool, stop_after: int, resume: bool) -> tuple[str, float]:
-    """One ``kha train`` process of the run in ``out`` (up to ``stop_after``, 0: to the end): its stderr and wall
-    time."""
+def call(args, out: Path, compile: bool, keep: bool, stop_after: int, resume: bool) -> tuple[str, float]:
+    """One ``kha train`` process of the run in ``out`` (up to ``stop_after``, 0: to the end; ``keep``: freed
+    memory kept in the process, kha train's default): its stderr and wall time."""
     cmd = [sys.executable, "-m", "kha.cli", "train", "--config", args.preset, "--data", args.data, "--out", str(out),
            "--steps", str(args.steps), "--precision", args.precision, "--device", args.device,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", str(args.steps),
            "--eval-batches", "1", "--ckpt-every", str(args.steps), "--stop-after", str(stop_after), "--no-progress",
-           *(["--compile"] if compile else []), *(["--resume"] if resume else [])]
+           *(["--compile"] if compile else []), *([] if keep else ["--no-keep-freed-memory"]),
+           *(["--resume"] if resume else [])]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if compile:
         env["TORCH_LOGS"] = "recompiles"
@@ -63,6 +67,18 @@ def summary(args, out: Path, compile: bool, stderrs: list[str], wall_s: float, s
             "final_loss": records[-1]["loss"]}
 
 
+def label(compile: bool, keep: bool) -> str:
+    return ("compiled" if compile else "eager") + ("" if keep else ", memory returned")
+
+
+def compare(results: dict, run: tuple, baseline: tuple, what: str) -> None:
+    """Print the ratio of two runs' median steps, and per slice (the runs ran in turns)."""
+    a, b = results[run], results[baseline]
+    ratios = [x / y for x, y in zip(a["slice_median_step_s"], b["slice_median_step_s"], strict=True)]
+    print(f"{what}: {a['median_step_s'] / b['median_step_s']:.2f}"
+          + (f" (per slice: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a prepared data folder (kha data prepare)")
@@ -77,6 +93,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--returned-memory", action="store_true", help="also run both with --no-keep-freed-memory, in the "
+                                                                      "same turns")
     p.add_argument("--json")
     args = p.parse_args()
     if not 1 <= args.slices <= args.steps or args.skip < 0 or args.skip >= args.steps // args.slices:
@@ -88,25 +106,28 @@ def main() -> None:
           f"process's steps after its first {args.skip})\n", flush=True)
     ends = sorted({round(args.steps * (i + 1) / args.slices) for i in range(args.slices)})
     starts = [0, *ends[:-1]]
-    stderrs, walls = {True: [], False: []}, {True: 0.0, False: 0.0}
+    keeps = (True, False) if args.returned_memory else (True,)
+    runs = [(compile, keep) for keep in keeps for compile in (True, False)]  # (compile, keep_freed_memory)
+    stderrs, walls = {run: [] for run in runs}, dict.fromkeys(runs, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {compile: Path(tmp) / ("compiled" if compile else "eager") for compile in (True, False)}
-        for i, end in enumerate(ends):  # the two runs in turns, a slice each
-            for compile in (True, False):
-                stderr, wall = call(args, outs[compile], compile, end if end < args.steps else 0, resume=i > 0)
-                stderrs[compile].append(stderr)
-                walls[compile] += wall
-        results = [summary(args, outs[c], c, stderrs[c], walls[c], starts) for c in (True, False)]
+        outs = {run: Path(tmp) / label(*run) for run in runs}
+        for i, end in enumerate(ends):  # the runs in turns, a slice each
+            for run in runs:
+                stderr, wall = call(args, outs[run], *run, end if end < args.steps else 0, resume=i > 0)
+                stderrs[run].append(stderr)
+                walls[run] += wall
+        results = {run: {"run": label(*run), "keep_freed_memory": run[1],
+                         **summary(args, outs[run], run[0], stderrs[run], walls[run], starts)} for run in runs}
     print("| run | recompiles | first step s | median step ms | wall s | final loss |\n|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {'compiled' if r['compile'] else 'eager'} | {r['recompiles'] if r['compile'] else '-'} | "
-              f"{r['first_step_s']:.1f} | {1e3 * r['median_step_s']:.1f} | {r['wall_s']:.0f} | {r['final_loss']:.4f} |")
-    compiled, eager = results
-    print(f"\ncompiled step / eager step: {compiled['median_step_s'] / eager['median_step_s']:.2f}")
-    if args.slices > 1:
-        pairs = zip(compiled["slice_median_step_s"], eager["slice_median_step_s"], strict=True)
-        ratios = [c / e for c, e in pairs]
-        print(f"per slice (the two run in turns): {', '.join(f'{r:.2f}' for r in ratios)}")
+    for (compile, _), r in results.items():
+        print(f"| {r['run']} | {r['recompiles'] if compile else '-'} | {r['first_step_s']:.1f} | "
+              f"{1e3 * r['median_step_s']:.1f} | {r['wall_s']:.0f} | {r['final_loss']:.4f} |")
+    print()
+    compare(results, (True, True), (False, True), "compiled step / eager step")
+    if args.returned_memory:
+        for compile in (True, False):
+            compare(results, (compile, True), (compile, False), f"{label(compile, True)}: memory kept / returned")
+    results = list(results.values())
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

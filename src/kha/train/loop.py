@@ -38,6 +38,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, base_model_config, check_resume_fixed, check_resume_steps
 from .distributed import Runtime, mean_across_ranks, parallelize, setup_runtime, teardown_runtime
+from .host_memory import keep_freed_memory
 from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import autocast_context, plan_precision
 from .runlock import RunLock
@@ -212,8 +213,12 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     resume_step = _claim_run(cfg, runtime, lock)
     started = started_config(out) if cfg.resume else None
     precision, why, kernels = _precision(cfg, runtime, started)
+    kept = runtime.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if runtime.is_main:
         print(f"precision: {precision} ({why})", flush=True)
+        if kept:
+            print("host memory: freed memory kept in the process for the next step (--no-keep-freed-memory to "
+                  "give it back to the system)", flush=True)
         if kernels["cpu_kernels"]:
             print(f"CPU kernels: {cpu_kernels.kernels_label(kernels)} (kha.cpu_kernels; "
                   f"{cpu_kernels.ENV_SWITCH}=0 for torch's ops)", flush=True)

@@ -10,6 +10,7 @@ from kha.cli import main
 from kha.config import ModelConfig, MoEConfig
 from kha.model import (
     DecoderLM,
+    MoE,
     expert_counts,
     padded_layout,
     run_experts_grouped,
@@ -87,6 +88,25 @@ def test_fullgraph_compile_of_an_moe_model_equals_eager_under_bf16_autocast(knoc
     compiled_loss, compiled_grads = _loss_and_grads(torch.compile(model, fullgraph=True), ids)
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-2)
     assert (compiled_grads - eager_grads).norm() <= 5e-2 * eager_grads.norm()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_compiled_moe_layer_equals_eager_in_fp32(top_k):
+    """Compiled for a CPU, the MoE layer routes its rows by ``index_copy`` (no atomic adds), eagerly by gathers
+    and ``index_add_``: the same function, so in fp32 output and every gradient agree to rounding."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(n_experts=8, top_k=top_k, d_expert=16))
+    for p in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 40, 32, requires_grad=True)
+    probe = torch.randn(3, 40, 32)
+    params = [x, *moe.parameters()]
+    eager = torch.autograd.grad((moe(x) * probe).sum(), params)
+    compiled = torch.autograd.grad((torch.compile(moe, fullgraph=True)(x) * probe).sum(), params)
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, **FP32)
 
 
 @pytest.mark.slow

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kha.runfiles import code_version
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -100,7 +102,8 @@ def main() -> None:
     if not 1 <= args.slices <= args.steps or args.skip < 0 or args.skip >= args.steps // args.slices:
         p.error(f"--slices {args.slices} and --skip {args.skip} leave no step to time in a slice of {args.steps} "
                 "steps: need 1 <= slices <= steps and 0 <= skip < steps / slices")
-    print(f"# kha train --config {args.preset} --compile vs eager\n\n- torch {torch.__version__}, {os.cpu_count()} "
+    print(f"# kha train --config {args.preset} --compile vs eager\n\n- torch {torch.__version__}, kha "
+          f"{code_version()}, {os.cpu_count()} "
           f"CPUs, load average {os.getloadavg()[0]:.2f}; {args.device}, {args.precision}, batch {args.batch_size} x "
           f"seq {args.seq_len}, {args.steps} steps in {args.slices} slice(s) each, run in turns (median over each "
           f"process's steps after its first {args.skip})\n", flush=True)

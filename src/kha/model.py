@@ -130,10 +130,9 @@ def padded_layout(counts: torch.Tensor, n_rows: int, align: int) -> tuple[torch.
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` (rows of ``x``). On CPU as ``index_select``: its backward, ``index_add_``, ran a layer of
-    ``tiny-moe`` forward + backward in about 0.83x the time of indexing's (``index_put_`` with accumulation),
-    eager and compiled (docs/benchmarks.md, section k). Elsewhere by indexing, whose CUDA backward sums
-    repeated rows in a fixed order (``index_add_`` there adds atomically)."""
+    """``x[index]`` (rows of ``x``). On CPU as ``index_select``, whose backward is ``index_add_``: indexing's,
+    ``index_put_`` with accumulation, made an MoE training step about 1.06x (tiny-moe) to 1.24x (study shape)
+    slower in bf16 (benchmarks/moe.py; docs/benchmarks.md, section n). Elsewhere by indexing (not measured)."""
     return x.index_select(0, index) if x.device.type == "cpu" else x[index]
 
 
@@ -266,9 +265,10 @@ class MoE(nn.Module):
     def _compiled_cpu_dispatch(self, flat, chosen, gates, order, counts) -> torch.Tensor:
         """The same function with no sum over repeated indices, forward or backward: every token copied to its
         ``top_k`` slots, the slots permuted into expert order and back by ``index_copy`` (unique indices; its
-        backward is a gather), the ``top_k`` outputs summed per token. Compiled for a CPU, the gather/scatter form
-        above becomes atomic adds over every row; this ran a ``tiny-moe`` layer forward + backward in about 0.8x
-        its time compiled, but 1.07x eager, where ``index_add_`` is fast (docs/benchmarks.md, section n)."""
+        backward is a gather), the ``top_k`` outputs summed per token. Compiled for a CPU, the gathers and
+        ``index_add_`` of the eager form become atomic adds over every row; this form made the compiled
+        tiny-moe step faster than eager's (docs/benchmarks.md, section n). Eager, ``index_add_`` is fast and the
+        extra copies here are not, so eager keeps the other form."""
         rows = torch.arange(order.numel(), device=order.device)
         inverse = torch.empty_like(order).scatter_(0, order, rows)  # the sorted row of each slot
         slots = flat.repeat_interleave(self.cfg.top_k, dim=0)

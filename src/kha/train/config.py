@@ -91,8 +91,8 @@ class TrainConfig:
     atomic adds); eager CPU training is deterministic either way."""
     keep_freed_memory: bool = True
     """On a CPU (with glibc): keep memory the run frees in the process for its next step, rather than giving it
-    back to the system and faulting it in again page by page (a compiled tiny-moe step took about 0.8x the time,
-    docs/benchmarks.md section n). The process then holds the memory of its largest step until it ends."""
+    back to the system and faulting it in again page by page (steps took 0.78-0.90x the time, docs/benchmarks.md
+    section n). The process then holds the memory of its largest step until it ends."""
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 100

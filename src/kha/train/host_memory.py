@@ -4,10 +4,10 @@ glibc's ``malloc`` serves large blocks from fresh memory mappings (from 128 KiB,
 blocks are freed, to at most 32 MiB) and gives freed memory at the top of its heap back to the system. A
 training step allocates and frees the same large buffers every step (activations, their gradients, the
 logits), so every step the kernel maps those pages in again, one fault and one zeroed page at a time. Kept in
-the process (no mappings: ``M_MMAP_MAX`` 0; no trimming under 2 GiB: ``M_TRIM_THRESHOLD``), each step reuses the
-pages of the one before; a compiled ``tiny-moe`` step went from about 30,000 page faults to none
-(docs/benchmarks.md, section n). The price: the process keeps the memory of its largest step until it exits,
-as a caching allocator does (torch's CUDA allocator keeps GPU memory the same way).
+the process (no mappings: ``M_MMAP_MAX`` 0; no trimming under 2 GiB: ``M_TRIM_THRESHOLD``), each step reuses
+the pages of the one before (tests/test_host_memory.py counts the faults): ``kha train`` steps on a 2-core CPU
+took 0.78-0.90x the time (docs/benchmarks.md, section n). The price: the process keeps the memory of its
+largest step until it exits, as a caching allocator does (torch's CUDA allocator keeps GPU memory the same way).
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ mkdir -p "$out"
 source benchmarks/gpu_env.sh
 
 if [[ $dry == --dry-run ]]; then  # CPUs compile slower: limits and budget x KHA_SUITE_LIMIT_SCALE (default 4)
-    gpu=(--device cpu --quick); mfu=(--cpu-logic-check --profile-steps 1); check=(--device cpu); steps=3; train=(--device cpu --batch-size 2 --seq-len 32)
+    gpu=(--device cpu --quick); mfu=(--cpu-logic-check --profile-steps 1); check=(--device cpu); steps=3; skip=1; train=(--device cpu --batch-size 2 --seq-len 32)
     rounds=()
     scale=${KHA_SUITE_LIMIT_SCALE:-4}
 else
-    gpu=(--device cuda); mfu=(--repeats 20 --warmup 2 --profile-steps 3); check=(--device cuda); steps=100; train=(--device cuda --batch-size 32 --seq-len 256)
+    gpu=(--device cuda); mfu=(--repeats 20 --warmup 2 --profile-steps 3); check=(--device cuda); steps=100; skip=10; train=(--device cuda --batch-size 32 --seq-len 256)
     rounds=(--repeats 5)
     scale=${KHA_SUITE_LIMIT_SCALE:-1}
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run')" || exit 1
@@ -75,7 +75,7 @@ step gpu_check 95 "$py" benchmarks/gpu_check.py "${check[@]}" --json "$results/g
 step gpu_mfu 160 "$py" benchmarks/gpu_mfu.py "${mfu[@]}" --json "$results/gpu_mfu.json"
 step gpu_mfu_moe 130 "$py" benchmarks/gpu_mfu.py --moe "${mfu[@]}" --json "$results/gpu_mfu_moe.json"
 if [[ -f $data/manifest.json ]]; then
-    step moe_compile 120 "$py" benchmarks/moe_compile.py --data "$data" --steps "$steps" --precision bf16 \
+    step moe_compile 120 "$py" benchmarks/moe_compile.py --data "$data" --steps "$steps" --skip "$skip" --precision bf16 \
         "${train[@]}" --json "$results/moe_compile.json"
 else
     echo "moe_compile: skipped, no $data (kha data prepare --out data/shakespeare)" | tee -a "$out/suite.txt"

@@ -268,12 +268,12 @@ def auto_precision(cfg: ModelConfig, batch: int, seq: int, device: torch.device)
 
 def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compile: bool, device: torch.device, *,
                    ids: torch.Tensor | None = None, doc_mask: bool = False, doc_positions: str = "restart",
-                   prepare: Callable[[nn.Module], None] | None = None):
+                   prepare: Callable[[nn.Module], None] | None = None, compile_scope: str = "model"):
     """One optimizer step exactly as ``kha train`` runs it, on a fixed random batch (or ``ids``, ``(batch, seq +
     1)``): ``DecoderLM`` with the loss inside, the run's autocast, backward, gradient clipping,
     ``build_optimizer``'s AdamW; ``compile`` as ``kha train --compile`` (``kha.train.distributed.parallelize``);
     ``doc_mask``, ``doc_positions`` as in ``TrainConfig``, with token 0 as ``<|endoftext|>``; ``prepare(model)``
-    before compiling, if given."""
+    before compiling, if given; ``compile_scope`` as ``TrainConfig.compile_scope``."""
     from kha.model import DecoderLM
     from kha.train.config import TrainConfig
     from kha.train.distributed import Runtime, parallelize
@@ -287,7 +287,7 @@ def kha_train_step(cfg: ModelConfig, batch: int, seq: int, precision: str, compi
     model = DecoderLM(cfg).to(device)
     if prepare is not None:
         prepare(model)
-    model = parallelize(model, Runtime(0, 1, device), compile=compile)
+    model = parallelize(model, Runtime(0, 1, device), compile=compile, scope=compile_scope)
     optimizer = build_optimizer(model, TrainConfig())
     if ids is None:
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))

@@ -163,3 +163,34 @@ def test_a_compiled_model_takes_a_second_sequence_length_as_a_dynamic_shape():
     for length in (16, 24, 32):
         ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
         torch.testing.assert_close(compiled(ids, targets=ids).loss, model(ids, targets=ids).loss, **FP32)
+
+
+@pytest.mark.slow
+def test_blocks_scope_compiles_each_block_and_equals_eager_in_fp32():
+    """``compile_scope = "blocks"``: every block compiled on its own, the model itself not; one block's code
+    compiles once for all layers (dynamo's graph count does not grow with depth); loss and every gradient equal
+    eager's to fp32 rounding."""
+    from kha.train.distributed import Runtime, parallelize
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = moe_config("mlp")
+    cfg = ModelConfig(**{**cfg.__dict__, "n_layers": 3})
+    model = DecoderLM(cfg).train()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    eager_loss, eager_grads = loss_and_grads()
+    counters.clear()
+    parallelize(model, Runtime(0, 1, torch.device("cpu")), compile=True, scope="blocks")
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert model._compiled_call_impl is None
+    compiled_loss, compiled_grads = loss_and_grads()
+    assert counters["stats"]["unique_graphs"] == 1  # the first block's graph, reused by the other two
+    torch.testing.assert_close(compiled_loss, eager_loss, **FP32)
+    torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-5)

@@ -167,6 +167,8 @@ def test_optimizer_option_errors(monkeypatch):
         TrainConfig(knock_optimizer="muon")
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid are adamw, muon"):
         TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="unknown compile_scope 'layers'; valid are model, blocks"):
+        TrainConfig(compile_scope="layers")
     with pytest.raises(ValueError, match="unknown knock_decay 'one'; valid are none, zero, identity"):
         TrainConfig(knock_decay="one")
     with pytest.raises(ValueError, match="decay_knocks .* contradicts knock_decay = 'identity'"):

@@ -84,7 +84,13 @@ class TrainConfig:
     bf16 matmul where kha's attention kernels cover the model or it is wide enough to gain from bf16,
     else fp32 (see kha.train.precision)."""
     compile: bool = False
-    """torch.compile the model (each block, plus the LM head and loss) for faster steps."""
+    """torch.compile the model for faster steps (what is compiled: ``compile_scope``)."""
+    compile_scope: str = "model"
+    """What ``--compile`` compiles in one process: model (the whole model with its LM head and loss, one graph)
+    or blocks (each block on its own: dynamo compiles the block's code once and every layer reuses it, so
+    compilation does not grow with depth; the LM head and loss run eager). Under FSDP always blocks. At 12
+    layers of tiny-moe on a 2-core CPU, blocks compiled in less than half the time at the same step time
+    (docs/benchmarks.md, section n)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms for the run: the same config and seed then give the same losses bit
     for bit. On CPUs compiled training otherwise is not (inductor accumulates the embedding's gradient with
@@ -146,7 +152,8 @@ class TrainConfig:
         check_precision(self.precision)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; valid are auto, cpu, cuda")
-        for name, valid in (("knock_decay", KNOCK_DECAYS), ("optimizer", OPTIMIZERS), ("knock_optimizer", OPTIMIZERS)):
+        for name, valid in (("knock_decay", KNOCK_DECAYS), ("optimizer", OPTIMIZERS), ("knock_optimizer", OPTIMIZERS),
+                            ("compile_scope", COMPILE_SCOPES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid are {', '.join(valid)}")
         if self.decay_knocks and self.knock_decay == "identity":
@@ -174,6 +181,7 @@ MAX_STEPS = 10**9  # ~30 years of optimizer steps at one per second; beyond it t
 
 
 KNOCK_DECAYS = ("none", "zero", "identity")
+COMPILE_SCOPES = ("model", "blocks")
 OPTIMIZERS = ("adamw", "muon")
 # the interval each float field must lie in ("[" and "]" include the bound); every float must be finite
 FLOAT_RANGES = {"lr": "(0, inf)", "grad_clip": "(0, inf)", "spike_threshold": "(0, inf)", "weight_decay": "[0, inf)",

@@ -53,14 +53,15 @@ def teardown_runtime() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, runtime: Runtime, compile: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, runtime: Runtime, compile: bool = False, scope: str = "model") -> nn.Module:
     """Compile (optional), then shard every block and the root with FSDP2 when distributed.
 
-    One process compiles the whole model, LM head and loss included (measured faster than per-block compile:
-    docs/benchmarks.md); under FSDP each block is compiled on its own, as FSDP2 wraps blocks. Both compile in
-    place, so parameter names (and so checkpoints) stay unchanged.
+    ``scope``: one process compiles the whole model, LM head and loss included (``model``), or each block on its
+    own (``blocks``: one compilation of the block's code serves every layer; ``TrainConfig.compile_scope``).
+    Under FSDP each block is compiled on its own, as FSDP2 wraps blocks. Both compile in place, so parameter
+    names (and so checkpoints) stay unchanged.
     """
-    if compile and not runtime.distributed:
+    if compile and scope == "model" and not runtime.distributed:
         model.compile()
     elif compile:
         for block in model.layers:

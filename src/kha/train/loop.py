@@ -242,7 +242,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     documents = document_inputs(cfg, tokenizer["eos_id"])
     model = DecoderLM(model_cfg).to(runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = parallelize(model, runtime, compile=cfg.compile)
+    model = parallelize(model, runtime, compile=cfg.compile, scope=cfg.compile_scope)
     optimizer = build_optimizer(model, cfg)
 
     def autocast():

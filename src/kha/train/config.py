@@ -88,9 +88,9 @@ class TrainConfig:
     compile_scope: str = "model"
     """What ``--compile`` compiles in one process: model (the whole model with its LM head and loss, one graph)
     or blocks (each block on its own: dynamo compiles the block's code once and every layer reuses it, so
-    compilation does not grow with depth; the LM head and loss run eager). Under FSDP always blocks. At 12
-    layers of tiny-moe on a 2-core CPU, blocks compiled in less than half the time at the same step time
-    (docs/benchmarks.md, section n)."""
+    compilation does not grow with depth; the LM head and loss run eager). Under FSDP always blocks. On a
+    2-core CPU, tiny-moe at 12 layers compiled in 0.4x the time with blocks, at the same step time; at its 4
+    layers in 0.7x the time, but its steps took 1.18x as long (docs/benchmarks.md, section o)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms for the run: the same config and seed then give the same losses bit
     for bit. On CPUs compiled training otherwise is not (inductor accumulates the embedding's gradient with

@@ -41,7 +41,8 @@ def call(args, out: Path, compile: bool, keep: bool, stop_after: int, resume: bo
            "--steps", str(args.steps), "--precision", args.precision, "--device", args.device,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", str(args.steps),
            "--eval-batches", "1", "--ckpt-every", str(args.steps), "--stop-after", str(stop_after), "--no-progress",
-           *(["--compile"] if compile else []), *([] if keep else ["--no-keep-freed-memory"]),
+           *(["--compile", "--compile-scope", args.compile_scope] if compile else []),
+           *([] if keep else ["--no-keep-freed-memory"]),
            *(["--resume"] if resume else [])]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if compile:
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--compile-scope", default="model", choices=("model", "blocks"),
+                   help="kha train --compile-scope of the compiled run")
     p.add_argument("--returned-memory", action="store_true", help="also run both with --no-keep-freed-memory, in the "
                                                                       "same turns")
     p.add_argument("--json")
@@ -102,8 +105,8 @@ def main() -> None:
     if not 1 <= args.slices <= args.steps or args.skip < 0 or args.skip >= args.steps // args.slices:
         p.error(f"--slices {args.slices} and --skip {args.skip} leave no step to time in a slice of {args.steps} "
                 "steps: need 1 <= slices <= steps and 0 <= skip < steps / slices")
-    print(f"# kha train --config {args.preset} --compile vs eager\n\n- torch {torch.__version__}, kha "
-          f"{code_version()}, {os.cpu_count()} "
+    print(f"# kha train --config {args.preset} --compile (scope {args.compile_scope}) vs eager\n\n- torch "
+          f"{torch.__version__}, kha {code_version()}, {os.cpu_count()} "
           f"CPUs, load average {os.getloadavg()[0]:.2f}; {args.device}, {args.precision}, batch {args.batch_size} x "
           f"seq {args.seq_len}, {args.steps} steps in {args.slices} slice(s) each, run in turns (median over each "
           f"process's steps after its first {args.skip})\n", flush=True)

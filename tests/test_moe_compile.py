@@ -146,11 +146,12 @@ def test_training_steps_with_changing_routing_compile_once():
 
 
 @pytest.mark.slow
-def test_kha_train_compile_on_an_moe_preset(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_kha_train_compile_on_an_moe_preset(scope, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", "tiny-moe", "--data", str(data_dir), "--out", str(out), "--compile",
-                 "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
-                 "--no-progress", "--precision", "bf16"]) == 0
+                 "--compile-scope", scope, "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--eval-every", "3",
+                 "--eval-batches", "1", "--no-progress", "--precision", "bf16"]) == 0
     assert "step 3: loss" in capsys.readouterr().out
     assert (out / "model.safetensors").exists()
 

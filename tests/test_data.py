@@ -265,8 +265,13 @@ def test_resume_gives_the_uninterrupted_batches(built):
         got += [rows(resumed.next_batch()) for _ in range(n - stop)]
         assert all(np.array_equal(a, b) for a, b in zip(got, reference, strict=True))
     other = TokenBatches(out, "train", batch_size=2, seq_len=6, seed=11)
-    with pytest.raises(ValueError, match=r"--batch-size x processes \(the global batch\) 3, this call has 2"):
+    with pytest.raises(ValueError, match=r"--batch-size x processes \(the global batch\) 3, this call has 2; resume "
+                                         r"with the run's settings \(with 1 process\(es\): --batch-size 3\)"):
         other.load_state_dict(state)
+    two_processes = TokenBatches(out, "train", batch_size=2, seq_len=6, seed=11, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"this call has 4; resume with the run's settings \(a global batch of 3 "
+                                         r"does not split over 2 processes\)"):
+        two_processes.load_state_dict(state)
 
 
 def test_val_batches_are_sequential_and_repeatable(built):

@@ -141,7 +141,14 @@ class TokenBatches:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: the run was started with {RESUME_NAMES.get(key, key)} "
                                  f"{state[key]!r}, this call has {getattr(self, key)!r}; resume with the run's "
-                                 "settings, or start a new run in another --out")
+                                 f"settings{self._batch_hint(state[key]) if key == 'global_batch' else ''}, or "
+                                 "start a new run in another --out")
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"saved step {state['step']} is outside an epoch of {self.steps_per_epoch} steps")
         self.epoch, self.step = state["epoch"], state["step"]
+
+    def _batch_hint(self, global_batch: int) -> str:
+        """What keeps the run's global batch with this call's number of processes."""
+        if global_batch % self.world_size:
+            return f" (a global batch of {global_batch} does not split over {self.world_size} processes)"
+        return f" (with {self.world_size} process(es): --batch-size {global_batch // self.world_size})"

@@ -15,8 +15,9 @@ Nothing is pickled, so loading a checkpoint someone handed you cannot run code (
 every file listed in ``checksums.json`` and matching it (an unlisted file is damage), ``meta.json`` typed and
 consistent with its folder's name, every rank file a readable safetensors/JSON file, the RNG states of the right
 size and every weight finite; a damaged or incomplete newest checkpoint falls back to the newest intact one,
-saying which and why. Nothing is read or deleted through a symbolic link (``kha.safe_io``). A checkpoint resumes
-with the number of processes that wrote it (FSDP2 shards are saved as each process holds them).
+saying which and why. Nothing is read or deleted through a symbolic link (``kha.safe_io``). FSDP2 shards are
+saved as each process holds them; a checkpoint resumes with any number of processes (another number than wrote it
+reassembles and cuts them again, ``load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -372,20 +373,25 @@ def latest_checkpoint(root: Path, verify: bool = False, log: Callable[[str], Non
 def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
     """Restore model, optimizer and this process's RNG states in place; return ``meta.json``.
 
-    Reads only safetensors and JSON (never pickle). The caller verifies the checkpoint (``damage``) first.
+    Reads only safetensors and JSON (never pickle). The caller verifies the checkpoint (``damage``) first. Written
+    by another number of processes, it is resharded (:func:`_resharded`): each process reads the piece FSDP2
+    gives it here from the writers' shards; the RNG state is this rank's where the writers had one, else rank
+    0's. The data position is global, so the resumed run sees the same batches if it keeps the global batch
+    (``--batch-size`` x processes).
     """
     from safetensors.torch import load_file
 
     meta = read_meta(path)
-    if meta["world_size"] != runtime.world_size:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} process(es) and must be resumed "
-                         f"with as many (torchrun --nproc-per-node {meta['world_size']}), not {runtime.world_size}")
-    st_name, json_name = _rank_files(runtime.rank)
-    with _open_safetensors(path / st_name):
-        tensors = load_file(str(path / st_name))
-    values = _read_json(path / json_name)["values"]
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = _fill({"model": model_sd, "optim": optim_sd}, tensors, values)
+    template = {"model": model_sd, "optim": optim_sd}
+    if meta["world_size"] == runtime.world_size:
+        st_name, json_name = _rank_files(runtime.rank)
+        with _open_safetensors(path / st_name):
+            tensors = load_file(str(path / st_name))
+        values = _read_json(path / json_name)["values"]
+    else:
+        tensors, values = _resharded(path, meta, template, runtime)
+    state = _fill(template, tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(tensors["rng/cpu"])
     if runtime.device.type == "cuda":
@@ -393,32 +399,84 @@ def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
     return meta
 
 
+def _resharded(path: Path, meta: dict, template: dict, runtime: Runtime) -> tuple[dict, dict]:
+    """This process's tensors and values from a checkpoint written by another number of processes: each tensor
+    of ``template`` (this process's state dicts) as the piece this process holds (:func:`_piece_here`), read from
+    the parts of the writers' shards it overlaps, so that no process reads the whole state."""
+    _check_rank_files(path, meta, finite=False)
+    layout = _read_json(path / _rank_files(0)[1])["layout"]
+    with ExitStack() as opened:
+        files = [opened.enter_context(_open_safetensors(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
+        saved = set(files[0].keys())
+        own = files[runtime.rank] if runtime.rank < len(files) else files[0]
+        tensors = {key: own.get_tensor(key) for key in saved if key.startswith("rng/")}
+        for key, leaf in _leaves(template):
+            if isinstance(leaf, torch.Tensor) and key in saved:
+                tensors[key] = _read_part(path, key, files, layout.get(key), _piece_here(key, leaf))
+    return tensors, _read_json(path / _rank_files(0)[1])["values"]
+
+
+def _piece_here(key: str, leaf: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(dim, start, stop)``: the range this process holds of ``leaf`` (its tensor in the model or optimizer),
+    None for all of it. A DTensor sharded on a 1-D mesh is cut as FSDP2 cuts it: chunk ``rank`` of
+    ``torch.chunk`` along the sharded dimension (empty where there are fewer chunks than processes)."""
+    placements = getattr(leaf, "placements", ())
+    shard_dims = [p.dim for p in placements if p.is_shard()]
+    if not shard_dims:
+        return None
+    if len(placements) > 1:
+        raise ValueError(f"{key} is sharded over a {len(placements)}-D mesh here; a checkpoint can be resharded "
+                         "only for 1-D (FSDP2) sharding")
+    dim, mesh = shard_dims[0], leaf.device_mesh
+    size = leaf.shape[dim]
+    chunk = -(-size // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, size)
+    return dim, start, min(start + chunk, size)
+
+
+def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple[int, int, int] | None):
+    """Tensor ``key`` of a checkpoint whose rank files are open as ``files``, whole (``part`` None) or the range
+    ``part`` = ``(dim, start, stop)`` of it, from the writers' shards as ``info`` (its layout) says they were cut
+    (FSDP2: one sharded dimension at most). Only the overlapping parts of the shards are read."""
+    dims = [d for d in info["shard_dims"] if d is not None] if info else []
+    if len(dims) > 1:
+        raise ValueError(f"{path}: {key} is sharded over a {len(info['shard_dims'])}-D mesh; only 1-D (FSDP2) "
+                         "sharding can be reassembled")
+    saved_dim = dims[0] if dims else None
+    shards = [f.get_slice(key) for f in (files if dims else files[:1])]
+    shapes = [list(shard.get_shape()) for shard in shards]
+    whole = list(shapes[0])
+    if dims:
+        whole[saved_dim] = sum(shape[saved_dim] for shape in shapes)
+    if info is not None and whole != info["global_shape"]:
+        raise ValueError(f"{path}: the shards of {key} make {whole}, not its global shape {info['global_shape']}")
+    if part is None and not dims:
+        return files[0].get_tensor(key)
+    pieces, offset = [], 0
+    for shard, shape in zip(shards, shapes, strict=True):
+        length = shape[saved_dim] if dims else 0
+        index = [slice(None)] * len(shape)
+        if part is not None:
+            dim, start, stop = part
+            if dim == saved_dim:  # the overlap of this shard with the range, in the shard's own indices
+                index[dim] = slice(min(max(start - offset, 0), length), min(max(stop - offset, 0), length))
+            else:
+                index[dim] = slice(start, stop)
+        pieces.append(shard[tuple(index)])
+        offset += length
+    return torch.cat(pieces, dim=saved_dim) if dims else pieces[0]
+
+
 def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of a checkpoint, in one process: for analysis, not for resuming."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_meta(path)
     _check_rank_files(path, meta, finite=False)
-    ranks = [load_file(str(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
     layout = _read_json(path / _rank_files(0)[1])["layout"]
-    state = {}
-    for key, tensor in ranks[0].items():
-        if not key.startswith("model/"):
-            continue
-        info = layout.get(key)
-        if info is not None:
-            dims = [d for d in info["shard_dims"] if d is not None]
-            if len(dims) > 1:
-                raise ValueError(f"{path}: {key} is sharded over a {len(info['shard_dims'])}-D mesh; "
-                                 "read_model_state reads only 1-D (FSDP2) sharding")
-            if dims:
-                tensor = torch.cat([r[key] for r in ranks], dim=dims[0])
-            if list(tensor.shape) != info["global_shape"]:
-                raise ValueError(f"{path}: the shards of {key} make {list(tensor.shape)}, "
-                                 f"not its global shape {info['global_shape']}")
-        state[key.removeprefix("model/")] = tensor
-    return state
+    with ExitStack() as opened:
+        files = [opened.enter_context(_open_safetensors(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
+        return {key.removeprefix("model/"): _read_part(path, key, files, layout.get(key), None)
+                for key in files[0].keys() if key.startswith("model/")}
 
 
 def clean_partial(root: Path, runtime: Runtime) -> None:

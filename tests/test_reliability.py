@@ -487,6 +487,7 @@ def test_a_resharded_piece_is_torch_chunk_of_the_whole(tmp_path, saved_dim):
     whole tensor along FSDP2's dimension, exactly, for 1-4 and 11 processes on 10 rows (uneven chunks, and
     processes left with an empty piece), whether the writers kept the tensor whole, split its rows or its
     columns (two writers of 5 rows or 2 and 1 columns); a layout the shards do not match is refused."""
+    from contextlib import ExitStack
     from types import SimpleNamespace
 
     from safetensors import safe_open
@@ -500,20 +501,22 @@ def test_a_resharded_piece_is_torch_chunk_of_the_whole(tmp_path, saved_dim):
     for rank, shard in enumerate(shards):
         save_file({"w": shard.contiguous()}, str(tmp_path / f"rank{rank}.safetensors"))
     info = None if saved_dim is None else {"global_shape": [10, 3], "shard_dims": [saved_dim]}
-    files = [safe_open(str(tmp_path / f"rank{r}.safetensors"), "pt") for r in range(len(shards))]
-    assert torch.equal(_read_part(tmp_path, "w", files, info, None), whole)
-    for world in (1, 2, 3, 4, 11):
-        expected = whole.chunk(world)
-        for rank in range(world):
-            mesh = SimpleNamespace(size=lambda world=world: world, get_local_rank=lambda rank=rank: rank)
-            leaf = SimpleNamespace(placements=(Shard(0),), device_mesh=mesh, shape=whole.shape)
-            piece = _read_part(tmp_path, "w", files, info, _piece_here("w", leaf))
-            assert torch.equal(piece, expected[rank] if rank < len(expected) else whole[:0]), (world, rank)
-    if info is not None:  # shards that do not make the layout's global shape, or a 2-D mesh: refused, named
-        with pytest.raises(ValueError, match=r"the shards of w make \[10, 3\], not its global shape \[11, 3\]"):
-            _read_part(tmp_path, "w", files, {**info, "global_shape": [11, 3]}, None)
-        with pytest.raises(ValueError, match=r"w is sharded over a 2-D mesh; only 1-D \(FSDP2\) sharding"):
-            _read_part(tmp_path, "w", files, {**info, "shard_dims": [0, 1]}, None)
+    with ExitStack() as opened:
+        files = [opened.enter_context(safe_open(str(tmp_path / f"rank{r}.safetensors"), "pt"))
+                 for r in range(len(shards))]
+        assert torch.equal(_read_part(tmp_path, "w", files, info, None), whole)
+        for world in (1, 2, 3, 4, 11):
+            expected = whole.chunk(world)
+            for rank in range(world):
+                mesh = SimpleNamespace(size=lambda world=world: world, get_local_rank=lambda rank=rank: rank)
+                leaf = SimpleNamespace(placements=(Shard(0),), device_mesh=mesh, shape=whole.shape)
+                piece = _read_part(tmp_path, "w", files, info, _piece_here("w", leaf))
+                assert torch.equal(piece, expected[rank] if rank < len(expected) else whole[:0]), (world, rank)
+        if info is not None:  # shards that do not make the layout's global shape, or a 2-D mesh: refused, named
+            with pytest.raises(ValueError, match=r"the shards of w make \[10, 3\], not its global shape \[11, 3\]"):
+                _read_part(tmp_path, "w", files, {**info, "global_shape": [11, 3]}, None)
+            with pytest.raises(ValueError, match=r"w is sharded over a 2-D mesh; only 1-D \(FSDP2\) sharding"):
+                _read_part(tmp_path, "w", files, {**info, "shard_dims": [0, 1]}, None)
 
 
 @pytest.mark.slow

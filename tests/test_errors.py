@@ -566,9 +566,12 @@ def test_resume_with_another_batch_names_the_batch_size_flag(data_dir, tmp_path,
     from conftest import small_run
 
     train(small_run(data_dir, tmp_path / "run", steps=3))
+    config = (tmp_path / "run" / "train_config.json").read_bytes()
     fails(["train", "--preset", "tiny", "--data", data_dir, "--out", tmp_path / "run", "--seq-len", 32,
            "--batch-size", 2, "--steps", 6, "--eval-batches", 2, "--resume", "--no-progress"], capsys,
-          "cannot resume: the run was started with --batch-size x processes (the global batch) 4, this call has 2")
+          "cannot resume: the run was started with --batch-size x processes (the global batch) 4, this call has 2; "
+          "resume with the run's settings (with 1 process(es): --batch-size 4)")
+    assert (tmp_path / "run" / "train_config.json").read_bytes() == config  # refused before anything is written
 
 
 def test_ablate_warns_when_auto_precision_means_bf16_on_a_cpu(monkeypatch):

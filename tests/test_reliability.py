@@ -72,13 +72,32 @@ def test_huge_lr_nan_gradients_stop_before_the_update_and_no_checkpoint_holds_na
     assert not (out / ".lock").exists()  # released on the exception
 
 
-def test_save_refuses_non_finite_weights(tmp_path):
+def fresh_model_and_optimizer():
+    """The tiny preset (vocabulary 64) and its optimizer, as one process builds them."""
     from kha.config import get_preset
     from kha.model import DecoderLM
     from kha.train.optim import build_optimizer
 
     model = DecoderLM(replace(get_preset("tiny"), vocab_size=64))
-    opt = build_optimizer(model, TrainConfig())
+    return model, build_optimizer(model, TrainConfig())
+
+
+def tiny_checkpoint(folder: Path):
+    """A tiny model and its optimizer after one step with LR 1.25e-3, saved as checkpoint 1 in ``folder`` by one
+    CPU process."""
+    model, opt = fresh_model_and_optimizer()
+    model(torch.randint(0, 64, (2, 8)))[0].float().square().mean().backward()
+    opt.step()
+    for group in opt.param_groups:
+        group["lr"] = 1.25e-3
+    meta = {"data": {"epoch": 0, "step": 1, "seed": 0, "seq_len": 8, "global_batch": 2, "split": "train",
+                     "data_sha256": "0" * 64}, "callbacks": {"spikes": SpikeDetector(50, 4.0).state_dict()}}
+    save_checkpoint(folder, 1, model, opt, meta, Runtime(0, 1, torch.device("cpu")), keep=2)
+    return model, opt
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    model, opt = fresh_model_and_optimizer()
     rt = Runtime(0, 1, torch.device("cpu"))
     save_checkpoint(tmp_path, 1, model, opt, {}, rt, keep=2)
     with torch.no_grad():
@@ -87,6 +106,35 @@ def test_save_refuses_non_finite_weights(tmp_path):
         save_checkpoint(tmp_path, 2, model, opt, {}, rt, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
     assert (tmp_path / "latest").read_text() == "step_0000001"
+
+
+def test_a_resume_keeps_how_this_run_steps_its_optimizer(tmp_path):
+    """AdamW is fused in one process and not under FSDP (``build_optimizer``): a checkpoint written by one kind of
+    run and resumed by the other keeps the resuming run's ``fused`` (and ``foreach``), while the optimizer's state
+    and hyperparameters come from the checkpoint."""
+    from kha.train.checkpoint import load_checkpoint
+
+    _, opt = tiny_checkpoint(tmp_path)
+    assert opt.param_groups[0]["fused"] is True
+    model, resumed = fresh_model_and_optimizer()
+    for group in resumed.param_groups:
+        group["fused"], group["foreach"] = None, False  # as under FSDP
+    load_checkpoint(tmp_path / "step_0000001", model, resumed, Runtime(0, 1, torch.device("cpu")))
+    assert all(g["fused"] is None and g["foreach"] is False and g["lr"] == 1.25e-3 for g in resumed.param_groups)
+    saved, loaded = opt.optimizers[0].state_dict()["state"], resumed.optimizers[0].state_dict()["state"]
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
+
+
+def test_a_checkpoint_written_on_a_cpu_resumes_on_a_gpu(tmp_path, monkeypatch):
+    """A CPU run's checkpoint holds no CUDA RNG state; resuming it on a GPU keeps the GPU's seeded state instead
+    of failing on the missing key (the model stays on the CPU here: only the RNG step differs by device)."""
+    from kha.train.checkpoint import load_checkpoint
+
+    tiny_checkpoint(tmp_path)
+    model, opt = fresh_model_and_optimizer()
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a: pytest.fail("no CUDA RNG state to restore"))
+    meta = load_checkpoint(tmp_path / "step_0000001", model, opt, Runtime(0, 1, torch.device("cuda")))
+    assert meta["step"] == 1 and all(g["lr"] == 1.25e-3 for g in opt.param_groups)
 
 
 # ------------------------------------------------------------------------------------------ 2. the run lock
@@ -486,7 +534,8 @@ def test_a_resharded_piece_is_torch_chunk_of_the_whole(tmp_path, saved_dim):
     """The piece a process reads when resharding (``_piece_here`` then ``_read_part``) is ``torch.chunk`` of the
     whole tensor along FSDP2's dimension, exactly, for 1-4 and 11 processes on 10 rows (uneven chunks, and
     processes left with an empty piece), whether the writers kept the tensor whole, split its rows or its
-    columns (two writers of 5 rows or 2 and 1 columns); a layout the shards do not match is refused."""
+    columns (two writers of 5 rows or 2 and 1 columns); a layout the shards do not match, or a model whose tensor
+    has another shape, is refused."""
     from contextlib import ExitStack
     from types import SimpleNamespace
 
@@ -517,6 +566,8 @@ def test_a_resharded_piece_is_torch_chunk_of_the_whole(tmp_path, saved_dim):
                 _read_part(tmp_path, "w", files, {**info, "global_shape": [11, 3]}, None)
             with pytest.raises(ValueError, match=r"w is sharded over a 2-D mesh; only 1-D \(FSDP2\) sharding"):
                 _read_part(tmp_path, "w", files, {**info, "shard_dims": [0, 1]}, None)
+        with pytest.raises(ValueError, match=r"tensor 'w' is \[10, 3\] in the checkpoint but \[8, 3\] in this model"):
+            _read_part(tmp_path, "w", files, info, (0, 0, 4), shape=[8, 3])  # a piece would fit: the whole must
 
 
 @pytest.mark.slow

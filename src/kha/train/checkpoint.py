@@ -391,12 +391,23 @@ def load_checkpoint(path: Path, model, optimizer, runtime: Runtime) -> dict:
         values = _read_json(path / json_name)["values"]
     else:
         tensors, values = _resharded(path, meta, template, runtime)
+    values = {**values, **_run_choices(template)}
     state = _fill(template, tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(tensors["rng/cpu"])
-    if runtime.device.type == "cuda":
+    if runtime.device.type == "cuda" and "rng/cuda" in tensors:  # none in a checkpoint written on a CPU
         torch.cuda.set_rng_state(tensors["rng/cuda"], runtime.device)
     return meta
+
+
+# optimizer settings that say how this run steps, not what it learned (AdamW is fused in one process, not under
+# FSDP: kha.train.optim.build_optimizer): a resume keeps this run's, whoever wrote the checkpoint
+RUN_CHOICES = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _run_choices(template: dict) -> dict:
+    return {key: leaf for key, leaf in _leaves(template)
+            if key.startswith("optim/") and key.rsplit("/", 1)[-1] in RUN_CHOICES}
 
 
 def _resharded(path: Path, meta: dict, template: dict, runtime: Runtime) -> tuple[dict, dict]:
@@ -412,7 +423,7 @@ def _resharded(path: Path, meta: dict, template: dict, runtime: Runtime) -> tupl
         tensors = {key: own.get_tensor(key) for key in saved if key.startswith("rng/")}
         for key, leaf in _leaves(template):
             if isinstance(leaf, torch.Tensor) and key in saved:
-                tensors[key] = _read_part(path, key, files, layout.get(key), _piece_here(key, leaf))
+                tensors[key] = _read_part(path, key, files, layout.get(key), _piece_here(key, leaf), list(leaf.shape))
     return tensors, _read_json(path / _rank_files(0)[1])["values"]
 
 
@@ -434,10 +445,12 @@ def _piece_here(key: str, leaf: torch.Tensor) -> tuple[int, int, int] | None:
     return dim, start, min(start + chunk, size)
 
 
-def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple[int, int, int] | None):
+def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple[int, int, int] | None,
+               shape: list[int] | None = None):
     """Tensor ``key`` of a checkpoint whose rank files are open as ``files``, whole (``part`` None) or the range
     ``part`` = ``(dim, start, stop)`` of it, from the writers' shards as ``info`` (its layout) says they were cut
-    (FSDP2: one sharded dimension at most). Only the overlapping parts of the shards are read."""
+    (FSDP2: one sharded dimension at most); ``shape``: the whole tensor's shape in this model, where known. Only
+    the overlapping parts of the shards are read."""
     dims = [d for d in info["shard_dims"] if d is not None] if info else []
     if len(dims) > 1:
         raise ValueError(f"{path}: {key} is sharded over a {len(info['shard_dims'])}-D mesh; only 1-D (FSDP2) "
@@ -450,6 +463,9 @@ def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple
         whole[saved_dim] = sum(shape[saved_dim] for shape in shapes)
     if info is not None and whole != info["global_shape"]:
         raise ValueError(f"{path}: the shards of {key} make {whole}, not its global shape {info['global_shape']}")
+    if shape is not None and whole != shape:
+        raise ValueError(f"tensor {key!r} is {whole} in the checkpoint but {shape} in this model: it was written "
+                         "for another model")
     if part is None and not dims:
         return files[0].get_tensor(key)
     pieces, offset = [], 0

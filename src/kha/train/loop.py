@@ -34,6 +34,7 @@ from .checkpoint import (
     disk_errors,
     latest_checkpoint,
     load_checkpoint,
+    read_meta,
     save_checkpoint,
 )
 from .config import TrainConfig, base_model_config, check_resume_fixed, check_resume_steps
@@ -211,6 +212,15 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     resume_step = _claim_run(cfg, runtime, lock)
+    latest = ckpt_root / f"step_{resume_step:07d}" if resume_step >= 0 else None
+
+    # data; a resume's position (and so its data, seed, seq_len and global batch) checked before anything is written
+    train_data = TokenBatches(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                              rank=runtime.rank, world_size=runtime.world_size)
+    val_data = TokenBatches(cfg.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                            rank=runtime.rank, world_size=runtime.world_size)
+    if latest is not None:
+        train_data.load_state_dict(read_meta(latest)["data"])
     started = started_config(out) if cfg.resume else None
     precision, why, kernels = _precision(cfg, runtime, started)
     kept = runtime.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
@@ -229,12 +239,6 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
         safe_io.write_text(out / "train_config.json", json.dumps(saved, indent=1), out)
     clean_partial(ckpt_root, runtime)
 
-    # data
-    train_data = TokenBatches(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                              rank=runtime.rank, world_size=runtime.world_size)
-    val_data = TokenBatches(cfg.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                            rank=runtime.rank, world_size=runtime.world_size)
-
     # model: the same seed gives the same base weights whatever the knock setting
     torch.manual_seed(cfg.seed)
     tokenizer = read_manifest(cfg.data)["tokenizer"]
@@ -250,11 +254,9 @@ def _train(cfg: TrainConfig, runtime: Runtime, lock: RunLock, stop: StopOnSignal
 
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_threshold)
     start_step = 0
-    latest = ckpt_root / f"step_{resume_step:07d}" if resume_step >= 0 else None
     if latest is not None:
         meta = load_checkpoint(latest, model, optimizer, runtime)
         start_step = meta["step"]
-        train_data.load_state_dict(meta["data"])
         spikes.load_state_dict(meta["callbacks"]["spikes"])
         if runtime.is_main:
             print(f"resumed from {latest} (step {start_step})", flush=True)

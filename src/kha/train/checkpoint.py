@@ -414,17 +414,25 @@ def _resharded(path: Path, meta: dict, template: dict, runtime: Runtime) -> tupl
     """This process's tensors and values from a checkpoint written by another number of processes: each tensor
     of ``template`` (this process's state dicts) as the piece this process holds (:func:`_piece_here`), read from
     the parts of the writers' shards it overlaps, so that no process reads the whole state."""
-    _check_rank_files(path, meta, finite=False)
-    layout = _read_json(path / _rank_files(0)[1])["layout"]
-    with ExitStack() as opened:
-        files = [opened.enter_context(_open_safetensors(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
+    with _every_rank(path, meta) as (files, first):
         saved = set(files[0].keys())
         own = files[runtime.rank] if runtime.rank < len(files) else files[0]
         tensors = {key: own.get_tensor(key) for key in saved if key.startswith("rng/")}
         for key, leaf in _leaves(template):
             if isinstance(leaf, torch.Tensor) and key in saved:
-                tensors[key] = _read_part(path, key, files, layout.get(key), _piece_here(key, leaf), list(leaf.shape))
-    return tensors, _read_json(path / _rank_files(0)[1])["values"]
+                tensors[key] = _read_part(path, key, files, first["layout"].get(key), _piece_here(key, leaf),
+                                          list(leaf.shape))
+    return tensors, first["values"]
+
+
+@contextmanager
+def _every_rank(path: Path, meta: dict):
+    """Every writer's safetensors file open (checked first), and rank 0's JSON (its ``layout`` and ``values``)."""
+    _check_rank_files(path, meta, finite=False)
+    first = _read_json(path / _rank_files(0)[1])
+    with ExitStack() as opened:
+        yield [opened.enter_context(_open_safetensors(path / _rank_files(r)[0]))
+               for r in range(meta["world_size"])], first
 
 
 def _piece_here(key: str, leaf: torch.Tensor) -> tuple[int, int, int] | None:
@@ -469,9 +477,9 @@ def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple
     if part is None and not dims:
         return files[0].get_tensor(key)
     pieces, offset = [], 0
-    for shard, shape in zip(shards, shapes, strict=True):
-        length = shape[saved_dim] if dims else 0
-        index = [slice(None)] * len(shape)
+    for shard, shard_shape in zip(shards, shapes, strict=True):
+        length = shard_shape[saved_dim] if dims else 0
+        index = [slice(None)] * len(shard_shape)
         if part is not None:
             dim, start, stop = part
             if dim == saved_dim:  # the overlap of this shard with the range, in the shard's own indices
@@ -486,12 +494,8 @@ def _read_part(path: Path, key: str, files: list, info: dict | None, part: tuple
 def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of a checkpoint, in one process: for analysis, not for resuming."""
     path = Path(path)
-    meta = read_meta(path)
-    _check_rank_files(path, meta, finite=False)
-    layout = _read_json(path / _rank_files(0)[1])["layout"]
-    with ExitStack() as opened:
-        files = [opened.enter_context(_open_safetensors(path / _rank_files(r)[0])) for r in range(meta["world_size"])]
-        return {key.removeprefix("model/"): _read_part(path, key, files, layout.get(key), None)
+    with _every_rank(path, read_meta(path)) as (files, first):
+        return {key.removeprefix("model/"): _read_part(path, key, files, first["layout"].get(key), None)
                 for key in files[0].keys() if key.startswith("model/")}
 
 
